@@ -1,0 +1,76 @@
+"""Paths and defaults shared by every ANNa module and notebook.
+
+One place owns them (cookiecutter-data-science style): notebooks and the command line
+read these names instead of re-declaring constants.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+#: Root of the repository (the folder holding ``modules/``).
+PROJECT_ROOT: Path = Path(__file__).resolve().parent.parent
+#: Where users put the real data (``input/C-NMC_Leukemia``).
+INPUT_DIR: Path = PROJECT_ROOT / "input"
+#: Everything generated: arrays, CSVs, models, charts, executed notebooks.
+OUTPUT_DIR: Path = Path(os.environ.get("ANNA_OUTPUT_DIR", PROJECT_ROOT / "output"))
+ARRAYS_SUBDIR, CSV_SUBDIR, MODELS_SUBDIR, VIZ_SUBDIR = "arrays", "csv", "models", "viz"
+EVALUATIONS_SUBDIR, NOTEBOOKS_SUBDIR = "evaluations", "notebooks"
+ARRAYS_DIR: Path = OUTPUT_DIR / ARRAYS_SUBDIR
+CSV_DIR: Path = OUTPUT_DIR / CSV_SUBDIR
+MODELS_DIR: Path = OUTPUT_DIR / MODELS_SUBDIR
+VIZ_DIR: Path = OUTPUT_DIR / VIZ_SUBDIR
+EVALUATIONS_DIR: Path = OUTPUT_DIR / EVALUATIONS_SUBDIR
+NOTEBOOKS_OUT_DIR: Path = OUTPUT_DIR / NOTEBOOKS_SUBDIR
+NOTEBOOKS_DIR: Path = PROJECT_ROOT / "notebooks"
+
+#: The Kaggle "leukemia-classification" download unpacks to this folder name.
+DATASET_FOLDER_NAME = "C-NMC_Leukemia"
+REAL_DATA_DIR: Path = INPUT_DIR / DATASET_FOLDER_NAME
+#: Where the synthetic stand-in is generated when the real data is absent.
+SYNTHETIC_DATA_DIR: Path = OUTPUT_DIR / "synthetic" / DATASET_FOLDER_NAME
+#: Marker file written at the root of every synthetic dataset.
+SYNTHETIC_MARKER = "SYNTHETIC_CELLS.txt"
+#: Real C-NMC cells for tests and benchmarks (never copied into the repository).
+SHARED_DATA_DIR: Path = PROJECT_ROOT.parent / "shared" / "data"
+
+# Kaggle layout names.
+TRAINING_DIR = "training_data"
+VALIDATION_DIR = "validation_data"
+VALIDATION_IMAGES_DIR = "C-NMC_test_prelim_phase_data"
+VALIDATION_LABELS_CSV = "C-NMC_test_prelim_phase_data_labels.csv"
+VALIDATION_LABEL_COLUMNS = ("Patient_ID", "new_names", "labels")
+TESTING_DIR = "testing_data"
+TESTING_IMAGES_DIR = "C-NMC_test_final_phase_data"
+CLASS_FOLDERS = {"all": 1, "hem": 0}
+#: Positive class = ``all`` (leukemic blast) = 1, as in the Kaggle labels CSV.
+CLASS_NAMES = {1: "all", 0: "hem"}
+IMAGE_EXTENSIONS = (".bmp", ".png", ".jpg", ".jpeg", ".tif", ".tiff")
+MANIFEST_COLUMNS = ("path", "name", "original_name", "patient_id", "label", "split", "fold")
+
+# Preprocessing defaults.
+DEFAULT_IMAGE_SIZE = 128
+DEFAULT_MARGIN = 4  # pixels of background kept around the cell's bounding box (at 450 px)
+#: A pixel belongs to the cell when any channel exceeds this value (background is black).
+BACKGROUND_THRESHOLD = 4
+
+# Training defaults.
+DEFAULT_SEED = 42
+DEFAULT_EPOCHS = 30
+DEFAULT_BATCH_SIZE = 32
+DEFAULT_LEARNING_RATE = 1e-3
+DEFAULT_VAL_FRACTION = 0.2
+
+
+def arrays_dir(dataset: str, size: int, output_dir: Path | None = None) -> Path:
+    """Folder of the cached arrays for one dataset and image size.
+
+    Args:
+        dataset: Short dataset name (see ``modules.data.dataset_name``).
+        size: Side of the square images in pixels.
+        output_dir: Root of the outputs; ``OUTPUT_DIR`` by default.
+
+    Returns:
+        ``<output_dir>/arrays/<dataset>_<size>``.
+    """
+    return Path(output_dir or OUTPUT_DIR) / ARRAYS_SUBDIR / f"{dataset}_{size}"
