@@ -16,6 +16,10 @@ INPUT_DIR: Path = PROJECT_ROOT / "input"
 OUTPUT_DIR: Path = Path(os.environ.get("ANNA_OUTPUT_DIR", PROJECT_ROOT / "output"))
 ARRAYS_SUBDIR, CSV_SUBDIR, MODELS_SUBDIR, VIZ_SUBDIR = "arrays", "csv", "models", "viz"
 EVALUATIONS_SUBDIR, NOTEBOOKS_SUBDIR = "evaluations", "notebooks"
+#: Charts made by the notebooks, per notebook (``charts/<notebook>/``), before they are published to viz/.
+CHARTS_SUBDIR = "charts"
+#: Tables written by ``predict`` when no --csv is given (``predictions/<run_id>__<dataset>.csv``).
+PREDICTIONS_SUBDIR = "predictions"
 ARRAYS_DIR: Path = OUTPUT_DIR / ARRAYS_SUBDIR
 CSV_DIR: Path = OUTPUT_DIR / CSV_SUBDIR
 MODELS_DIR: Path = OUTPUT_DIR / MODELS_SUBDIR
@@ -51,6 +55,13 @@ MANIFEST_COLUMNS = ("path", "name", "original_name", "patient_id", "label", "spl
 # Preprocessing defaults.
 DEFAULT_IMAGE_SIZE = 128
 DEFAULT_MARGIN = 4  # pixels of background kept around the cell's bounding box (at 450 px)
+#: Smallest side (source pixels) of the square a cell is padded to before resizing. A fixed
+#: canvas keeps every cell at the same scale, so cell size — the strongest single cue
+#: (blasts are larger: cell area alone gives ROC AUC 0.86 on fold_0) — survives the
+#: resize; a tight crop (canvas 0) would blow every cell up to fill the frame. 320 px
+#: holds 95 % of C-NMC cells (their bounding box side: median 226 px ALL, 185 px HEM,
+#: 95th percentile 299 px); larger cells keep their own, tight, square.
+DEFAULT_CANVAS = 320
 #: A pixel belongs to the cell when any channel exceeds this value (background is black).
 BACKGROUND_THRESHOLD = 4
 

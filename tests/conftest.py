@@ -62,3 +62,17 @@ def tiny_run_dir(synthetic_root, session_output) -> Path:
         synthetic_root, image_size=32, epochs=1, batch_size=16, base_filters=4, depth=2,
         output_dir=session_output, seed=1, verbose=0,
     )
+
+
+#: Notebook parameters small enough for CI on 2 cores.
+TINY_NOTEBOOK_PARAMETERS = {"IMAGE_SIZE": 32, "EPOCHS": 1, "BATCH_SIZE": 16, "BASE_FILTERS": 4, "DEPTH": 2,
+                            "SAMPLE_LIMIT": 0, "SEED": 3}
+
+
+@pytest.fixture(scope="session")
+def notebook_series(synthetic_root, tmp_path_factory) -> tuple[Path, list[Path]]:
+    """The four notebooks executed once through papermill on the synthetic set: (output dir, executed notebooks)."""
+    from modules.notebooks import run_notebooks
+
+    output_dir = tmp_path_factory.mktemp("notebook_series")
+    return output_dir, run_notebooks(synthetic_root, TINY_NOTEBOOK_PARAMETERS, output_dir, progress=False)

@@ -1,0 +1,177 @@
+"""Generalization to unseen patients: grouped 3-fold cross-validation by patient, ANNa vs legacy.
+
+The 28 patients of the shared C-NMC fold_0 (19 ALL, 9 HEM) are split into three fixed folds,
+stratified by class and balanced in cells (written below, not drawn). For each fold, ANNa and
+the older project's network are trained on the other two folds, each with its own
+patient-disjoint early-stopping validation carved from those training patients, and scored
+on the held-out patients. ANNa's threshold comes from its own inner validation (Youden's J);
+the legacy net uses 0.5 as it did. Results: per fold and mean ± sd.
+
+    nohup nice -n 5 python benchmarks/bench_cv.py --data ../shared/data/cnmc \
+        > output/benchmarks/cv/log.txt 2>&1 &
+
+Writes ``<out>/runs/<run_id>/`` (run folders, evaluable by ``modules.evaluate``), the
+held-out predictions ``<out>/heldout_<fold>_<architecture>.csv``, ``<out>/results_<archs>.csv``
+per invocation (so ANNa and legacy can run as two processes) and the combined
+``<out>/results.csv`` / ``results.json`` with the summary (rewritten after every training).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+from sklearn.metrics import balanced_accuracy_score, f1_score, roc_auc_score  # noqa: E402
+
+from modules import config, preprocess  # noqa: E402
+from modules import model as anna_model  # noqa: E402
+from modules.train import load_run, train_model  # noqa: E402
+
+#: Held-out patients per fold: 6-7 ALL (~800 cells) and 3 HEM patients each.
+FOLDS = {
+    0: ["52", "26", "14", "20", "43", "3", "19", "H24", "H6", "H7"],
+    1: ["48", "35", "4", "22", "28", "15", "H12", "H16", "H11"],
+    2: ["45", "50", "5", "11", "17", "1", "H15", "H17", "H19"],
+}
+METRICS = ("roc_auc", "balanced_accuracy", "f1_weighted", "sensitivity", "specificity")
+
+
+def heldout_metrics(labels: np.ndarray, p_leukemia: np.ndarray, threshold: float) -> dict:
+    """Scores on the held-out patients at a threshold chosen elsewhere."""
+    predicted = (p_leukemia >= threshold).astype(int)
+    return {"roc_auc": roc_auc_score(labels, p_leukemia),
+            "balanced_accuracy": balanced_accuracy_score(labels, predicted),
+            "f1_weighted": f1_score(labels, predicted, average="weighted"),
+            "sensitivity": float(predicted[labels == 1].mean()),
+            "specificity": float(1 - predicted[labels == 0].mean())}
+
+
+def summarize(results: pd.DataFrame) -> pd.DataFrame:
+    """Mean and sample standard deviation per architecture."""
+    columns = [*METRICS, "epochs", "wall_seconds", "train_images_per_second"]
+    grouped = results.groupby("architecture")[columns]
+    return pd.concat({"mean": grouped.mean(), "sd": grouped.std(ddof=1)}, axis=1)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(text)
+    os.replace(partial, path)
+
+
+def _save(out: Path, rows: list[dict], settings: dict, stem: str) -> None:
+    """Write one invocation's rows (``<stem>.csv``), then the combined ``results.csv/json``."""
+    _write_atomic(out / f"{stem}.csv", pd.DataFrame(rows).to_csv(index=False))
+    _write_atomic(out / f"{stem}.settings.json", json.dumps(settings, indent=2, default=str) + "\n")
+    combine(out)
+
+
+def combine(out: Path) -> pd.DataFrame:
+    """Merge every ``results_*.csv`` in ``out`` (ANNa and legacy may run as separate processes)."""
+    parts = [pd.read_csv(path) for path in sorted(out.glob("results_*.csv"))]
+    results = pd.concat(parts, ignore_index=True).sort_values(["architecture", "fold"]) if parts else pd.DataFrame()
+    _write_atomic(out / "results.csv", results.to_csv(index=False))
+    summary = summarize(results) if len(results) else pd.DataFrame()
+    settings = {path.name: json.loads(path.read_text()) for path in sorted(out.glob("results_*.settings.json"))}
+    payload = {"settings": settings, "folds": FOLDS, "per_fold": results.to_dict(orient="records"),
+               "summary": {arch: {f"{stat}_{metric}": float(summary.loc[arch, (stat, metric)])
+                                  for stat, metric in summary.columns}
+                           for arch in summary.index}}
+    _write_atomic(out / "results.json", json.dumps(payload, indent=2, default=float) + "\n")
+    return results
+
+
+def run_fold(fold: int, architecture: str, args: argparse.Namespace, out: Path) -> dict:
+    """Train one architecture without the fold's patients and score it on them."""
+    size = args.legacy_size if architecture == "legacy" else args.size
+    arrays_dir = preprocess.prepare_arrays(args.data, size=size, output_dir=args.arrays_out, progress=False)
+    arrays = preprocess.load_arrays(arrays_dir)
+    kwargs = dict(image_size=size, epochs=args.legacy_epochs if architecture == "legacy" else args.epochs,
+                  batch_size=args.legacy_batch_size if architecture == "legacy" else args.batch_size, seed=args.seed + fold, exclude_patients=FOLDS[fold],
+                  val_fraction=args.val_fraction, runs_dir=out / "runs", run_tag=f"cv{fold}-{architecture}-s{size}",
+                  architecture=architecture, policy="auto", verbose=2)
+    if architecture == "anna":
+        kwargs.update(base_filters=args.base_filters, depth=args.depth, patience=args.patience,
+                      lr_patience=args.lr_patience,
+                      dropout=args.dropout, mask_loss_weight=args.mask_loss_weight)
+    started = time.perf_counter()
+    run_dir = train_model(arrays_dir, **kwargs)
+    wall = time.perf_counter() - started
+    run = load_run(run_dir)
+    patient_ids = arrays.manifest["patient_id"].astype(str).str.upper().to_numpy()
+    rows = np.flatnonzero(np.isin(patient_ids, FOLDS[fold]))
+    labels = np.asarray(arrays.labels[rows]).astype(int)
+    p_leukemia = anna_model.predict_outputs(anna_model.load_model(run_dir), arrays.images[rows])["p_leukemia"]
+    manifest = arrays.manifest.iloc[rows]
+    pd.DataFrame({"path": manifest["path"].astype(str).to_numpy(), "name": manifest["name"].astype(str).to_numpy(),
+                  "patient_id": patient_ids[rows], "label": labels, "p_leukemia": p_leukemia}).to_csv(
+        out / f"heldout_{fold}_{architecture}.csv", index=False)
+    result = {"fold": fold, "architecture": architecture, "image_size": size, "run_dir": str(run_dir),
+              "heldout_patients": ",".join(FOLDS[fold]), "val_patients": ",".join(run["val_patients"]),
+              "heldout_cells": int(len(rows)), "threshold": run["threshold"],
+              **heldout_metrics(labels, p_leukemia, run["threshold"]),
+              "val_roc_auc": run["validation"]["roc_auc"],
+              "epochs": run["training"]["epochs_trained"], "best_epoch": run["training"]["best_epoch"],
+              "wall_seconds": round(wall, 1),
+              "train_images_per_second": run["training"]["train_images_per_second"]}
+    print(f"[fold {fold} {architecture}] " + ", ".join(
+        f"{k}={result[k]:.3f}" for k in (*METRICS, "threshold")) + f", epochs={result['epochs']}, "
+        f"wall={wall:.0f}s, train img/s={result['train_images_per_second']}", flush=True)
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", default=str(config.SHARED_DATA_DIR / "cnmc"), help="shared fold_0 root")
+    parser.add_argument("--out", default=str(config.OUTPUT_DIR / "benchmarks" / "cv"))
+    parser.add_argument("--arrays-out", default=None, help="output root for the cached arrays (default output/)")
+    parser.add_argument("--folds", default="0,1,2", help="folds to run (default all three)")
+    parser.add_argument("--architectures", default="anna,legacy")
+    parser.add_argument("--size", type=int, default=64, help="ANNa image size")
+    parser.add_argument("--base-filters", type=int, default=8)
+    parser.add_argument("--depth", type=int, default=3)
+    parser.add_argument("--dropout", type=float, default=0.2)
+    parser.add_argument("--mask-loss-weight", type=float, default=0.25)
+    parser.add_argument("--epochs", type=int, default=20, help="ANNa maximum epochs")
+    parser.add_argument("--patience", type=int, default=6, help="ANNa early-stopping patience")
+    parser.add_argument("--lr-patience", type=int, default=3, help="ANNa epochs without improvement before halving lr")
+    parser.add_argument("--legacy-size", type=int, default=128)
+    parser.add_argument("--legacy-epochs", type=int, default=20, help="legacy maximum epochs (patience 2)")
+    parser.add_argument("--batch-size", type=int, default=16, help="ANNa batch size")
+    parser.add_argument("--legacy-batch-size", type=int, default=32)
+    parser.add_argument("--val-fraction", type=float, default=0.25,
+                        help="share of each class's training patients held out for early stopping/threshold")
+    parser.add_argument("--seed", type=int, default=config.DEFAULT_SEED)
+    parser.add_argument("--report-only", action="store_true", help="only combine the results already in --out")
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    settings = {k: v for k, v in vars(args).items()}
+    settings["command"] = " ".join(sys.argv)
+    print(f"settings: {settings}", flush=True)
+    stem = "results_" + "_".join(args.architectures.split(","))
+    rows: list[dict] = []
+    if not args.report_only:
+        for fold in [int(f) for f in args.folds.split(",")]:
+            for architecture in args.architectures.split(","):
+                rows.append(run_fold(fold, architecture, args, out))
+                _save(out, rows, settings, stem)
+    results = combine(out)
+    if len(results):
+        with pd.option_context("display.width", 220, "display.max_columns", 40):
+            print(results[["fold", "architecture", "image_size", *METRICS, "threshold", "epochs", "wall_seconds",
+                           "train_images_per_second"]].round(3).to_string(index=False))
+            print(summarize(results).round(3).to_string())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,111 @@
+"""Prediction speed of an ANNa model at 128 px: batched against one image at a time.
+
+Usage (from the repository root)::
+
+    python benchmarks/bench_predict.py [--images 256] [--size 128] [--batch-size 64] [--repeats 3]
+
+Builds ``model.build_anna`` with its default widths (depth 4, 8 base filters; untrained
+weights: speed does not depend on them) and times, on the same real C-NMC cells
+(``../shared/data/cnmc``, preprocessed once before timing; random pixels when absent):
+
+- batched: ``model.predict_outputs(model, images, batch_size)`` (what ``evaluate`` uses);
+- one at a time: ``predict_outputs`` called per image (``predict_on_batch`` of one);
+- one at a time with ``model.predict`` per image, as the older project's notebooks did;
+- end to end: ``evaluate.predict_images`` on the image files (decode, crop, resize, predict),
+  through a saved run folder.
+
+Prints images/second side by side (best of ``--repeats``), with the load average, since other
+processes on a shared machine slow every figure alike.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np  # noqa: E402
+
+from modules import config, evaluate, preprocess  # noqa: E402
+from modules import model as anna_model  # noqa: E402
+
+
+def best_rate(function, count: int, repeats: int) -> float:
+    """Images per second of the fastest of ``repeats`` calls."""
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        function()
+        times.append(time.perf_counter() - started)
+    return count / min(times)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--images", type=int, default=512, help="cells timed (default 512: two decoding chunks)")
+    parser.add_argument("--size", type=int, default=config.DEFAULT_IMAGE_SIZE, help="image side (default 128)")
+    parser.add_argument("--batch-size", type=int, default=64, help="batch of the batched path (default 64)")
+    parser.add_argument("--single", type=int, default=64, help="cells timed one at a time (default 64)")
+    parser.add_argument("--repeats", type=int, default=3, help="repeats; the best is kept (default 3)")
+    parser.add_argument("--data", default=str(config.SHARED_DATA_DIR / "cnmc"), help="real cells to time on")
+    args = parser.parse_args()
+
+    import keras
+    import tensorflow as tf
+
+    keras.utils.set_random_seed(0)
+    size = args.size
+    files = sorted(Path(args.data).rglob("*.png"))[:args.images] if Path(args.data).exists() else []
+    if files:
+        images = np.stack([preprocess.preprocess_image(preprocess.load_rgb(f), size)[0] for f in files])
+        source = f"{len(files)} real cells from {args.data}"
+    else:
+        images = np.random.default_rng(0).integers(0, 120, (args.images, size, size, 3), dtype=np.uint8)
+        source = f"{args.images} random images (real cells not found at {args.data})"
+    model = anna_model.build_anna((size, size, 3))
+    count = len(images)
+    single = images[:args.single]
+
+    anna_model.predict_outputs(model, images[:args.batch_size], batch_size=args.batch_size)  # warm up
+    anna_model.predict_outputs(model, images[:1], batch_size=1)
+    model.predict(images[:1], verbose=0)
+    rates = {
+        f"batched, predict_outputs (batch {args.batch_size})":
+            best_rate(lambda: anna_model.predict_outputs(model, images, batch_size=args.batch_size), count, args.repeats),
+        "one at a time, predict_outputs":
+            best_rate(lambda: [anna_model.predict_outputs(model, single[i:i + 1], batch_size=1)
+                               for i in range(len(single))], len(single), args.repeats),
+        "one at a time, model.predict (older project)":
+            best_rate(lambda: [model.predict(single[i:i + 1], verbose=0) for i in range(len(single))],
+                      len(single), args.repeats),
+    }
+    if files:
+        with tempfile.TemporaryDirectory() as folder:
+            run = Path(folder)
+            model.save(run / "model.keras")
+            (run / "config.json").write_text(json.dumps({"run_id": "bench", "image_size": size, "threshold": 0.5,
+                                                         "margin": config.DEFAULT_MARGIN,
+                                                         "background_threshold": config.BACKGROUND_THRESHOLD,
+                                                         "canvas": config.DEFAULT_CANVAS}))
+            evaluate.predict_images(run, files[:8], progress=False)  # load once, warm the file cache
+            rates["end to end from files, predict_images (decode+crop+predict)"] = best_rate(
+                lambda: evaluate.predict_images(run, files, progress=False), count, args.repeats)
+
+    print(f"ANNa build_anna(({size},{size},3)) defaults, {model.count_params():,} parameters, untrained; {source}")
+    print(f"TensorFlow {tf.__version__}, Keras {keras.__version__}, {os.cpu_count()} CPU cores, "
+          f"policy {keras.mixed_precision.global_policy().name}, load average {os.getloadavg()[0]:.1f}")
+    base = rates[f"batched, predict_outputs (batch {args.batch_size})"]
+    print(f"{'path':62s} {'images/s':>9s} {'vs batched':>10s}")
+    for name, rate in rates.items():
+        print(f"{name:62s} {rate:9.1f} {rate / base:9.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

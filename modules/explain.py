@@ -1,0 +1,161 @@
+"""Grad-CAM for the ``p_leukemia`` output of an ANNa model.
+
+Grad-CAM (Selvaraju et al., 2017) weights the feature maps of a convolution layer by the
+gradient of the class score and keeps the positive part: where the network looked when it
+called a cell leukemic. It works on Keras 3 Functional models with dict outputs.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+#: Name of the classification output in ANNa models.
+OUTPUT_NAME = "p_leukemia"
+_CONV_TYPES = ("Conv2D", "Conv2DTranspose", "SeparableConv2D", "DepthwiseConv2D")
+
+
+def _output_tensor(model, output: str):
+    outputs = model.output
+    if isinstance(outputs, dict):
+        if output not in outputs:
+            raise ValueError(f"the model has no output {output!r} (outputs: {sorted(outputs)})")
+        return outputs[output]
+    return outputs[0] if isinstance(outputs, (list, tuple)) else outputs
+
+
+def default_layer_name(model, output: str = OUTPUT_NAME) -> str:
+    """The deepest convolution that the classification output depends on.
+
+    Among the convolutions feeding the output (segmentation-only layers have zero gradient and
+    are skipped), the last one at the lowest spatial resolution above 1x1: in the U-Net the
+    bottleneck's last convolution, the standard Grad-CAM choice for a classifier. The decoder's
+    full-resolution maps, which the ANNa head also averages, mostly encode the cell outline
+    and gave maps lit on the background on real cells.
+
+    Args:
+        model: A Keras Functional model.
+        output: Name of the output to explain.
+
+    Returns:
+        The layer name.
+    """
+    import keras
+
+    # A sub-model from the inputs to the output holds exactly the layers the output depends on,
+    # in topological order.
+    branch = keras.Model(model.inputs, _output_tensor(model, output))
+    candidates = [layer for layer in branch.layers
+                  if type(layer).__name__ in _CONV_TYPES and len(layer.output.shape) == 4
+                  and (layer.output.shape[1] or 2) > 1]
+    if not candidates:
+        raise ValueError("the model has no 2-D convolution feeding its classification output; "
+                         "pass layer_name= to grad_cam")
+    lowest = min(layer.output.shape[1] or 0 for layer in candidates)
+    return [layer for layer in candidates if (layer.output.shape[1] or 0) == lowest][-1].name
+
+
+def grad_cam(model, image: np.ndarray, layer_name: str | None = None, target: str = "leukemia",
+             output: str = OUTPUT_NAME) -> np.ndarray:
+    """Grad-CAM heatmap of one image for the leukemia score.
+
+    Args:
+        model: Keras Functional model (dict outputs with ``p_leukemia``).
+        image: (H,W,3) image as the model takes it (uint8 values).
+        layer_name: Convolution layer to explain; ``default_layer_name`` by default.
+        target: ``leukemia`` (evidence for ALL), ``normal`` (evidence for HEM) or
+            ``predicted`` (evidence for the class the model chose).
+        output: Model output to explain.
+
+    Returns:
+        (H,W) float32 heatmap in [0, 1] at the input's size (all zeros when no region
+        raises the score).
+    """
+    image = np.asarray(image)
+    if image.ndim != 3:
+        raise ValueError(f"grad_cam takes one (H,W,3) image, got shape {image.shape}")
+    return grad_cam_batch(model, image[None], layer_name=layer_name, target=target, output=output)[0]
+
+
+def grad_cam_batch(model, images: np.ndarray, layer_name: str | None = None, target: str = "leukemia",
+                   output: str = OUTPUT_NAME) -> np.ndarray:
+    """Grad-CAM heatmaps of a batch of images (one gradient pass; see ``grad_cam``).
+
+    The gradient is taken of the logit (the input of the final sigmoid) when the output layer
+    exposes it, so a saturated probability still gives a usable map.
+
+    Args:
+        model: Keras Functional model (dict outputs with ``p_leukemia``).
+        images: (N,H,W,3) images as the model takes them.
+        layer_name: Convolution layer to explain; ``default_layer_name`` by default.
+        target: ``leukemia``, ``normal`` or ``predicted`` (per image).
+        output: Model output to explain.
+
+    Returns:
+        (N,H,W) float32 heatmaps, each scaled to [0, 1].
+    """
+    import keras
+    import tensorflow as tf
+
+    if target not in ("leukemia", "normal", "predicted"):
+        raise ValueError(f"target must be 'leukemia', 'normal' or 'predicted', not {target!r}")
+    images = np.asarray(images)
+    if images.ndim != 4:
+        raise ValueError(f"grad_cam_batch takes (N,H,W,3) images, got shape {images.shape}")
+    layer = model.get_layer(layer_name or default_layer_name(model, output))
+    out_tensor = _output_tensor(model, output)
+    out_layer = out_tensor._keras_history[0]  # the layer that produced the output
+    activation = getattr(getattr(out_layer, "activation", None), "__name__", "")
+    score_kind, score_tensor = "probability", out_tensor
+    if type(out_layer).__name__ == "Dense" and activation == "sigmoid":
+        score_kind, score_tensor = "dense_input", out_layer.input
+    elif type(out_layer).__name__ == "Activation" and activation == "sigmoid":
+        score_kind, score_tensor = "logit", out_layer.input
+    grad_model = keras.Model(model.inputs, [layer.output, score_tensor, out_tensor])
+
+    batch = tf.convert_to_tensor(images.astype("float32"))
+    with tf.GradientTape() as tape:
+        features, score, probability = grad_model(batch, training=False)
+        tape.watch(features)
+        if score_kind == "dense_input":
+            kernel = tf.cast(out_layer.kernel, score.dtype)
+            score = tf.matmul(score, kernel) + tf.cast(out_layer.bias, score.dtype)
+        score = tf.cast(tf.reshape(score, [-1]), tf.float32)
+        if score_kind == "probability":
+            score = tf.math.log(score + 1e-7) - tf.math.log(1.0 - score + 1e-7)
+        leukemic = tf.cast(tf.reshape(probability, [-1]) >= 0.5, tf.float32)
+        if target == "normal":
+            score = -score
+        elif target == "predicted":
+            score = score * (2.0 * leukemic - 1.0)
+        # Images are independent, so the gradient of the sum is each image's own gradient.
+        total = tf.reduce_sum(score)
+    gradients = tape.gradient(total, features)
+    if gradients is None:
+        raise ValueError(f"layer {layer.name!r} does not feed the {output!r} output; pick another layer_name")
+    features = tf.cast(features, tf.float32)
+    weights = tf.reduce_mean(tf.cast(gradients, tf.float32), axis=(1, 2), keepdims=True)
+    heatmaps = tf.nn.relu(tf.reduce_sum(features * weights, axis=-1, keepdims=True))
+    heatmaps = tf.image.resize(heatmaps, images.shape[1:3], method="bilinear")[..., 0].numpy()
+    peaks = heatmaps.reshape(len(heatmaps), -1).max(axis=1)
+    peaks = np.where(np.isfinite(peaks) & (peaks > 0), peaks, np.inf)  # no positive evidence: zeros
+    return (heatmaps / peaks[:, None, None]).astype("float32")
+
+
+def overlay_heatmap(image: np.ndarray, heatmap: np.ndarray, alpha: float = 0.6) -> np.ndarray:
+    """Blend a [0,1] heatmap (jet colours) over an RGB uint8 image.
+
+    The C-NMC cells are dark (channel maxima around 110), so the image is stretched to its own
+    range first to stay visible under the colours.
+
+    Returns:
+        (H,W,3) uint8 RGB.
+    """
+    import matplotlib
+
+    rgb = np.asarray(image, dtype="float32")
+    top = max(float(rgb.max()), 1.0)
+    rgb = rgb / top
+    colors = matplotlib.colormaps["jet"](np.clip(heatmap, 0, 1))[..., :3]
+    # Colour weight grows with the heat, so cold regions show the cell itself.
+    weight = alpha * np.clip(heatmap, 0, 1)[..., None] ** 0.5
+    blended = (1 - weight) * rgb + weight * colors
+    return (np.clip(blended, 0, 1) * 255).astype("uint8")

@@ -1,0 +1,693 @@
+"""Decode C-NMC cells, crop them to the cell, derive the cell mask and cache the arrays.
+
+``prepare_arrays`` turns a dataset folder (or a manifest table) into
+``output/arrays/<dataset>_<size>/`` holding ``images.npy`` (N,S,S,3) uint8 RGB,
+``masks.npy`` (N,S,S) uint8 0/1, ``labels.npy`` (N,) int8 (1 all, 0 hem, -1 unlabeled),
+``manifest.csv`` (row i = array row i) and ``meta.json``. The arrays are written through
+memory maps chunk by chunk (memory stays bounded), by a pool of threads (or processes), into a folder
+with a temporary name that is renamed into place only when complete. A second call on
+unchanged files returns the cached folder.
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as futures
+import contextlib
+import datetime as dt
+import hashlib
+import json
+import math
+import multiprocessing
+import os
+import shutil
+import struct
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from typing import TYPE_CHECKING
+
+import cv2
+import numpy as np
+
+from modules import config
+
+if TYPE_CHECKING:  # pandas is imported lazily: worker processes only need numpy and OpenCV
+    import pandas as pd
+
+META_VERSION = 1
+#: BMP file header from byte 10: pixel offset, info header size, width, height, planes, bit
+#: count, compression.
+_BMP_HEADER = struct.Struct("<IIiiHHI")
+#: With ``workers=None``, fewer images than this are prepared in the calling thread.
+MIN_IMAGES_FOR_POOL = 128
+#: With ``workers=None``, at most this many workers: beyond it threads mostly wait for the GIL
+#: and the disk.
+MAX_DEFAULT_WORKERS = 8
+#: "thread" (default: file reads, OpenCV and NumPy release the GIL, so threads run in parallel
+#: with no start-up or copying cost) or "process" (a forkserver/spawn pool). See docs/BENCHMARKS.md.
+EXECUTOR = os.environ.get("ANNA_PREPARE_EXECUTOR", "thread")
+
+
+class ImageError(ValueError):
+    """An image cannot be used (unreadable, empty, wrong channels, no cell); the message names it."""
+
+
+@dataclass
+class PreparedArrays:
+    """Cached arrays of one dataset at one size (arrays are read-only memory maps)."""
+
+    images: np.ndarray  # (N, S, S, 3) uint8 RGB
+    masks: np.ndarray  # (N, S, S) uint8 0/1
+    labels: np.ndarray  # (N,) int8: 1 all, 0 hem, -1 unlabeled
+    manifest: pd.DataFrame  # row i describes array row i
+    meta: dict
+    path: Path
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+# --------------------------------------------------------------------------- one image
+
+@contextlib.contextmanager
+def _quiet_opencv():
+    """Silence OpenCV's own log lines for unreadable files: our ImageError says it better."""
+    level = cv2.utils.logging.getLogLevel()
+    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
+    try:
+        yield
+    finally:
+        cv2.utils.logging.setLogLevel(level)
+
+
+def _view_bmp24(data: bytes, path: str) -> np.ndarray | None:
+    """Zero-copy BGR view of an uncompressed 24-bit BMP (the Kaggle format), else None.
+
+    The pixels are read in place (rows bottom-up, each padded to 4 bytes), so only the
+    cell's crop is ever copied; other formats and BMP variants go through cv2.imdecode.
+    """
+    if len(data) < 54 or data[:2] != b"BM":
+        return None
+    offset, info_size, width, height, _, bits, compression = _BMP_HEADER.unpack_from(data, 10)
+    if info_size < 40 or bits != 24 or compression != 0 or width <= 0 or height == 0:
+        return None
+    stride = (width * 3 + 3) // 4 * 4
+    end = offset + stride * abs(height)
+    if end > len(data):
+        raise ImageError(f"{path} is truncated ({len(data)} of {end} bytes): copy it again from the download")
+    rows = np.frombuffer(data, np.uint8, stride * abs(height), offset).reshape(abs(height), stride)
+    rows = rows[:, :width * 3].reshape(abs(height), width, 3)
+    return rows[::-1] if height > 0 else rows  # positive height: stored bottom-up
+
+
+def _decode_bgr(path: str | os.PathLike) -> np.ndarray:
+    """Read an image as 3-channel uint8 BGR (OpenCV order), or raise ImageError naming it."""
+    path = os.fspath(path)  # plain strings in this per-image path: pathlib costs more than decoding
+    try:  # Python's open() also takes paths cv2.imread cannot (non-ASCII on Windows)
+        with open(path, "rb") as handle:
+            data = handle.read()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"image not found: {path}; scan the dataset again") from None
+    if not data:
+        raise ImageError(f"{path} is empty (0 bytes), probably an interrupted copy; copy it again from the download")
+    image = _view_bmp24(data, path)
+    if image is not None:
+        return image
+    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    if image is None:
+        raise ImageError(
+            f"{path} cannot be decoded: the file is corrupt, truncated or not really a "
+            f"{os.path.splitext(path)[1]} image; "
+            "copy it again from the download"
+        )
+    if image.dtype != np.uint8:
+        raise ImageError(f"{path} has {image.dtype} pixels; C-NMC cells are 8-bit RGB: save it as 8-bit RGB")
+    channels = 1 if image.ndim == 2 else image.shape[2]
+    if channels == 1:
+        raise ImageError(
+            f"{path} is grayscale; C-NMC cells are RGB and the stain colour matters, so it is not converted: "
+            "use the original RGB file"
+        )
+    if channels == 4:
+        # An opaque alpha channel (some converters add one) carries nothing: drop it. A
+        # transparent one would hide part of the cell, so that is an error.
+        if image[..., 3].min() < 255:
+            raise ImageError(
+                f"{path} is RGBA with transparent pixels; C-NMC cells are RGB without transparency: "
+                "use the original file or save it as RGB"
+            )
+        image = cv2.cvtColor(image, cv2.COLOR_BGRA2BGR)
+    elif channels != 3:
+        raise ImageError(f"{path} has {channels} channels; C-NMC cells are RGB (3 channels): use the original file")
+    return image
+
+
+def load_rgb(path: str | os.PathLike) -> np.ndarray:
+    """Read one cell image as RGB.
+
+    Grayscale images and RGBA images with transparency are refused (ImageError); an
+    opaque alpha channel is dropped, which loses nothing.
+
+    Args:
+        path: Image file (.bmp, .png, .jpg, .tif …).
+
+    Returns:
+        (H, W, 3) uint8 RGB array.
+
+    Raises:
+        ImageError: The file is empty, corrupt, truncated, grayscale, RGBA with
+            transparency or not 8-bit; the message names the file and the fix.
+    """
+    with _quiet_opencv():
+        return cv2.cvtColor(_decode_bgr(path), cv2.COLOR_BGR2RGB)
+
+
+def preprocess_image(rgb: np.ndarray, size: int, margin: int = config.DEFAULT_MARGIN,
+                     threshold: int = config.BACKGROUND_THRESHOLD,
+                     canvas: int = config.DEFAULT_CANVAS) -> tuple[np.ndarray, np.ndarray]:
+    """Crop a cell to its bounding box, centre it on a black square and resize it.
+
+    The cell is every pixel with a channel above ``threshold`` (the background is black).
+    The square's side is the box's longer side plus ``2 * margin``, and at least ``canvas``.
+    Only the box is resized (area averaging when shrinking) and pasted into the black square.
+    The mask marks the pixels of the returned image with a channel above ``threshold``:
+    exactly the cell the model sees. Works on either channel order (RGB or BGR) and keeps it.
+
+    Args:
+        rgb: (H, W, 3) uint8 image.
+        size: Side of the output square in pixels.
+        margin: Background pixels kept around the cell's bounding box, at the input scale.
+        threshold: Background threshold (``config.BACKGROUND_THRESHOLD``).
+        canvas: Smallest side of the padded square, in input pixels, so that cells keep a
+            common scale (``config.DEFAULT_CANVAS``); 0 crops tightly to each cell.
+
+    Returns:
+        ``(image, mask)``: (size, size, 3) uint8 and (size, size) uint8 with 1 on the cell.
+
+    Raises:
+        ImageError: No pixel is above the threshold (an all-black image).
+        ValueError: ``rgb`` is not an (H, W, 3) uint8 array or ``size`` < 1.
+    """
+    if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
+        raise ValueError(f"preprocess_image needs an (H, W, 3) uint8 image, not {rgb.dtype} {rgb.shape}")
+    if size < 1 or margin < 0:
+        raise ValueError(f"size must be >= 1 and margin >= 0 (got size={size}, margin={margin})")
+    image = np.zeros((size, size, 3), np.uint8)
+    _crop_resize_into(rgb, image, margin, threshold, canvas)
+    return image, _cell_mask(image, threshold)
+
+
+def _cell_mask(image: np.ndarray, threshold: int, out: np.ndarray | None = None) -> np.ndarray:
+    """1 where any channel of ``image`` is above ``threshold``, else 0 (uint8)."""
+    mask = cv2.inRange(image, (0, 0, 0), (threshold, threshold, threshold), dst=out)
+    np.equal(mask, 0, out=mask, casting="unsafe")
+    return mask
+
+
+def _crop_resize_into(rgb: np.ndarray, out: np.ndarray, margin: int, threshold: int, canvas: int) -> None:
+    """The work of ``preprocess_image``, written into ``out`` (a zeroed (S, S, 3) array)."""
+    # Bounding box from row and column maxima: two cheap passes, no full-size mask.
+    flat = rgb.reshape(rgb.shape[0], -1)
+    rows = np.flatnonzero(flat.max(axis=1) > threshold)
+    if rows.size == 0:
+        raise ImageError(f"no cell pixels (every channel <= {threshold}): the image is black")
+    # Column maxima over the cell's rows, per byte: byte index // 3 is the pixel column.
+    channels = np.flatnonzero(flat[rows[0]:rows[-1] + 1].max(axis=0) > threshold)
+    y, x = int(rows[0]), int(channels[0]) // 3
+    height, width = int(rows[-1]) - y + 1, int(channels[-1]) // 3 - x + 1
+    side = max(max(width, height) + 2 * margin, int(canvas))
+    top, left = y + height // 2 - side // 2, x + width // 2 - side // 2  # the square, in input pixels
+    # Only the cell's box (+ margin) is resized and pasted into the black square: the rest of
+    # the square is background, so resizing it too would only cost time.
+    n_rows, n_cols = rgb.shape[:2]
+    y0, y1 = max(y - margin, 0, top), min(y + height + margin, n_rows, top + side)
+    x0, x1 = max(x - margin, 0, left), min(x + width + margin, n_cols, left + side)
+    scale = out.shape[0] / side
+    oy0, oy1 = round((y0 - top) * scale), round((y1 - top) * scale)
+    ox0, ox1 = round((x0 - left) * scale), round((x1 - left) * scale)
+    if oy1 > oy0 and ox1 > ox0:
+        box = rgb[y0:y1, x0:x1]
+        if box.strides[0] < 0:  # OpenCV needs positive strides (a bottom-up BMP view has not)
+            box = np.ascontiguousarray(box)
+        out[oy0:oy1, ox0:ox1] = resize_area(box, ox1 - ox0, oy1 - oy0)
+
+
+def resize_area(image: np.ndarray, width: int, height: int) -> np.ndarray:
+    """Resize with area averaging when shrinking, fast for any ratio.
+
+    OpenCV's INTER_AREA is slow for non-integer ratios but fast for integer ones, so a
+    shrink by r >= 2 is an exact k x k block average (k = floor(r), after trimming fewer
+    than k edge rows/columns, which are background here) followed by a bilinear step at a
+    ratio under 2, where bilinear does not alias. Ratios under 2 and enlargements are bilinear.
+
+    Args:
+        image: (H, W, C) or (H, W) uint8 image.
+        width, height: Output size.
+
+    Returns:
+        (height, width[, C]) uint8 image.
+    """
+    rows, cols = image.shape[:2]
+    if (rows, cols) == (height, width):
+        return image
+    factor = min(rows // height, cols // width)
+    if factor >= 2:
+        rows, cols = rows - rows % factor, cols - cols % factor
+        trim_top, trim_left = (image.shape[0] - rows) // 2, (image.shape[1] - cols) // 2
+        image = cv2.resize(image[trim_top:trim_top + rows, trim_left:trim_left + cols],
+                           (cols // factor, rows // factor), interpolation=cv2.INTER_AREA)
+        if image.shape[:2] == (height, width):
+            return image
+    return cv2.resize(image, (width, height), interpolation=cv2.INTER_LINEAR)
+
+
+def _prepare_rows(start: int, paths: list[str], size: int, margin: int, threshold: int,
+                  images_file: str, masks_file: str) -> tuple[int, int, list]:
+    """In a worker process: prepare rows ``start…`` straight into the shared .npy files."""
+    images = np.load(images_file, mmap_mode="r+", allow_pickle=False)
+    masks = np.load(masks_file, mmap_mode="r+", allow_pickle=False)
+    stop = start + len(paths)
+    errors = _prepare_into(start, paths, size, margin, threshold, images[start:stop].view(np.ndarray),
+                           masks[start:stop].view(np.ndarray))
+    del images, masks  # unmapped; the pages are the parent's too (MAP_SHARED)
+    return start, len(paths), errors
+
+
+def _prepare_into(start: int, paths: list[str], size: int, margin: int, threshold: int,
+                  images: np.ndarray, masks: np.ndarray) -> list[tuple]:
+    """Prepare ``paths`` into ``images``/``masks`` (views of the output); returns the errors."""
+    errors = []
+    for offset, path in enumerate(paths):
+        try:
+            # Straight into the output rows (zero-filled): no per-image arrays to allocate.
+            _crop_resize_into(_decode_bgr(path), images[offset], margin, threshold, config.DEFAULT_CANVAS)
+            cv2.cvtColor(images[offset], cv2.COLOR_BGR2RGB, dst=images[offset])  # the small image only
+            _cell_mask(images[offset], threshold, out=masks[offset])
+        except ImageError as error:
+            message = str(error)
+            errors.append((start + offset, path, message if path in message else f"{path}: {message}"))
+        except OSError as error:
+            errors.append((start + offset, path,
+                           f"{path} cannot be read ({error}); check the file and its permissions"))
+    return errors
+
+
+def _worker_context():
+    """Process start method for the pool: forkserver where available, else spawn.
+
+    Not fork: the parent may hold TensorFlow or OpenCV threads. The forkserver preloads this
+    module, so each worker starts in milliseconds.
+    """
+    if "forkserver" in multiprocessing.get_all_start_methods():
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload([__name__])
+        return context
+    return multiprocessing.get_context("spawn")
+
+
+def _init_worker() -> None:
+    cv2.setNumThreads(1)  # one image per process at a time: OpenCV's own threads only contend
+    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)  # we report unreadable files
+
+
+# --------------------------------------------------------------------------- the cache
+
+def _source_root(manifest: pd.DataFrame) -> Path:
+    source = manifest.attrs.get("source")
+    if source:
+        return Path(source)
+    return Path(os.path.commonpath([str(Path(p).parent) for p in manifest["path"]]))
+
+
+def compute_digest(manifest: pd.DataFrame, size: int, margin: int, threshold: int = config.BACKGROUND_THRESHOLD,
+                   root: Path | None = None) -> str:
+    """Fingerprint of the inputs of ``prepare_arrays``.
+
+    sha256 over size, margin, threshold and, per file sorted by relative path: the
+    relative path, size, mtime_ns and the manifest's name/label/split/fold/patient fields
+    (so a changed labels CSV also changes it).
+
+    Args:
+        manifest: Manifest table.
+        size, margin, threshold: Preprocessing settings.
+        root: Folder the paths are made relative to (the manifest's source by default).
+
+    Returns:
+        Hex digest.
+    """
+    root = str(root or _source_root(manifest))
+    prefix = root.rstrip(os.sep) + os.sep
+    digest = hashlib.sha256(f"v{META_VERSION}|{size}|{margin}|{threshold}|canvas={config.DEFAULT_CANVAS}\n".encode())
+    entries = []
+    columns = [manifest[c].tolist() for c in ("path", "original_name", "patient_id", "label", "split", "fold")]
+    for path, original_name, patient_id, label, split, fold in zip(*columns):
+        try:
+            stat = os.stat(path)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"image not found: {path}; scan the dataset again") from None
+        relative = path[len(prefix):] if path.startswith(prefix) else os.path.relpath(path, root)
+        entries.append(f"{relative}|{stat.st_size}|{stat.st_mtime_ns}|{original_name}|{patient_id}|"
+                       f"{label}|{split}|{fold}")
+    for entry in sorted(entries):
+        digest.update(entry.encode() + b"\n")
+    return digest.hexdigest()
+
+
+def _dataset_for(manifest: pd.DataFrame) -> str:
+    dataset = manifest.attrs.get("dataset")
+    if dataset and manifest.attrs.get("rows") == len(manifest):
+        return dataset
+    subset = hashlib.sha256("\n".join(sorted(manifest["path"])).encode()).hexdigest()[:8]
+    return f"{dataset}_subset-{subset}" if dataset else f"manifest-{subset}"
+
+
+def _read_meta(folder: Path) -> dict | None:
+    try:
+        return json.loads((folder / "meta.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _cache_is_valid(folder: Path, digest: str, skip_bad: bool) -> bool:
+    meta = _read_meta(folder)
+    if not meta or meta.get("digest") != digest:
+        return False
+    if meta.get("skipped") and not skip_bad:
+        return False  # rebuild, which raises on the bad files as a first run would
+    try:
+        shapes = [np.load(folder / f"{n}.npy", mmap_mode="r", allow_pickle=False).shape[0]
+                  for n in ("images", "masks", "labels")]
+        rows = sum(1 for _ in open(folder / "manifest.csv", encoding="utf-8")) - 1
+    except (OSError, ValueError):
+        return False
+    return shapes == [meta.get("count")] * 3 and rows == meta.get("count")
+
+
+def _default_workers() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def _run_chunks(paths: list[str], size: int, margin: int, threshold: int, workers: int,
+                images: np.ndarray, masks: np.ndarray, skip_bad: bool, progress, desc: str) -> list[tuple]:
+    """Prepare every path into the memory maps; returns the errors (index, path, message)."""
+    from tqdm.auto import tqdm
+
+    n = len(paths)
+    chunk = max(8, min(64, math.ceil(n / (workers * 8))))
+    starts = list(range(0, n, chunk))
+    errors: list[tuple] = []
+    bar = tqdm(total=n, desc=desc, unit="img", disable=not progress, dynamic_ncols=True)
+
+    def collect(result) -> None:
+        start, count, chunk_errors = result
+        errors.extend(chunk_errors)
+        bar.update(count)
+        if chunk_errors and not skip_bad:
+            raise _StopOnError()
+
+    def in_place(start: int) -> tuple[int, int, list]:
+        # Threads (and the calling thread) write straight into the memory maps.
+        stop = min(start + chunk, n)
+        # Plain ndarray views: indexing a numpy.memmap row by row is slow.
+        return start, stop - start, _prepare_into(start, paths[start:stop], size, margin, threshold,
+                                                  images[start:stop].view(np.ndarray),
+                                                  masks[start:stop].view(np.ndarray))
+
+    # Silenced once around the whole run: OpenCV's log level is process-wide.
+    with _quiet_opencv(), contextlib.closing(bar):
+        try:
+            _dispatch(starts, chunk, workers, in_place, collect, paths, size, margin, threshold, images, masks)
+        except _StopOnError:
+            pass
+    return sorted(errors)
+
+
+def _dispatch(starts: list[int], chunk: int, workers: int, in_place, collect, paths: list[str], size: int,
+              margin: int, threshold: int, images: np.ndarray, masks: np.ndarray) -> None:
+    """Run the chunks in the calling thread, a thread pool or a process pool.
+
+    Threads write straight into the memory maps (``in_place``); processes map the same .npy
+    files and write their rows there too. At most ``3 * workers`` chunks are queued.
+    """
+    if workers <= 1 or len(starts) <= 1:
+        for start in starts:
+            collect(in_place(start))
+        return
+    threads = EXECUTOR == "thread"
+    if threads:
+        pool_context = futures.ThreadPoolExecutor(workers)
+    else:
+        pool_context = futures.ProcessPoolExecutor(workers, mp_context=_worker_context(), initializer=_init_worker)
+    with pool_context as pool:
+        pending: set = set()
+        queue = iter(starts)
+        try:
+            while True:
+                for start in queue:
+                    if threads:
+                        pending.add(pool.submit(in_place, start))
+                    else:
+                        pending.add(pool.submit(_prepare_rows, start, paths[start:start + chunk], size, margin,
+                                                threshold, images.filename, masks.filename))
+                    if len(pending) >= 3 * workers:
+                        break
+                if not pending:
+                    break
+                done, pending = futures.wait(pending, return_when=futures.FIRST_COMPLETED)
+                for future in done:
+                    collect(future.result())
+        except BaseException:  # a bad image (without skip_bad), an interrupt: stop queued chunks
+            for future in pending:
+                future.cancel()
+            raise
+
+
+class _StopOnError(Exception):
+    pass
+
+
+def _bad_images_error(errors: list[tuple]) -> ImageError:
+    listed = "\n  ".join(message for _, _, message in errors[:10])
+    more = f"\n  … and {len(errors) - 10} more" if len(errors) > 10 else ""
+    return ImageError(
+        f"{len(errors)} image(s) cannot be used:\n  {listed}{more}\n"
+        "Fix or remove them, or leave them out with --skip-bad (skip_bad=True); skipped files are listed in meta.json."
+    )
+
+
+def _compact(folder: Path, keep: np.ndarray) -> None:
+    """Rewrite images/masks.npy keeping only the rows in ``keep`` (chunk by chunk)."""
+    for name in ("images", "masks"):
+        full = np.load(folder / f"{name}.npy", mmap_mode="r", allow_pickle=False)
+        kept = np.lib.format.open_memmap(folder / f"{name}.kept.npy", mode="w+", dtype=full.dtype,
+                                         shape=(len(keep), *full.shape[1:]))
+        for begin in range(0, len(keep), 512):
+            kept[begin:begin + 512] = full[keep[begin:begin + 512]]
+        kept.flush()
+        del kept, full
+        os.replace(folder / f"{name}.kept.npy", folder / f"{name}.npy")
+
+
+def _write_json(path: Path, payload: dict) -> None:
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(payload, indent=2))
+    os.replace(partial, path)
+
+
+def _publish(staging: Path, target: Path) -> None:
+    """Move a finished folder into place, replacing an older cache."""
+    if target.exists():
+        trash = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", suffix=".partial", dir=target.parent))
+        os.replace(target, trash / target.name)
+        shutil.rmtree(trash, ignore_errors=True)
+    os.replace(staging, target)
+
+
+def prepare_arrays(data, size: int = config.DEFAULT_IMAGE_SIZE, output_dir: str | os.PathLike | None = None,
+                   skip_bad: bool = False, workers: int | None = None, progress: bool = True,
+                   margin: int = config.DEFAULT_MARGIN) -> Path:
+    """Prepare (or reuse) the cached arrays of a dataset.
+
+    Each cell is cropped to its bounding box plus ``margin``, centred on a black square of at
+    least ``config.DEFAULT_CANVAS`` source pixels (so cells keep their relative size), resized
+    to ``size`` and stored as RGB with its mask (see ``preprocess_image``).
+
+    Args:
+        data: Dataset folder (anything ``data.scan_dataset`` accepts) or a manifest table.
+        size: Side of the square images in pixels.
+        output_dir: Output root (``config.OUTPUT_DIR`` by default); arrays go to ``arrays/``.
+        skip_bad: Leave out unusable images (listed in ``meta.json["skipped"]``) instead of
+            raising.
+        workers: Parallel workers (threads by default, see ``EXECUTOR``); by default one per
+            core up to ``MAX_DEFAULT_WORKERS`` (fewer than ``MIN_IMAGES_FOR_POOL`` images run
+            in the calling thread).
+        progress: Show a tqdm progress bar.
+        margin: Background pixels kept around each cell (at the source resolution).
+
+    Returns:
+        The arrays folder ``<output_dir>/arrays/<dataset>_<size>``.
+
+    Raises:
+        ImageError: An image cannot be used and ``skip_bad`` is False (every bad file found
+            is named), or every image was skipped.
+        DatasetError, FileNotFoundError: From scanning ``data``.
+    """
+    import pandas as pd
+
+    from modules.data import MANIFEST_DTYPES, DatasetError, scan_dataset, write_manifest
+
+    if isinstance(data, pd.DataFrame):
+        manifest = data.copy()
+        manifest.attrs = dict(data.attrs)
+        missing = [c for c in config.MANIFEST_COLUMNS if c not in manifest.columns]
+        if missing:
+            raise DatasetError(f"the manifest table lacks columns {missing}; pass the table scan_dataset returns")
+        manifest = manifest[list(config.MANIFEST_COLUMNS)].reset_index(drop=True)
+    else:
+        manifest = scan_dataset(data)
+    if manifest.empty:
+        raise DatasetError("the manifest is empty: there are no images to prepare")
+    size, margin = int(size), int(margin)
+    if size < 8 or margin < 0:
+        raise ValueError(f"size must be at least 8 pixels and margin >= 0 (got size={size}, margin={margin})")
+    from modules.synth import is_synthetic
+
+    source = _source_root(manifest)
+    synthetic = bool(manifest.attrs.get("synthetic", is_synthetic(source)))
+    dataset = _dataset_for(manifest)
+    threshold = config.BACKGROUND_THRESHOLD
+    target = config.arrays_dir(dataset, size, output_dir)
+    digest = compute_digest(manifest, size, margin, threshold, source)
+    if _cache_is_valid(target, digest, skip_bad):
+        return target
+
+    if workers is None:  # a pool costs more than it saves on a few images
+        workers = min(_default_workers(), MAX_DEFAULT_WORKERS) if len(manifest) >= MIN_IMAGES_FOR_POOL else 1
+    workers = max(1, int(workers))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
+    try:
+        n = len(manifest)
+        images = np.lib.format.open_memmap(staging / "images.npy", mode="w+", dtype=np.uint8, shape=(n, size, size, 3))
+        masks = np.lib.format.open_memmap(staging / "masks.npy", mode="w+", dtype=np.uint8, shape=(n, size, size))
+        desc = f"{'SYNTHETIC ' if synthetic else ''}{dataset} @ {size}px"
+        errors = _run_chunks(manifest["path"].tolist(), size, margin, threshold, workers, images, masks,
+                             skip_bad, progress, desc)
+        # No msync: the pages reach the files through the page cache; renaming the folder
+        # only after every row is written is what makes a half-written cache impossible.
+        del images, masks
+        if errors and not skip_bad:
+            raise _bad_images_error(errors)
+        if len(errors) == n:
+            raise _bad_images_error(errors)
+        skipped = [{"path": path, "error": message} for _, path, message in errors]
+        if errors:
+            keep = np.setdiff1d(np.arange(n), [index for index, _, _ in errors])
+            _compact(staging, keep)
+            manifest = manifest.iloc[keep].reset_index(drop=True)
+        labels = manifest["label"].fillna(-1).to_numpy(dtype=np.int8)
+        np.save(staging / "labels.npy", labels, allow_pickle=False)
+        write_manifest(manifest.astype(MANIFEST_DTYPES), staging / "manifest.csv")
+        meta = {
+            "size": size, "margin": margin, "background_threshold": threshold, "canvas": config.DEFAULT_CANVAS,
+            "source": str(source),
+            "dataset": dataset, "count": int(len(manifest)),
+            "counts": {"all": int((labels == 1).sum()), "hem": int((labels == 0).sum()),
+                       "unlabeled": int((labels == -1).sum())},
+            "digest": digest, "skipped": skipped, "synthetic": synthetic,
+            "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "meta_version": META_VERSION,
+        }
+        _write_json(staging / "meta.json", meta)
+        try:
+            _publish(staging, target)
+        except OSError:
+            if not _cache_is_valid(target, digest, skip_bad):  # lost a race to an identical run?
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def load_arrays(arrays_dir: str | os.PathLike) -> PreparedArrays:
+    """Open a prepared arrays folder (memory-mapped, read-only).
+
+    Args:
+        arrays_dir: A folder returned by ``prepare_arrays``.
+
+    Returns:
+        PreparedArrays with ``images``, ``masks``, ``labels``, ``manifest`` and ``meta``.
+
+    Raises:
+        FileNotFoundError: The folder or one of its files is missing (prepare it again).
+    """
+    from modules.data import read_manifest
+
+    folder = Path(arrays_dir)
+    needed = ["images.npy", "masks.npy", "labels.npy", "manifest.csv", "meta.json"]
+    missing = [name for name in needed if not (folder / name).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"{folder} is not a complete arrays folder (missing {', '.join(missing)}); "
+            "run `python -m modules prepare --data DIR` again"
+        )
+    meta = json.loads((folder / "meta.json").read_text())
+    arrays = {n: np.load(folder / f"{n}.npy", mmap_mode="r", allow_pickle=False) for n in ("images", "masks", "labels")}
+    manifest = read_manifest(folder / "manifest.csv")
+    manifest.attrs.update({"dataset": meta.get("dataset"), "source": meta.get("source"),
+                           "synthetic": meta.get("synthetic", False), "rows": len(manifest)})
+    lengths = {len(arrays["images"]), len(arrays["masks"]), len(arrays["labels"]), len(manifest)}
+    if lengths != {meta.get("count")}:
+        raise ValueError(f"{folder}: arrays, manifest and meta.json disagree on the row count; prepare it again")
+    return PreparedArrays(manifest=manifest, meta=meta, path=folder, **arrays)
+
+
+def _run_prepare(args: argparse.Namespace) -> int:
+    from modules.data import scan_dataset
+    from modules.synth import SYNTHETIC_BANNER
+
+    manifest = scan_dataset(args.data)
+    if manifest.attrs.get("synthetic"):
+        print(SYNTHETIC_BANNER)
+    folder = prepare_arrays(manifest, size=args.size, output_dir=args.out, skip_bad=args.skip_bad,
+                            workers=args.workers, progress=not args.no_progress, margin=args.margin)
+    meta = json.loads((folder / "meta.json").read_text())
+    counts = meta["counts"]
+    print(f"{meta['count']} cells at {meta['size']}x{meta['size']} px: {counts['all']} all, {counts['hem']} hem, "
+          f"{counts['unlabeled']} unlabeled (prepared {meta['created']})")
+    if meta["skipped"]:
+        print(f"skipped {len(meta['skipped'])} unusable image(s):")
+        for entry in meta["skipped"]:
+            print(f"  {entry['error']}")
+    print(folder)
+    return 0
+
+
+def register(subparsers) -> None:
+    """Add the ``prepare`` command."""
+    parser = subparsers.add_parser(
+        "prepare", help="crop, mask and resize the cells into cached .npy arrays",
+        description="Decode every cell, crop it to its bounding box, centre it on a black square of at least "
+                    f"{config.DEFAULT_CANVAS} source pixels (cells keep their relative size), resize it and derive "
+                    "its mask; write OUT/arrays/<dataset>_<size>/ (reused while the files are unchanged). "
+                    "The last line printed is that folder.",
+    )
+    parser.add_argument("--data", type=Path, required=True,
+                        help="the C-NMC_Leukemia root or a folder inside it (training_data, fold_0, …)")
+    parser.add_argument("--size", type=int, default=config.DEFAULT_IMAGE_SIZE,
+                        help="side of the square images in pixels (default: %(default)s)")
+    parser.add_argument("--out", type=Path, default=config.OUTPUT_DIR,
+                        help="output root; arrays go to OUT/arrays/ (default: %(default)s)")
+    parser.add_argument("--skip-bad", action="store_true",
+                        help="leave out unreadable images (listed in the summary and meta.json) instead of stopping")
+    parser.add_argument("--workers", type=int, default=None,
+                        help=f"parallel workers (default: one per core, at most {MAX_DEFAULT_WORKERS}; "
+                             f"under {MIN_IMAGES_FOR_POOL} images, one)")
+    parser.add_argument("--margin", type=int, default=config.DEFAULT_MARGIN,
+                        help="background pixels kept around each cell, at the source resolution (default: %(default)s)")
+    parser.add_argument("--no-progress", action="store_true", help="do not show the progress bar")
+    parser.set_defaults(func=_run_prepare)

@@ -1,0 +1,160 @@
+"""The ANNa and legacy builders, safe loading, prediction, precision policy and strategy."""
+from __future__ import annotations
+
+import zipfile
+
+import numpy as np
+import pytest
+
+keras = pytest.importorskip("keras")
+
+from modules import model as anna_model  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tiny_anna():
+    return anna_model.build_anna((32, 32, 3), depth=2, base_filters=4)
+
+
+def test_build_anna_outputs_dict_of_float32_probabilities(tiny_anna):
+    images = np.random.default_rng(0).integers(0, 256, (3, 32, 32, 3)).astype("uint8")
+    outputs = tiny_anna(images.astype("float32"), training=False)
+    assert set(outputs) == {"p_leukemia", "cell_mask"}
+    assert tuple(outputs["p_leukemia"].shape) == (3, 1)
+    assert tuple(outputs["cell_mask"].shape) == (3, 32, 32, 1)
+    for value in outputs.values():
+        value = np.asarray(value)
+        assert value.dtype == np.float32
+        assert ((value >= 0) & (value <= 1)).all()
+
+
+def test_build_anna_rescales_inside_and_uses_only_builtin_layers(tiny_anna):
+    layer_types = {type(layer).__name__ for layer in tiny_anna.layers}
+    assert "Rescaling" in layer_types
+    assert "Lambda" not in layer_types
+    assert all(type(layer).__module__.startswith("keras.") for layer in tiny_anna.layers)
+    # The head reads globally pooled features, not a flattened map.
+    assert "Flatten" not in layer_types
+    assert {"GlobalAveragePooling2D", "GlobalMaxPooling2D"} <= layer_types
+
+
+def test_build_anna_options_change_the_network():
+    plain = anna_model.build_anna((32, 32, 3), depth=2, base_filters=4, segmentation=False,
+                                  batch_norm=False, dropout=0.0)
+    assert list(plain.output_names) == ["p_leukemia"]
+    names = {type(layer).__name__ for layer in plain.layers}
+    assert "BatchNormalization" not in names and "Dropout" not in names
+    wider = anna_model.build_anna((32, 32, 3), depth=3, base_filters=8)
+    assert wider.get_layer("bottleneck_conv1").filters == 64
+    assert wider.count_params() > plain.count_params()
+    with pytest.raises(ValueError, match="divisible"):
+        anna_model.build_anna((36, 36, 3), depth=3)
+
+
+def test_build_legacy_is_the_old_architecture():
+    legacy = anna_model.build_legacy((128, 128, 3))
+    assert list(legacy.output_names) == ["p_leukemia"]
+    assert legacy.get_layer("down0_conv1").filters == 4
+    assert tuple(legacy.get_layer("unet_map").output.shape) == (None, 128, 128, 1)
+    assert legacy.get_layer("flatten").output.shape[-1] == 64 * 64
+    assert [legacy.get_layer(f"dense{u}").units for u in (512, 256, 128)] == [512, 256, 128]
+    assert "Rescaling" not in {type(layer).__name__ for layer in legacy.layers}  # unscaled 0-255
+    # The frozen first layer turns RGB into the BGR order the old code fed.
+    swap = legacy.get_layer("rgb_to_bgr")
+    assert not swap.trainable
+    rgb = np.array([[[[10.0, 20.0, 30.0]]]], "float32")
+    assert np.asarray(swap(rgb))[0, 0, 0].tolist() == [30.0, 20.0, 10.0]
+
+
+def test_saved_model_loads_in_safe_mode_and_predicts_the_same(tiny_anna, tmp_path):
+    path = tmp_path / "model.keras"
+    tiny_anna.save(path)
+    loaded = anna_model.load_model(tmp_path)  # a run folder works as well as the file
+    images = np.random.default_rng(1).integers(0, 256, (5, 32, 32, 3)).astype("uint8")
+    before = anna_model.predict_outputs(tiny_anna, images)
+    after = anna_model.predict_outputs(loaded, images)
+    np.testing.assert_allclose(before["p_leukemia"], after["p_leukemia"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(before["cell_mask"], after["cell_mask"], rtol=1e-5, atol=1e-6)
+
+
+def test_load_model_rejects_files_that_are_not_keras_archives(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not found"):
+        anna_model.load_model(tmp_path / "missing.keras")
+    text = tmp_path / "model.keras"
+    text.write_text("not a model")
+    with pytest.raises(anna_model.ModelFileError, match="model.keras"):
+        anna_model.load_model(text)
+    h5 = tmp_path / "weights.h5"
+    h5.write_bytes(b"\x89HDF\r\n\x1a\n")
+    with pytest.raises(anna_model.ModelFileError, match="weights.h5"):
+        anna_model.load_model(h5)
+    other_zip = tmp_path / "other.keras"
+    with zipfile.ZipFile(other_zip, "w") as archive:
+        archive.writestr("readme.txt", "hello")
+    with pytest.raises(anna_model.ModelFileError, match="not a Keras archive"):
+        anna_model.load_model(other_zip)
+    assert issubclass(anna_model.ModelFileError, ValueError)
+
+
+def test_predict_outputs_reads_uint8_memmaps_in_batches(tiny_anna, tmp_path):
+    rng = np.random.default_rng(2)
+    path = tmp_path / "images.npy"
+    np.save(path, rng.integers(0, 256, (11, 32, 32, 3)).astype("uint8"))
+    images = np.load(path, mmap_mode="r", allow_pickle=False)
+    batched = anna_model.predict_outputs(tiny_anna, images, batch_size=4)
+    assert batched["p_leukemia"].shape == (11,) and batched["p_leukemia"].dtype == np.float32
+    assert batched["cell_mask"].shape == (11, 32, 32)
+    whole = tiny_anna(np.asarray(images, "float32"), training=False)
+    np.testing.assert_allclose(batched["p_leukemia"], np.asarray(whole["p_leukemia"])[:, 0], rtol=1e-4, atol=1e-5)
+    empty = anna_model.predict_outputs(tiny_anna, images[:0])
+    assert empty["p_leukemia"].shape == (0,)
+
+
+def test_predict_outputs_refuses_images_of_another_size(tiny_anna):
+    with pytest.raises(anna_model.ModelFileError, match="--size 32"):
+        anna_model.predict_outputs(tiny_anna, np.zeros((2, 48, 48, 3), "uint8"))
+
+
+def test_mixed_precision_keeps_outputs_float32():
+    with anna_model.dtype_policy("mixed_bfloat16"):
+        model = anna_model.build_anna((32, 32, 3), depth=2, base_filters=4)
+    assert keras.mixed_precision.global_policy().name == "float32"  # restored after the block
+    assert model.get_layer("down0_conv1").compute_dtype == "bfloat16"
+    assert model.get_layer("p_leukemia").compute_dtype == "float32"
+    assert model.get_layer("cell_mask").compute_dtype == "float32"
+    outputs = model(np.zeros((2, 32, 32, 3), "float32"))
+    assert all(np.asarray(v).dtype == np.float32 for v in outputs.values())
+
+
+def test_select_policy_follows_the_hardware(tmp_path):
+    plain_cpu = tmp_path / "cpuinfo_plain"
+    plain_cpu.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_vnni\n")
+    bf16_cpu = tmp_path / "cpuinfo_amx"
+    bf16_cpu.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f amx_bf16 amx_tile\n")
+    import tensorflow as tf
+
+    if tf.config.list_physical_devices("GPU"):
+        assert anna_model.select_policy("auto") == "mixed_float16"
+    else:
+        assert anna_model.select_policy("auto", cpuinfo=plain_cpu) == "float32"
+        assert anna_model.select_policy("auto", cpuinfo=bf16_cpu) == "mixed_bfloat16"
+        # This machine: bf16 only where the CPU has native bf16 units.
+        native = anna_model.cpu_flags() & set(anna_model.BF16_CPU_FLAGS)
+        assert anna_model.select_policy("auto") == ("mixed_bfloat16" if native else "float32")
+    assert anna_model.select_policy("mixed_bfloat16") == "mixed_bfloat16"
+    assert anna_model.select_policy("float32", cpuinfo=bf16_cpu) == "float32"
+    with pytest.raises(ValueError, match="precision policy"):
+        anna_model.select_policy("float64")
+
+
+def test_select_strategy_defaults_to_one_device():
+    import tensorflow as tf
+
+    strategy = anna_model.select_strategy("default")
+    assert strategy.num_replicas_in_sync == 1
+    if len(tf.config.list_logical_devices("GPU")) < 2:
+        assert anna_model.select_strategy("auto").num_replicas_in_sync == 1
+    given = tf.distribute.get_strategy()
+    assert anna_model.select_strategy(given) is given
+    with pytest.raises(ValueError, match="strategy"):
+        anna_model.select_strategy("horovod")
