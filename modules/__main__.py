@@ -1,6 +1,10 @@
 """``python -m modules …`` — see ``modules.cli``."""
+import os
 import sys
 
-from modules.cli import main
+# TensorFlow's C++ start-up chatter says nothing a user can act on.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from modules.cli import main  # noqa: E402
 
 sys.exit(main())

@@ -15,14 +15,24 @@ from collections.abc import Sequence
 
 #: Modules asked for commands, in the order ``--help`` lists them.
 COMMAND_MODULES = ("synth", "data", "preprocess", "train", "evaluate", "notebooks")
+#: Which module defines each command, so that one command imports only its own module
+#: (``scan`` or ``synth`` then start without loading TensorFlow).
+COMMAND_HOMES = {
+    "synth": "synth", "scan": "data", "prepare": "preprocess", "train": "train",
+    "evaluate": "evaluate", "predict": "evaluate", "demo": "notebooks", "run-notebooks": "notebooks",
+}
 
 
 class CommandError(Exception):
     """A user-facing error: printed without a traceback, exit code 2."""
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """Build the top-level parser with every registered sub-command.
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """Build the top-level parser with the registered sub-commands.
+
+    Args:
+        command: When it names a known command, only the module defining it is imported;
+            otherwise (``--help``, a typo) every command is registered.
 
     Returns:
         The parser; each sub-parser carries ``func``.
@@ -33,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     subparsers.required = True
-    for name in COMMAND_MODULES:
+    names = (COMMAND_HOMES[command],) if command in COMMAND_HOMES else COMMAND_MODULES
+    for name in names:
         try:
             module = importlib.import_module(f"modules.{name}")
         except ModuleNotFoundError as error:
@@ -55,7 +66,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     Returns:
         The process exit code.
     """
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(argv[0] if argv else None)
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
