@@ -35,7 +35,9 @@ from modules import config
 if TYPE_CHECKING:  # pandas is imported lazily: worker processes only need numpy and OpenCV
     import pandas as pd
 
-META_VERSION = 1
+#: Part of the cache digest: bump it whenever the pixels preprocess_image produces change,
+#: so that arrays cached by older code are rebuilt rather than trusted.
+META_VERSION = 2
 #: BMP file header from byte 10: pixel offset, info header size, width, height, planes, bit
 #: count, compression.
 _BMP_HEADER = struct.Struct("<IIiiHHI")
