@@ -14,8 +14,8 @@ weights: speed does not depend on them) and times, on the same real C-NMC cells
 - end to end: ``evaluate.predict_images`` on the image files (decode, crop, resize, predict),
   through a saved run folder.
 
-Prints images/second side by side (best of ``--repeats``), with the load average, since other
-processes on a shared machine slow every figure alike.
+Prints images/second side by side (best of ``--repeats`` rounds, the paths timed round-robin so
+that they share the background load), with the load average.
 """
 from __future__ import annotations
 
@@ -36,14 +36,23 @@ from modules import config, evaluate, preprocess  # noqa: E402
 from modules import model as anna_model  # noqa: E402
 
 
-def best_rate(function, count: int, repeats: int) -> float:
-    """Images per second of the fastest of ``repeats`` calls."""
-    times = []
+def best_rates(paths: dict, repeats: int) -> dict:
+    """Images per second of each path, best of ``repeats``, timed round-robin.
+
+    Interleaving the paths lets each see the same background load over time: on a shared
+    machine, timing one path after another would compare loads, not paths.
+
+    Args:
+        paths: {name: (function, images per call)}.
+        repeats: Rounds.
+    """
+    best = {name: 0.0 for name in paths}
     for _ in range(repeats):
-        started = time.perf_counter()
-        function()
-        times.append(time.perf_counter() - started)
-    return count / min(times)
+        for name, (function, count) in paths.items():
+            started = time.perf_counter()
+            function()
+            best[name] = max(best[name], count / (time.perf_counter() - started))
+    return best
 
 
 def main() -> int:
@@ -75,18 +84,17 @@ def main() -> int:
     anna_model.predict_outputs(model, images[:args.batch_size], batch_size=args.batch_size)  # warm up
     anna_model.predict_outputs(model, images[:1], batch_size=1)
     model.predict(images[:1], verbose=0)
-    rates = {
-        f"batched, predict_outputs (batch {args.batch_size})":
-            best_rate(lambda: anna_model.predict_outputs(model, images, batch_size=args.batch_size), count, args.repeats),
-        "one at a time, predict_outputs":
-            best_rate(lambda: [anna_model.predict_outputs(model, single[i:i + 1], batch_size=1)
-                               for i in range(len(single))], len(single), args.repeats),
-        "one at a time, model.predict (older project)":
-            best_rate(lambda: [model.predict(single[i:i + 1], verbose=0) for i in range(len(single))],
-                      len(single), args.repeats),
+    batched = f"batched, predict_outputs (batch {args.batch_size})"
+    paths = {
+        batched: (lambda: anna_model.predict_outputs(model, images, batch_size=args.batch_size), count),
+        "one at a time, predict_outputs": (lambda: [anna_model.predict_outputs(model, single[i:i + 1], batch_size=1)
+                                                    for i in range(len(single))], len(single)),
+        "one at a time, model.predict (older project)": (lambda: [model.predict(single[i:i + 1], verbose=0)
+                                                                  for i in range(len(single))], len(single)),
     }
-    if files:
-        with tempfile.TemporaryDirectory() as folder:
+    load_before = os.getloadavg()[0]
+    with tempfile.TemporaryDirectory() as folder:
+        if files:
             run = Path(folder)
             model.save(run / "model.keras")
             (run / "config.json").write_text(json.dumps({"run_id": "bench", "image_size": size, "threshold": 0.5,
@@ -94,13 +102,15 @@ def main() -> int:
                                                          "background_threshold": config.BACKGROUND_THRESHOLD,
                                                          "canvas": config.DEFAULT_CANVAS}))
             evaluate.predict_images(run, files[:8], progress=False)  # load once, warm the file cache
-            rates["end to end from files, predict_images (decode+crop+predict)"] = best_rate(
-                lambda: evaluate.predict_images(run, files, progress=False), count, args.repeats)
+            paths["end to end from files, predict_images (decode+crop+predict)"] = (
+                lambda: evaluate.predict_images(run, files, progress=False), count)
+        rates = best_rates(paths, args.repeats)
 
     print(f"ANNa build_anna(({size},{size},3)) defaults, {model.count_params():,} parameters, untrained; {source}")
     print(f"TensorFlow {tf.__version__}, Keras {keras.__version__}, {os.cpu_count()} CPU cores, "
-          f"policy {keras.mixed_precision.global_policy().name}, load average {os.getloadavg()[0]:.1f}")
-    base = rates[f"batched, predict_outputs (batch {args.batch_size})"]
+          f"policy {keras.mixed_precision.global_policy().name}, load average {load_before:.1f} before, "
+          f"{os.getloadavg()[0]:.1f} after; best of {args.repeats} round-robin repeats")
+    base = rates[batched]
     print(f"{'path':62s} {'images/s':>9s} {'vs batched':>10s}")
     for name, rate in rates.items():
         print(f"{name:62s} {rate:9.1f} {rate / base:9.2f}x")

@@ -276,7 +276,7 @@ def plot_probability_histogram(table: pd.DataFrame, threshold: float,
     ax.set_ylabel("cells")
     ax.set_xlim(0, 1)
     ax.set_title(title)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper center")
     fig.tight_layout()
     return fig
 
@@ -295,7 +295,7 @@ def plot_calibration(table: pd.DataFrame, title: str = "Calibration (reliability
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1.01)
     ax.set_title(title)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left")
     fig.tight_layout()
     return fig
 
@@ -313,7 +313,7 @@ def plot_training_curves(history: pd.DataFrame, title: str = "Training curves") 
             ax.plot(epochs, history[f"val_{name}"], marker=".", label="validation")
         ax.set_xlabel("epoch")
         ax.set_title(name, fontsize=9)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="upper right")
     fig.suptitle(title)
     fig.tight_layout()
     return fig
