@@ -212,6 +212,11 @@ def _scan_validation(images_dir: Path, csv_path: Path) -> list[dict]:
         if path is None:
             missing.append(new_name)
             continue
+        if path in used:  # two CSV rows (e.g. 1.bmp and 1.png) would label one image twice
+            raise DatasetError(
+                f"{csv_path} has two rows for the image {path.name} in {images_dir} (one is {new_name!r}); "
+                "each image needs exactly one row: remove the extra row"
+            )
         used.add(path)
         parts = parse_cell_name(row["Patient_ID"])
         rows.append({"path": str(path), "name": path.name, "original_name": row["Patient_ID"],

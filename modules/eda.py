@@ -246,13 +246,17 @@ def measure_images(manifest: pd.DataFrame, limit: int | None = None, seed: int =
     """
     rows = _sample(manifest, limit or 0, seed)
     paths = rows["path"].tolist()
-    with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
+    from modules.preprocess import _default_workers
+
+    with ThreadPoolExecutor(max_workers=workers or _default_workers()) as pool:
         measured = list(tqdm(pool.map(_measure_one, paths), total=len(paths), desc="measuring images",
                              disable=not progress))
-    stats = pd.DataFrame(measured, index=rows.index)
-    table = rows[["path", "name", "patient_id", "label", "split", "fold"]].join(stats)
-    table.insert(4, "class", class_names(rows["label"]))
-    return table[list(STAT_COLUMNS)].reset_index(drop=True)
+    # Joined by position: the manifest's index may hold duplicate labels (a concat of scans).
+    stats = pd.DataFrame(measured)
+    table = pd.concat([rows[["path", "name", "patient_id", "label", "split", "fold"]].reset_index(drop=True),
+                       stats], axis=1)
+    table.insert(4, "class", class_names(table["label"]))
+    return table[list(STAT_COLUMNS)]
 
 
 def plot_image_sizes(stats: pd.DataFrame, output_dir: str | Path | None = None

@@ -331,6 +331,11 @@ def check_training_preprocessing(run_config: dict, settings: dict, sample: int =
         arrays = preprocess.load_arrays(arrays_dir)
     except (ValueError, OSError) as error:
         return {**result, "note": f"the run's training arrays could not be read ({error}); not checked"}
+    recorded_digest = (run_config.get("data") or {}).get("manifest_digest")
+    if recorded_digest and arrays.meta.get("digest") != recorded_digest:
+        # The cache folder is shared by dataset and size: it was rebuilt since training (new
+        # code, margin or files), so comparing with it would check today's code against itself.
+        return {**result, "note": "the arrays at that path were rebuilt since the run trained; not checkable"}
     if int(arrays.meta.get("size", -1)) != settings["image_size"] or len(arrays.manifest) == 0:
         return {**result, "note": "the arrays at that path now hold another size; not checked"}
     rows = np.unique(np.linspace(0, len(arrays.manifest) - 1, min(sample, len(arrays.manifest))).astype(int))
@@ -352,6 +357,10 @@ def check_training_preprocessing(run_config: dict, settings: dict, sample: int =
 def resolve_threshold(threshold: str | float, run_config: dict, model_path: Path) -> tuple[float, str]:
     """(threshold, source): ``auto`` = the run's stored validation threshold; a number overrides it."""
     if isinstance(threshold, str) and threshold.strip().lower() == "auto":
+        if run_config.get("threshold") is None and run_config.get("status") == "running":
+            raise EvaluationError(f"{model_path}: the run has not finished, so it has no validation threshold "
+                                  "yet; finish it with `python -m modules train --resume RUN_DIR`, or pass "
+                                  "--threshold 0.5 (or another value chosen on validation data)")
         if run_config.get("threshold") is None:
             raise EvaluationError(f"{model_path}: no config.json with a 'threshold' beside the model, so "
                                   "--threshold auto has nothing to use; pass --threshold 0.5 (or another "
@@ -395,7 +404,7 @@ def iter_prepared(paths: Sequence[str], settings: dict, skip_bad: bool = False, 
     """
     from modules import preprocess
 
-    workers = workers or min(8, os.cpu_count() or 1)
+    workers = workers or min(8, preprocess._default_workers())
 
     def prepare(path):
         try:

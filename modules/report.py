@@ -277,7 +277,12 @@ def report_blocks(metrics: dict, run_config: dict, captions: dict[str, str],
     ]
     blocks.append(("h2", "Threshold"))
     if str(metrics["threshold_source"]).startswith("auto"):
-        origin = "It is the run's stored threshold, fixed at training time and never tuned on the cells evaluated here."
+        overlap = int(metrics.get("cells_from_run_validation_patients") or 0)
+        origin = ("It is the run's stored threshold, fixed at training time and never tuned on the cells evaluated here."
+                  if not overlap else
+                  f"It is the run's stored threshold, fixed at training time, but **{overlap} of the cells evaluated "
+                  "here come from the run's validation patients, which chose this threshold and the best epoch**: "
+                  "on those cells the numbers are optimistic.")
     else:
         origin = ("It overrides the run's stored threshold; how it was chosen is up to the user (a threshold "
                   "tuned on these same cells would make the numbers optimistic).")

@@ -342,7 +342,8 @@ def youden_threshold(labels: np.ndarray, p_leukemia: np.ndarray) -> float:
     from sklearn.metrics import roc_curve
 
     fpr, tpr, thresholds = roc_curve(labels, p_leukemia)
-    best = int(np.argmax(tpr - fpr))
+    # thresholds[0] is +inf ("call nothing"); a degenerate model must not store 1.0 from it.
+    best = 1 + int(np.argmax((tpr - fpr)[1:])) if len(thresholds) > 1 else 0
     return float(np.clip(thresholds[best], 0.0, 1.0))
 
 
@@ -595,6 +596,11 @@ def train_model(
             raise anna_model.ModelFileError(
                 f"{run_dir / LAST_CHECKPOINT} takes {saved_size}x{saved_size} images but the arrays are "
                 f"{settings['image_size']}x{settings['image_size']}; resume with --size {saved_size}")
+    recorded_digest = (previous or {}).get("data", {}).get("manifest_digest")
+    if previous is not None and recorded_digest and arrays.meta.get("digest") != recorded_digest:
+        raise TrainingDataError(
+            f"{arrays_dir} was rebuilt since {resume} started (other files, margin or preprocessing code), so "
+            "resuming would train the later epochs on different inputs; start a new run instead")
     if previous is not None and split.val_patients != previous["val_patients"]:
         raise SplitError(f"the data at {source} gives validation patients {split.val_patients}, but {resume} "
                          f"validated on {previous['val_patients']}; resume with the run's own data")

@@ -328,6 +328,16 @@ def test_validation_duplicate_new_names(tmp_path):
         scan_dataset(root)
 
 
+def test_validation_two_rows_for_one_image_by_extension(tmp_path):
+    # "1.bmp" matches exactly and "1.png" by its stem: one image must not get two labels.
+    root = _validation_tree(tmp_path)
+    labels = pd.read_csv(_csv(root))
+    extra = pd.DataFrame([{"Patient_ID": "UID_H5_77_1_hem.bmp", "new_names": "1.png", "labels": 0}])
+    pd.concat([labels, extra]).to_csv(_csv(root), index=False)
+    with pytest.raises(DatasetError, match=r"two rows for the image 1.bmp"):
+        scan_dataset(root)
+
+
 def test_validation_images_folder_scanned_directly(tmp_path):
     root = _validation_tree(tmp_path)
     table = scan_dataset(root / config.VALIDATION_DIR / config.VALIDATION_IMAGES_DIR)

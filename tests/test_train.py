@@ -187,7 +187,8 @@ def test_interrupted_cli_run_resumes_at_the_next_epoch(synthetic_root, session_o
     command = [sys.executable, "-m", "modules", "train", "--data", str(synthetic_root), "--size", "32",
                "--epochs", "40", "--batch-size", "16", "--base-filters", "4", "--depth", "2", "--seed", "3",
                "--out", str(out)]
-    process = subprocess.Popen(command, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    log = (tmp_path / "train.log").open("w")  # a file, not a pipe nobody reads (a full pipe would block it)
+    process = subprocess.Popen(command, cwd=ROOT, env=ENV, stdout=log, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 240
         state_files: list[Path] = []
@@ -199,6 +200,7 @@ def test_interrupted_cli_run_resumes_at_the_next_epoch(synthetic_root, session_o
     finally:
         process.kill()
         process.wait()
+        log.close()
     assert state_files, "the run never finished an epoch"
     run = state_files[0].parent
     assert train.load_run(run)["status"] == "running"
@@ -239,3 +241,8 @@ def test_one_epoch_under_mirrored_strategy_on_two_logical_cpus(synthetic_root, s
     assert result.returncode == 0, result.stderr[-3000:]
     line = result.stdout.strip().splitlines()[-1]
     assert line == "STRATEGY MirroredStrategy(2 replicas) EPOCHS 1 STATUS complete"
+
+
+def test_youden_threshold_never_comes_from_the_infinite_first_point():
+    # roc_curve's first threshold is +inf; a constant (untrained) model must not store 1.0.
+    assert train.youden_threshold(np.array([0, 1, 0, 1]), np.full(4, 0.7, dtype="float32")) == pytest.approx(0.7)
