@@ -171,8 +171,11 @@ def test_series_runs_end_to_end(notebook_series):
         assert (viz_dir / f"{evaluations[0].name}__{chart}.png").is_file(), chart
     metrics = json.loads((evaluations[0] / "metrics.json").read_text())
     assert metrics["split"] == "validation" and metrics["synthetic_data"] is True
-    testing = list((output_dir / config.PREDICTIONS_SUBDIR).glob("*__testing_data.csv"))
-    assert len(testing) == 1 and len(testing[0].read_text().splitlines()) == 1 + 10  # tiny set: 10 testing cells
+    predictions = sorted((output_dir / config.PREDICTIONS_SUBDIR).glob(f"{runs[0].name}__*.csv"))
+    testing = [p for p in predictions if not p.stem.endswith("_submission")]
+    assert [p.name for p in testing] == [f"{runs[0].name}__synthetic_c-nmc_leukemia_test.csv"], predictions
+    assert len(testing[0].read_text().splitlines()) == 1 + 10  # tiny set: 10 testing cells
+    assert testing[0].with_name(testing[0].stem + "_submission.csv").is_file()
     # The notebooks ran with the parameters given, not their defaults.
     run_config = json.loads((runs[0] / "config.json").read_text())
     assert run_config["image_size"] == 32 and run_config["training"]["epochs"] == 1
