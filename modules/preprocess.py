@@ -207,9 +207,12 @@ def _cell_mask(image: np.ndarray, threshold: int, out: np.ndarray | None = None)
     return mask
 
 
-def _crop_resize_into(rgb: np.ndarray, out: np.ndarray, margin: int, threshold: int, canvas: int) -> None:
-    """The work of ``preprocess_image``, written into ``out`` (a zeroed (S, S, 3) array)."""
-    # Bounding box from row and column maxima: two cheap passes, no full-size mask.
+def _bounding_box(rgb: np.ndarray, threshold: int) -> tuple[int, int, int, int]:
+    """``(y, x, height, width)`` of the pixels with a channel above ``threshold``.
+
+    Row maxima, then column maxima over the cell's rows only: two cheap passes, no
+    full-size mask. (A single pass over bands of rows measured slower here.)
+    """
     flat = rgb.reshape(rgb.shape[0], -1)
     rows = np.flatnonzero(flat.max(axis=1) > threshold)
     if rows.size == 0:
@@ -217,7 +220,12 @@ def _crop_resize_into(rgb: np.ndarray, out: np.ndarray, margin: int, threshold: 
     # Column maxima over the cell's rows, per byte: byte index // 3 is the pixel column.
     channels = np.flatnonzero(flat[rows[0]:rows[-1] + 1].max(axis=0) > threshold)
     y, x = int(rows[0]), int(channels[0]) // 3
-    height, width = int(rows[-1]) - y + 1, int(channels[-1]) // 3 - x + 1
+    return y, x, int(rows[-1]) - y + 1, int(channels[-1]) // 3 - x + 1
+
+
+def _crop_resize_into(rgb: np.ndarray, out: np.ndarray, margin: int, threshold: int, canvas: int) -> None:
+    """The work of ``preprocess_image``, written into ``out`` (a zeroed (S, S, 3) array)."""
+    y, x, height, width = _bounding_box(rgb, threshold)
     side = max(max(width, height) + 2 * margin, int(canvas))
     top, left = y + height // 2 - side // 2, x + width // 2 - side // 2  # the square, in input pixels
     # Only the cell's box (+ margin) is resized and pasted into the black square: the rest of

@@ -181,9 +181,11 @@ def test_prepare_real_bmp_cells(shared_cnmc_bmp, tmp_path):
 
 
 @pytest.mark.shared_data
-@pytest.mark.parametrize("executor", ["thread", "process"])
+# 24 and 128 px shrink by a k x k block average first (bottom-up BMP rows averaged in stored
+# order, then flipped); 256 px is a bilinear step only.
+@pytest.mark.parametrize("executor,size", [("thread", 24), ("process", 24), ("thread", 128), ("thread", 256)])
 def test_png_and_bmp_give_the_same_arrays_and_pool_equals_serial(shared_cnmc, shared_cnmc_bmp, tmp_path,
-                                                                 monkeypatch, executor):
+                                                                 monkeypatch, executor, size):
     from modules import preprocess
 
     monkeypatch.setattr(preprocess, "EXECUTOR", executor)
@@ -191,8 +193,8 @@ def test_png_and_bmp_give_the_same_arrays_and_pool_equals_serial(shared_cnmc, sh
     png = scan_dataset(shared_cnmc)
     png = png[png["name"].str.replace(".png", ".bmp").isin(set(bmp["name"]))]
     assert len(png) == 40
-    from_bmp = load_arrays(prepare_arrays(bmp, size=24, output_dir=tmp_path / "a", workers=2, progress=False))
-    from_png = load_arrays(prepare_arrays(png, size=24, output_dir=tmp_path / "b", workers=1, progress=False))
+    from_bmp = load_arrays(prepare_arrays(bmp, size=size, output_dir=tmp_path / "a", workers=2, progress=False))
+    from_png = load_arrays(prepare_arrays(png, size=size, output_dir=tmp_path / "b", workers=1, progress=False))
     np.testing.assert_array_equal(from_bmp.images, from_png.images)
     np.testing.assert_array_equal(from_bmp.masks, from_png.masks)
     np.testing.assert_array_equal(from_bmp.labels, from_png.labels)
@@ -287,3 +289,27 @@ def test_bmp_fast_path_matches_opencv(tmp_path, width):
     for path in (bottom_up, top_down):
         np.testing.assert_array_equal(load_rgb(path), bgr[..., ::-1])
         np.testing.assert_array_equal(cv2.imread(str(path)), bgr)
+
+
+def test_bounding_box_matches_a_full_mask():
+    from modules.preprocess import _bounding_box
+
+    rng = np.random.default_rng(3)
+    checked = 0
+    for _ in range(400):
+        height, width = (int(v) for v in rng.integers(1, 70, 2))
+        image = rng.integers(0, 5, (height, width, 3), dtype=np.uint8)  # background noise <= threshold 4
+        for _ in range(int(rng.integers(0, 4))):
+            image[rng.integers(0, height), rng.integers(0, width), rng.integers(0, 3)] = rng.integers(5, 256)
+        if rng.random() < 0.5:
+            image = image[::-1]  # a bottom-up BMP view has negative row strides
+        cell = (image > 4).any(axis=2)
+        if not cell.any():
+            with pytest.raises(ImageError, match="black"):
+                _bounding_box(image, 4)
+            continue
+        rows, cols = np.flatnonzero(cell.any(axis=1)), np.flatnonzero(cell.any(axis=0))
+        expected = (rows[0], cols[0], rows[-1] - rows[0] + 1, cols[-1] - cols[0] + 1)
+        assert _bounding_box(image, 4) == expected
+        checked += 1
+    assert checked > 200
