@@ -33,6 +33,7 @@ from sklearn.metrics import balanced_accuracy_score, f1_score, roc_auc_score  # 
 
 from modules import config, preprocess  # noqa: E402
 from modules import model as anna_model  # noqa: E402
+from modules.files import write_csv_atomic, write_json_atomic, write_text_atomic  # noqa: E402
 from modules.train import load_run, train_model  # noqa: E402
 
 #: Held-out patients per fold: 6-7 ALL (~800 cells) and 3 HEM patients each.
@@ -61,31 +62,40 @@ def summarize(results: pd.DataFrame) -> pd.DataFrame:
     return pd.concat({"mean": grouped.mean(), "sd": grouped.std(ddof=1)}, axis=1)
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(text)
-    os.replace(partial, path)
-
-
 def _save(out: Path, rows: list[dict], settings: dict, stem: str) -> None:
     """Write one invocation's rows (``<stem>.csv``), then the combined ``results.csv/json``."""
-    _write_atomic(out / f"{stem}.csv", pd.DataFrame(rows).to_csv(index=False))
-    _write_atomic(out / f"{stem}.settings.json", json.dumps(settings, indent=2, default=str) + "\n")
+    write_csv_atomic(pd.DataFrame(rows), out / f"{stem}.csv")
+    write_json_atomic(out / f"{stem}.settings.json", settings)
     combine(out)
 
 
 def combine(out: Path) -> pd.DataFrame:
-    """Merge every ``results_*.csv`` in ``out`` (ANNa and legacy may run as separate processes)."""
-    parts = [pd.read_csv(path) for path in sorted(out.glob("results_*.csv"))]
-    results = pd.concat(parts, ignore_index=True).sort_values(["architecture", "fold"]) if parts else pd.DataFrame()
-    _write_atomic(out / "results.csv", results.to_csv(index=False))
+    """Merge every ``results_*.csv`` in ``out`` (ANNa and legacy may run as separate processes).
+
+    A (fold, architecture) measured by several invocations is counted once: the newest file's
+    row is kept and the superseded files are named.
+    """
+    parts = []
+    for path in sorted(out.glob("results_*.csv"), key=lambda p: p.stat().st_mtime_ns):
+        part = pd.read_csv(path)
+        part["source"] = path.name
+        parts.append(part)
+    results = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
+    if len(results):
+        duplicated = results.duplicated(["fold", "architecture"], keep="last")
+        if duplicated.any():
+            superseded = sorted(set(results.loc[duplicated, "source"]))
+            print(f"note: {int(duplicated.sum())} fold result(s) measured again later; the older rows from "
+                  f"{', '.join(superseded)} are left out of results.csv", flush=True)
+        results = results[~duplicated].sort_values(["architecture", "fold"]).reset_index(drop=True)
+    write_csv_atomic(results, out / "results.csv")
     summary = summarize(results) if len(results) else pd.DataFrame()
     settings = {path.name: json.loads(path.read_text()) for path in sorted(out.glob("results_*.settings.json"))}
     payload = {"settings": settings, "folds": FOLDS, "per_fold": results.to_dict(orient="records"),
                "summary": {arch: {f"{stat}_{metric}": float(summary.loc[arch, (stat, metric)])
                                   for stat, metric in summary.columns}
                            for arch in summary.index}}
-    _write_atomic(out / "results.json", json.dumps(payload, indent=2, default=float) + "\n")
+    write_text_atomic(out / "results.json", json.dumps(payload, indent=2, default=float) + "\n")
     return results
 
 
@@ -111,9 +121,10 @@ def run_fold(fold: int, architecture: str, args: argparse.Namespace, out: Path) 
     labels = np.asarray(arrays.labels[rows]).astype(int)
     p_leukemia = anna_model.predict_outputs(anna_model.load_model(run_dir), arrays.images[rows])["p_leukemia"]
     manifest = arrays.manifest.iloc[rows]
-    pd.DataFrame({"path": manifest["path"].astype(str).to_numpy(), "name": manifest["name"].astype(str).to_numpy(),
-                  "patient_id": patient_ids[rows], "label": labels, "p_leukemia": p_leukemia}).to_csv(
-        out / f"heldout_{fold}_{architecture}.csv", index=False)
+    write_csv_atomic(pd.DataFrame({"path": manifest["path"].astype(str).to_numpy(),
+                                   "name": manifest["name"].astype(str).to_numpy(),
+                                   "patient_id": patient_ids[rows], "label": labels, "p_leukemia": p_leukemia}),
+                     out / f"heldout_{fold}_{architecture}.csv")
     result = {"fold": fold, "architecture": architecture, "image_size": size, "run_dir": str(run_dir),
               "heldout_patients": ",".join(FOLDS[fold]), "val_patients": ",".join(run["val_patients"]),
               "heldout_cells": int(len(rows)), "threshold": run["threshold"],
@@ -157,10 +168,15 @@ def main(argv: list[str] | None = None) -> int:
     settings = {k: v for k, v in vars(args).items()}
     settings["command"] = " ".join(sys.argv)
     print(f"settings: {settings}", flush=True)
+    # One file per invocation; a subset of folds gets its own name so that it never replaces
+    # the rows of another invocation (combine() keeps the newest row per fold and architecture).
+    folds = [int(f) for f in args.folds.split(",")]
     stem = "results_" + "_".join(args.architectures.split(","))
+    if sorted(folds) != sorted(FOLDS):
+        stem += "_folds" + "".join(str(f) for f in folds)
     rows: list[dict] = []
     if not args.report_only:
-        for fold in [int(f) for f in args.folds.split(",")]:
+        for fold in folds:
             for architecture in args.architectures.split(","):
                 rows.append(run_fold(fold, architecture, args, out))
                 _save(out, rows, settings, stem)

@@ -479,11 +479,9 @@ def read_manifest(path: str | os.PathLike) -> pd.DataFrame:
 
 def write_manifest(table: pd.DataFrame, path: Path) -> Path:
     """Write a manifest CSV atomically (temporary name, then rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    table.to_csv(partial, index=False)
-    os.replace(partial, path)
-    return path
+    from modules.files import write_csv_atomic
+
+    return write_csv_atomic(table, path)
 
 
 def _run_scan(args: argparse.Namespace) -> int:

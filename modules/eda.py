@@ -9,7 +9,6 @@ under ``<output_dir>/charts/<run>/`` and published into ``<output_dir>/viz/`` as
 from __future__ import annotations
 
 import hashlib
-import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path

@@ -22,6 +22,7 @@ import pandas as pd
 from sklearn import metrics as skm
 
 from modules import config
+from modules.files import write_csv_atomic
 
 #: Metrics with bootstrap intervals.
 CI_METRICS = ("roc_auc", "balanced_accuracy", "sensitivity", "specificity")
@@ -665,20 +666,36 @@ def _is_testing_folder(path: Path) -> bool:
 def list_images(paths_or_dirs: Iterable[str | Path]) -> pd.DataFrame:
     """Image files given directly or found recursively in folders, in sorted order.
 
+    Other files in the folders (a labels CSV, a ``.gif``) are named in a warning, not dropped
+    silently; hidden files and ``Thumbs.db``/``desktop.ini`` are skipped without a word.
+
     Returns:
         Columns ``path`` and ``testing`` (True for cells of a C-NMC testing folder).
 
     Raises:
         FileNotFoundError: A path does not exist, or nothing to predict.
     """
+    import warnings
+
+    from modules.data import _JUNK
+
     items = [paths_or_dirs] if isinstance(paths_or_dirs, (str, Path)) else list(paths_or_dirs)
     rows = []
     for item in items:
         path = Path(item).expanduser()
         if path.is_dir():
             testing = _is_testing_folder(path)
-            files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in config.IMAGE_EXTENSIONS
-                           and not p.name.startswith("."))
+            found = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")
+                           and p.name.lower() not in _JUNK)
+            files = [p for p in found if p.suffix.lower() in config.IMAGE_EXTENSIONS]
+            others = [str(p.relative_to(path)) for p in found if p.suffix.lower() not in config.IMAGE_EXTENSIONS]
+            if others:
+                warnings.warn(
+                    f"{path}: ignoring {len(others)} file{'' if len(others) == 1 else 's'} that "
+                    f"{'is' if len(others) == 1 else 'are'} not an image ({', '.join(others[:5])}"
+                    f"{', …' if len(others) > 5 else ''}); images must end in {', '.join(config.IMAGE_EXTENSIONS)}",
+                    stacklevel=2,
+                )
             rows += [{"path": str(p.resolve()), "testing": testing or _is_testing_folder(p.parent)} for p in files]
         elif path.is_file():
             if path.suffix.lower() not in config.IMAGE_EXTENSIONS:
@@ -773,15 +790,6 @@ def submission_table(predictions: pd.DataFrame) -> pd.DataFrame:
     table = pd.DataFrame({"new_names": rows["name"].astype(str), "labels": rows["prediction"].astype("int64")})
     order = table["new_names"].map(lambda n: (int(Path(n).stem) if Path(n).stem.isdigit() else 10**9, n))
     return table.iloc[np.argsort(order.to_numpy(), kind="stable")].reset_index(drop=True)
-
-
-def write_csv_atomic(table: pd.DataFrame, path: Path) -> Path:
-    """Write a table under ``*.partial`` then rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".partial")
-    table.to_csv(tmp, index=False)
-    os.replace(tmp, path)
-    return path
 
 
 # ----------------------------------------------------------------------------- command line

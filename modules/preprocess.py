@@ -31,6 +31,7 @@ import cv2
 import numpy as np
 
 from modules import config
+from modules.files import write_json_atomic
 
 if TYPE_CHECKING:  # pandas is imported lazily: worker processes only need numpy and OpenCV
     import pandas as pd
@@ -502,12 +503,6 @@ def _compact(folder: Path, keep: np.ndarray) -> None:
         os.replace(folder / f"{name}.kept.npy", folder / f"{name}.npy")
 
 
-def _write_json(path: Path, payload: dict) -> None:
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(payload, indent=2))
-    os.replace(partial, path)
-
-
 def _publish(staging: Path, target: Path) -> None:
     """Move a finished folder into place, replacing an older cache."""
     if target.exists():
@@ -612,7 +607,7 @@ def prepare_arrays(data, size: int = config.DEFAULT_IMAGE_SIZE, output_dir: str 
             "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             "meta_version": META_VERSION,
         }
-        _write_json(staging / "meta.json", meta)
+        write_json_atomic(staging / "meta.json", meta)
         try:
             _publish(staging, target)
         except OSError:

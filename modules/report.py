@@ -8,7 +8,6 @@ relatively so the HTML loads them from its own folder.
 from __future__ import annotations
 
 import html
-import os
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -17,6 +16,7 @@ import pandas as pd
 from sklearn import metrics as skm
 
 from modules import config, evaluate
+from modules.files import write_text_atomic
 
 class Chart(NamedTuple):
     """One chart: the figure, the numbers it draws, and a caption."""
@@ -399,9 +399,5 @@ def write_report(folder: str | Path, metrics: dict, run_config: dict | None = No
     blocks = report_blocks(metrics, run_config or {}, viz.chart_captions(folder), per_patient)
     outputs = []
     for name, text in (("report.md", render_markdown(blocks)), ("report.html", render_html(blocks))):
-        target = folder / name
-        tmp = target.with_name(name + ".partial")
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, target)
-        outputs.append(target)
+        outputs.append(write_text_atomic(folder / name, text))
     return outputs[0], outputs[1]

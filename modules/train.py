@@ -26,6 +26,7 @@ import numpy as np
 import pandas as pd
 
 from modules import config
+from modules.files import atomic_path, write_csv_atomic, write_json_atomic
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -59,18 +60,12 @@ class SplitError(TrainingDataError):
 
 
 # --------------------------------------------------------------------------- small files
-def _write_text_atomic(path: Path, text: str) -> None:
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(text)
-    os.replace(partial, path)
-
-
 def _write_json(path: Path, payload: dict) -> None:
-    _write_text_atomic(path, json.dumps(payload, indent=2, default=str) + "\n")
+    write_json_atomic(path, payload)
 
 
 def _write_csv(path: Path, table: pd.DataFrame) -> None:
-    _write_text_atomic(path, table.to_csv(index=False))
+    write_csv_atomic(table, path)
 
 
 def load_run(run_dir: str | Path) -> dict:
@@ -368,9 +363,8 @@ class RunCheckpoint(keras.callbacks.Callback):
         return value > self.best if self.mode == "max" else value < self.best
 
     def _save(self, name: str) -> None:
-        partial = self.run_dir / f"{Path(name).stem}.partial.keras"
-        self.model.save(partial)
-        os.replace(partial, self.run_dir / name)
+        with atomic_path(self.run_dir / name) as partial:
+            self.model.save(partial)
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         value = (logs or {}).get(self.monitor)

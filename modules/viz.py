@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import html
 import json
-import os
 import shutil
 from collections.abc import Iterable, Sequence
 from datetime import datetime, timezone
@@ -23,6 +22,7 @@ import numpy as np
 import pandas as pd
 
 from modules import config
+from modules.files import atomic_path
 
 #: Caption registry written beside the charts of one folder.
 CHARTS_JSON = "charts.json"
@@ -34,14 +34,8 @@ DPI = 110
 
 def _write_atomic(path: Path, write) -> None:
     """Call ``write(tmp_path)`` then move the result onto ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".partial")
-    try:
+    with atomic_path(path) as tmp:
         write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def _write_json_atomic(path: Path, obj) -> None:
@@ -152,7 +146,7 @@ def write_viz_index(viz_dir: str | Path | None = None) -> Path:
     entries = [e for e in entries if (viz_dir / e["file"]).exists()]
     known = {e["file"] for e in entries}
     for png in sorted(viz_dir.glob("*.png")):
-        if png.name not in known:
+        if png.name not in known and not png.name.startswith("."):  # hidden: another run's file being written
             mtime = datetime.fromtimestamp(png.stat().st_mtime, timezone.utc).isoformat(timespec="seconds")
             csv = png.with_suffix(".csv").name if png.with_suffix(".csv").exists() else None
             entries.append({"file": png.name, "csv": csv, "caption": "", "run": "",

@@ -156,7 +156,7 @@ def test_manifest_round_trip_keeps_dtypes(synthetic_root, tmp_path):
     back = read_manifest(path)
     pd.testing.assert_frame_equal(back, table, check_dtype=False)
     assert str(back["label"].dtype) == "Int8" and back["patient_id"].map(type).eq(str).all()
-    assert not list(tmp_path.rglob("*.partial"))
+    assert not list(tmp_path.rglob("*.partial*"))
 
 
 def test_lowercase_patient_and_parts(tmp_path):

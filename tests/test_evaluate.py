@@ -34,7 +34,7 @@ def test_evaluation_writes_every_file(evaluation, tiny_run_dir):
     assert evaluation.name == f"{run_id}__synthetic_c-nmc_leukemia_validation"
     missing = [name for name in EXPECTED_FILES if not (evaluation / name).is_file()]
     assert not missing
-    assert not list(evaluation.parent.glob("*.partial"))  # the staging folder is gone
+    assert not list(evaluation.parent.glob("*.partial*"))  # the staging folder is gone
     predictions = pd.read_csv(evaluation / "predictions.csv")
     assert list(predictions.columns) == list(evaluate.PREDICTION_COLUMNS)
     per_patient = pd.read_csv(evaluation / "per_patient.csv")
@@ -279,6 +279,6 @@ def test_save_chart_and_gallery_newest_run_first(tmp_path):
     assert page.index("<h2>newer</h2>") < page.index("<h2>older</h2>")
     assert page.count("newer__counts.png'") == 2  # link + img of one entry
     assert "caption of areas" in page and (gallery / "older__areas.csv").is_file()
-    assert not list(gallery.glob("*.partial")) and not list(charts.glob("*.partial"))
+    assert not list(gallery.glob("*.partial*")) and not list(charts.glob("*.partial*"))
     with pytest.raises(FileNotFoundError, match="save_chart"):
         viz.publish_to_viz(tmp_path / "missing.png", gallery)

@@ -60,7 +60,9 @@ def test_new_cells_in_nested_folders_and_single_files(tiny_run_dir, synthetic_ro
     shutil.copy(cells[0], new / "a.bmp")
     shutil.copy(cells[1], new / "nested" / "b.BMP")
     (new / "notes.txt").write_text("not an image")
-    table = evaluate.predict_images(tiny_run_dir, [new, cells[2]], progress=False)
+    (new / "Thumbs.db").write_bytes(b"viewer cache")  # skipped without a word
+    with pytest.warns(UserWarning, match=r"ignoring 1 file that is not an image \(notes\.txt\)"):
+        table = evaluate.predict_images(tiny_run_dir, [new, cells[2]], progress=False)
     assert sorted(table["name"]) == sorted(["a.bmp", "b.BMP", cells[2].name])
     assert set(table["label_name"]) <= {"all", "hem"}
     assert cli.main(["predict", "--model", str(tiny_run_dir), str(cells[3])]) == 0

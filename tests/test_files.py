@@ -1,0 +1,36 @@
+"""modules.files: atomic writes under unique temporary names."""
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+
+from modules.files import atomic_path, write_csv_atomic, write_json_atomic, write_text_atomic
+
+
+def test_atomic_path_replaces_only_on_success(tmp_path):
+    target = tmp_path / "sub" / "chart.png"
+    write_text_atomic(target, "old")
+    with pytest.raises(RuntimeError):
+        with atomic_path(target) as tmp:
+            assert tmp.parent == target.parent and tmp.suffix == ".png" and tmp.name.startswith(".chart.")
+            tmp.write_text("half written")
+            raise RuntimeError("interrupted")
+    assert target.read_text() == "old"  # the reader never sees the half-written file
+    assert sorted(p.name for p in target.parent.iterdir()) == ["chart.png"]  # nothing left behind
+
+
+def test_two_writers_of_one_name_get_different_temporary_files(tmp_path):
+    target = tmp_path / "results.csv"
+    with atomic_path(target) as first, atomic_path(target) as second:
+        assert first != second
+        first.write_text("a\n1\n")
+        second.write_text("a\n2\n")
+    assert target.read_text() == "a\n1\n"  # the outer writer finished last
+
+
+def test_csv_and_json_round_trip(tmp_path):
+    table = pd.DataFrame({"patient_id": ["H1", "11"], "p_leukemia": [0.25, 0.75]})
+    csv = write_csv_atomic(table, tmp_path / "t.csv")
+    pd.testing.assert_frame_equal(pd.read_csv(csv, dtype={"patient_id": str}), table)
+    path = write_json_atomic(tmp_path / "m.json", {"auc": 0.5, "where": tmp_path})
+    assert '"auc": 0.5' in path.read_text() and path.read_text().endswith("\n")
