@@ -38,6 +38,8 @@ from modules import model as anna_model  # noqa: E402
 CONFIG_FILENAME = "config.json"
 HISTORY_FILENAME = "history.csv"
 VAL_PREDICTIONS_FILENAME = "val_predictions.csv"
+#: Older runs' name for the last-epoch checkpoint; runs now write ``last-epoch-<N>.keras``
+#: (``last_checkpoint_name``) and name it in ``state.json``.
 LAST_CHECKPOINT = "last.keras"
 STATE_FILENAME = "state.json"
 ARCHITECTURES = ("anna", "legacy")
@@ -343,11 +345,30 @@ def youden_threshold(labels: np.ndarray, p_leukemia: np.ndarray) -> float:
 
 
 # --------------------------------------------------------------------------- callbacks
+def last_checkpoint_name(epoch: int) -> str:
+    """File name of the checkpoint written after ``epoch`` (0-based): ``last-epoch-0007.keras``."""
+    return f"last-epoch-{epoch:04d}.keras"
+
+
+def last_checkpoint_path(run_dir: Path, state: dict) -> Path:
+    """The last-epoch checkpoint that ``state`` (from ``state.json``) was written with."""
+    return Path(run_dir) / state.get("last_checkpoint", LAST_CHECKPOINT)
+
+
+def _remove_last_checkpoints(run_dir: Path, keep: str | None = None) -> None:
+    for path in [*Path(run_dir).glob("last-epoch-*.keras"), Path(run_dir) / LAST_CHECKPOINT]:
+        if path.name != keep:
+            path.unlink(missing_ok=True)
+
+
 class RunCheckpoint(keras.callbacks.Callback):
-    """Save the best model (``model.keras``), the last epoch (``last.keras``) and ``state.json``.
+    """Save the best model (``model.keras``), the last epoch (``last-epoch-<N>.keras``) and ``state.json``.
 
     Each file is written under a temporary name and renamed, so an interrupted run never
-    leaves a half-written model that ``--resume`` or evaluation would trust.
+    leaves a half-written model that ``--resume`` or evaluation would trust. The last-epoch
+    checkpoint gets a new name every epoch and ``state.json``, written after it, names it:
+    an interruption between the two leaves the previous pair intact, so ``--resume`` never
+    pairs a checkpoint with another epoch's counters. Older checkpoints are removed after.
     """
 
     def __init__(self, run_dir: Path, monitor: str, mode: str, best: float | None = None):
@@ -376,10 +397,12 @@ class RunCheckpoint(keras.callbacks.Callback):
             self._save(anna_model.MODEL_FILENAME)
         else:
             self.wait += 1
-        self._save(LAST_CHECKPOINT)
-        state = {"last_epoch": epoch, "best": self.best, "best_epoch": self.best_epoch, "wait": self.wait,
-                 "monitor": self.monitor, "mode": self.mode}
+        last = last_checkpoint_name(epoch)
+        self._save(last)
+        state = {"last_epoch": epoch, "last_checkpoint": last, "best": self.best, "best_epoch": self.best_epoch,
+                 "wait": self.wait, "monitor": self.monitor, "mode": self.mode}
         _write_json(self.run_dir / STATE_FILENAME, state)
+        _remove_last_checkpoints(self.run_dir, keep=last)
 
 
 class ResumableEarlyStopping(keras.callbacks.EarlyStopping):
@@ -556,10 +579,11 @@ def train_model(
         previous = load_run(run_dir)
         if previous.get("status") == "complete":
             raise TrainingDataError(f"{run_dir} finished already; start a new run instead of --resume")
-        if not (run_dir / LAST_CHECKPOINT).is_file() or not (run_dir / STATE_FILENAME).is_file():
-            raise FileNotFoundError(f"{run_dir} has no {LAST_CHECKPOINT}/{STATE_FILENAME} (it stopped before its "
-                                    "first epoch ended); start a new run")
-        state = json.loads((run_dir / STATE_FILENAME).read_text())
+        state = (json.loads((run_dir / STATE_FILENAME).read_text()) if (run_dir / STATE_FILENAME).is_file()
+                 else None)
+        if state is None or not last_checkpoint_path(run_dir, state).is_file():
+            raise FileNotFoundError(f"{run_dir} has no {STATE_FILENAME} with its last-epoch checkpoint (it stopped "
+                                    "before its first epoch ended); start a new run")
         settings = {**EXTRA_DEFAULTS, **previous["settings"]}
         if settings["strategy"] not in anna_model.STRATEGIES:  # a strategy object was given: pick again
             settings["strategy"] = "auto"
@@ -585,10 +609,10 @@ def train_model(
     split = split_patients(arrays.manifest, labels, settings["val_patients"], settings["val_fold"],
                            settings["val_fraction"], settings["seed"], settings["exclude_patients"], source)
     if previous is not None:
-        saved_size = anna_model.archive_image_size(run_dir / LAST_CHECKPOINT)
+        saved_size = anna_model.archive_image_size(last_checkpoint_path(run_dir, state))
         if saved_size != settings["image_size"]:
             raise anna_model.ModelFileError(
-                f"{run_dir / LAST_CHECKPOINT} takes {saved_size}x{saved_size} images but the arrays are "
+                f"{last_checkpoint_path(run_dir, state)} takes {saved_size}x{saved_size} images but the arrays are "
                 f"{settings['image_size']}x{settings['image_size']}; resume with --size {saved_size}")
     recorded_digest = (previous or {}).get("data", {}).get("manifest_digest")
     if previous is not None and recorded_digest and arrays.meta.get("digest") != recorded_digest:
@@ -657,8 +681,9 @@ def train_model(
     started = time.perf_counter()
     with anna_model.dtype_policy(policy_name), strategy.scope():
         if state:
-            model = keras.saving.load_model(run_dir / LAST_CHECKPOINT, safe_mode=True)  # with optimizer state
-            anna_model.check_input_size(model, settings["image_size"], run_dir / LAST_CHECKPOINT)
+            last = last_checkpoint_path(run_dir, state)
+            model = keras.saving.load_model(last, safe_mode=True)  # with optimizer state
+            anna_model.check_input_size(model, settings["image_size"], last)
         else:
             model = _build(settings)
             _compile(model, settings["architecture"], settings["learning_rate"], settings["segmentation"],
@@ -713,7 +738,7 @@ def train_model(
         train_images_per_second=(round(len(split.train_index) / float(np.median(epoch_seconds)), 1)
                                  if epoch_seconds else None))
     _write_json(run_dir / CONFIG_FILENAME, run_config)
-    (run_dir / LAST_CHECKPOINT).unlink(missing_ok=True)  # only needed to resume an unfinished run
+    _remove_last_checkpoints(run_dir)  # only needed to resume an unfinished run
     return run_dir
 
 

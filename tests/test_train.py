@@ -194,7 +194,7 @@ def test_interrupted_cli_run_resumes_at_the_next_epoch(synthetic_root, session_o
         state_files: list[Path] = []
         while time.monotonic() < deadline and process.poll() is None:
             state_files = list(out.glob("models/*/state.json"))
-            if state_files and (state_files[0].parent / "last.keras").is_file():
+            if state_files and list(state_files[0].parent.glob("last-epoch-*.keras")):
                 break
             time.sleep(0.5)
     finally:
@@ -204,7 +204,11 @@ def test_interrupted_cli_run_resumes_at_the_next_epoch(synthetic_root, session_o
     assert state_files, "the run never finished an epoch"
     run = state_files[0].parent
     assert train.load_run(run)["status"] == "running"
-    last_epoch = json.loads((run / "state.json").read_text())["last_epoch"]
+    state = json.loads((run / "state.json").read_text())
+    last_epoch = state["last_epoch"]
+    # state.json names the checkpoint written with it (older ones are removed after it is written).
+    assert state["last_checkpoint"] == train.last_checkpoint_name(last_epoch)
+    assert (run / state["last_checkpoint"]).is_file()
 
     # A model of another size than the arrays is refused before training.
     with pytest.raises(anna_model.ModelFileError, match="32x32"):
@@ -219,7 +223,7 @@ def test_interrupted_cli_run_resumes_at_the_next_epoch(synthetic_root, session_o
     assert cfg["status"] == "complete" and cfg["seed"] == 3
     history = pd.read_csv(run / "history.csv")
     assert history["epoch"].tolist() == list(range(last_epoch + 2))
-    assert not (run / "last.keras").exists()
+    assert not list(run.glob("last*.keras"))  # only needed while the run was unfinished
     with pytest.raises(train.TrainingDataError, match="finished already"):
         train.train_model(resume=run)
 
