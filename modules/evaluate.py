@@ -666,8 +666,9 @@ def _is_testing_folder(path: Path) -> bool:
 def list_images(paths_or_dirs: Iterable[str | Path]) -> pd.DataFrame:
     """Image files given directly or found recursively in folders, in sorted order.
 
-    Other files in the folders (a labels CSV, a ``.gif``) are named in a warning, not dropped
-    silently; hidden files and ``Thumbs.db``/``desktop.ini`` are skipped without a word.
+    Other files in the folders (notes, a ``.gif``) are named in a warning, not dropped silently;
+    hidden files, ``Thumbs.db``/``desktop.ini`` and the C-NMC validation labels CSV are skipped
+    without a word.
 
     Returns:
         Columns ``path`` and ``testing`` (True for cells of a C-NMC testing folder).
@@ -685,8 +686,10 @@ def list_images(paths_or_dirs: Iterable[str | Path]) -> pd.DataFrame:
         path = Path(item).expanduser()
         if path.is_dir():
             testing = _is_testing_folder(path)
+            # The validation labels CSV belongs to the Kaggle layout: expected, not worth a warning.
+            expected = _JUNK | {config.VALIDATION_LABELS_CSV.lower()}
             found = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")
-                           and p.name.lower() not in _JUNK)
+                           and p.name.lower() not in expected)
             files = [p for p in found if p.suffix.lower() in config.IMAGE_EXTENSIONS]
             others = [str(p.relative_to(path)) for p in found if p.suffix.lower() not in config.IMAGE_EXTENSIONS]
             if others:
