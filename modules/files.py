@@ -61,3 +61,48 @@ def write_csv_atomic(table: pd.DataFrame, path: str | os.PathLike) -> Path:
     with atomic_path(path) as tmp:
         table.to_csv(tmp, index=False)
     return Path(path)
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: str | os.PathLike, timeout: float = 60.0, stale_after: float = 300.0) -> Iterator[Path]:
+    """Hold the lock file ``path`` (created exclusively) for a read-modify-write of a shared file.
+
+    Works wherever ``os.open(O_CREAT | O_EXCL)`` is atomic (local disks, Google Drive in Colab);
+    a lock older than ``stale_after`` seconds is taken to be left by a killed process and removed.
+
+    Args:
+        path: The lock file, e.g. ``output/viz/.index.lock``.
+        timeout: Seconds to wait for another holder before giving up.
+        stale_after: Age in seconds after which a lock file is considered abandoned.
+
+    Yields:
+        ``path``.
+
+    Raises:
+        TimeoutError: The lock stayed held for ``timeout`` seconds; the message names the file.
+    """
+    import time
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            handle = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            break
+        except FileExistsError:
+            with contextlib.suppress(FileNotFoundError):
+                if time.time() - path.stat().st_mtime > stale_after:
+                    path.unlink()
+                    continue
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{path} has been held for {timeout:.0f} s by another run; if no other "
+                                   "ANNa run is writing there, delete the file and try again") from None
+            time.sleep(0.02)
+    try:
+        os.write(handle, str(os.getpid()).encode())
+        os.close(handle)
+        yield path
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()

@@ -22,12 +22,14 @@ import numpy as np
 import pandas as pd
 
 from modules import config
-from modules.files import atomic_path
+from modules.files import atomic_path, exclusive_lock
 
 #: Caption registry written beside the charts of one folder.
 CHARTS_JSON = "charts.json"
 #: Gallery registry in the viz folder (one entry per published chart).
 VIZ_INDEX_JSON = "index.json"
+#: Held while index.json is rewritten (``files.exclusive_lock``).
+VIZ_LOCK = ".index.lock"
 CLASS_COLORS = {1: "#c0392b", 0: "#2e86c1"}  # all = red, hem = blue
 DPI = 110
 
@@ -104,6 +106,13 @@ def publish_to_viz(paths: Iterable[str | Path] | str | Path, viz_dir: str | Path
         paths = [paths]
     viz_dir = Path(viz_dir or config.VIZ_DIR)
     viz_dir.mkdir(parents=True, exist_ok=True)
+    # index.json is read, extended and written back: one run at a time, or a run publishing at
+    # the same moment would lose the other's captions.
+    with exclusive_lock(viz_dir / VIZ_LOCK):
+        return _publish_locked(paths, viz_dir, run, caption)
+
+
+def _publish_locked(paths, viz_dir: Path, run: str | None, caption: str | None) -> list[Path]:
     index = _read_json(viz_dir / VIZ_INDEX_JSON, [])
     published = []
     now = datetime.now(timezone.utc).isoformat(timespec="seconds")
