@@ -681,17 +681,20 @@ def list_images(paths_or_dirs: Iterable[str | Path]) -> pd.DataFrame:
     from modules.data import _JUNK
 
     items = [paths_or_dirs] if isinstance(paths_or_dirs, (str, Path)) else list(paths_or_dirs)
+    # The validation labels CSV belongs to the Kaggle layout: expected, not worth a warning.
+    expected = _JUNK | {config.VALIDATION_LABELS_CSV.lower()}
     rows = []
     for item in items:
         path = Path(item).expanduser()
         if path.is_dir():
             testing = _is_testing_folder(path)
-            # The validation labels CSV belongs to the Kaggle layout: expected, not worth a warning.
-            expected = _JUNK | {config.VALIDATION_LABELS_CSV.lower()}
-            found = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")
-                           and p.name.lower() not in expected)
-            files = [p for p in found if p.suffix.lower() in config.IMAGE_EXTENSIONS]
-            others = [str(p.relative_to(path)) for p in found if p.suffix.lower() not in config.IMAGE_EXTENSIONS]
+            files, others = [], []
+            for p in sorted(path.rglob("*")):
+                if p.is_file() and not p.name.startswith(".") and p.name.lower() not in expected:
+                    if p.suffix.lower() in config.IMAGE_EXTENSIONS:
+                        files.append(p)
+                    else:
+                        others.append(str(p.relative_to(path)))
             if others:
                 warnings.warn(
                     f"{path}: ignoring {len(others)} file{'' if len(others) == 1 else 's'} that "

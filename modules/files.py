@@ -13,6 +13,7 @@ import contextlib
 import json
 import os
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -81,8 +82,6 @@ def exclusive_lock(path: str | os.PathLike, timeout: float = 60.0, stale_after: 
     Raises:
         TimeoutError: The lock stayed held for ``timeout`` seconds; the message names the file.
     """
-    import time
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     deadline = time.monotonic() + timeout

@@ -62,14 +62,6 @@ class SplitError(TrainingDataError):
 
 
 # --------------------------------------------------------------------------- small files
-def _write_json(path: Path, payload: dict) -> None:
-    write_json_atomic(path, payload)
-
-
-def _write_csv(path: Path, table: pd.DataFrame) -> None:
-    write_csv_atomic(table, path)
-
-
 def load_run(run_dir: str | Path) -> dict:
     """Read a run's ``config.json``.
 
@@ -401,7 +393,7 @@ class RunCheckpoint(keras.callbacks.Callback):
         self._save(last)
         state = {"last_epoch": epoch, "last_checkpoint": last, "best": self.best, "best_epoch": self.best_epoch,
                  "wait": self.wait, "monitor": self.monitor, "mode": self.mode}
-        _write_json(self.run_dir / STATE_FILENAME, state)
+        write_json_atomic(self.run_dir / STATE_FILENAME, state)
         _remove_last_checkpoints(self.run_dir, keep=last)
 
 
@@ -573,7 +565,7 @@ def train_model(
         The run folder.
     """
     output_dir = Path(output_dir) if output_dir else None
-    state, previous = None, None
+    state, previous, last_checkpoint = None, None, None
     if resume is not None:
         run_dir = Path(resume)
         previous = load_run(run_dir)
@@ -581,7 +573,8 @@ def train_model(
             raise TrainingDataError(f"{run_dir} finished already; start a new run instead of --resume")
         state = (json.loads((run_dir / STATE_FILENAME).read_text()) if (run_dir / STATE_FILENAME).is_file()
                  else None)
-        if state is None or not last_checkpoint_path(run_dir, state).is_file():
+        last_checkpoint = last_checkpoint_path(run_dir, state) if state else None
+        if last_checkpoint is None or not last_checkpoint.is_file():
             raise FileNotFoundError(f"{run_dir} has no {STATE_FILENAME} with its last-epoch checkpoint (it stopped "
                                     "before its first epoch ended); start a new run")
         settings = {**EXTRA_DEFAULTS, **previous["settings"]}
@@ -609,10 +602,10 @@ def train_model(
     split = split_patients(arrays.manifest, labels, settings["val_patients"], settings["val_fold"],
                            settings["val_fraction"], settings["seed"], settings["exclude_patients"], source)
     if previous is not None:
-        saved_size = anna_model.archive_image_size(last_checkpoint_path(run_dir, state))
+        saved_size = anna_model.archive_image_size(last_checkpoint)
         if saved_size != settings["image_size"]:
             raise anna_model.ModelFileError(
-                f"{last_checkpoint_path(run_dir, state)} takes {saved_size}x{saved_size} images but the arrays are "
+                f"{last_checkpoint} takes {saved_size}x{saved_size} images but the arrays are "
                 f"{settings['image_size']}x{settings['image_size']}; resume with --size {saved_size}")
     recorded_digest = (previous or {}).get("data", {}).get("manifest_digest")
     if previous is not None and recorded_digest and arrays.meta.get("digest") != recorded_digest:
@@ -671,19 +664,18 @@ def train_model(
         "versions": _versions(),
         "settings": settings,
     }
-    _write_json(run_dir / CONFIG_FILENAME, run_config)
+    write_json_atomic(run_dir / CONFIG_FILENAME, run_config)
 
     history_path = run_dir / HISTORY_FILENAME
     if state and history_path.is_file():  # drop epochs after the checkpoint we resume from
         history = pd.read_csv(history_path)
-        _write_csv(history_path, history[history["epoch"] <= state["last_epoch"]])
+        write_csv_atomic(history[history["epoch"] <= state["last_epoch"]], history_path)
     timer = ThroughputTimer()
     started = time.perf_counter()
     with anna_model.dtype_policy(policy_name), strategy.scope():
         if state:
-            last = last_checkpoint_path(run_dir, state)
-            model = keras.saving.load_model(last, safe_mode=True)  # with optimizer state
-            anna_model.check_input_size(model, settings["image_size"], last)
+            model = keras.saving.load_model(last_checkpoint, safe_mode=True)  # with optimizer state
+            anna_model.check_input_size(model, settings["image_size"], last_checkpoint)
         else:
             model = _build(settings)
             _compile(model, settings["architecture"], settings["learning_rate"], settings["segmentation"],
@@ -724,7 +716,7 @@ def train_model(
                                 "name": manifest["name"].astype(str).to_numpy(),
                                 "patient_id": manifest["patient_id"].astype(str).to_numpy(),
                                 "label": val_labels, "p_leukemia": p_val.astype("float64")})
-    _write_csv(run_dir / VAL_PREDICTIONS_FILENAME, predictions)
+    write_csv_atomic(predictions, run_dir / VAL_PREDICTIONS_FILENAME)
     threshold = 0.5 if legacy else youden_threshold(val_labels, p_val)
     history = pd.read_csv(history_path) if history_path.is_file() else pd.DataFrame()
     final_state = json.loads((run_dir / STATE_FILENAME).read_text())
@@ -737,7 +729,7 @@ def train_model(
         wall_seconds=round(train_seconds + (previous or {}).get("training", {}).get("wall_seconds", 0.0), 1),
         train_images_per_second=(round(len(split.train_index) / float(np.median(epoch_seconds)), 1)
                                  if epoch_seconds else None))
-    _write_json(run_dir / CONFIG_FILENAME, run_config)
+    write_json_atomic(run_dir / CONFIG_FILENAME, run_config)
     _remove_last_checkpoints(run_dir)  # only needed to resume an unfinished run
     return run_dir
 

@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 
 from modules import config
-from modules.files import atomic_path, exclusive_lock
+from modules.files import atomic_path, exclusive_lock, write_csv_atomic, write_json_atomic, write_text_atomic
 
 #: Caption registry written beside the charts of one folder.
 CHARTS_JSON = "charts.json"
@@ -32,16 +32,6 @@ VIZ_INDEX_JSON = "index.json"
 VIZ_LOCK = ".index.lock"
 CLASS_COLORS = {1: "#c0392b", 0: "#2e86c1"}  # all = red, hem = blue
 DPI = 110
-
-
-def _write_atomic(path: Path, write) -> None:
-    """Call ``write(tmp_path)`` then move the result onto ``path``."""
-    with atomic_path(path) as tmp:
-        write(tmp)
-
-
-def _write_json_atomic(path: Path, obj) -> None:
-    _write_atomic(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n"))
 
 
 def _read_json(path: Path, default):
@@ -75,11 +65,12 @@ def save_chart(fig: matplotlib.figure.Figure, data: pd.DataFrame, name: str, cap
         raise ValueError(f"chart name {name!r} must be a plain file stem such as 'roc_curve'")
     out_dir = Path(out_dir)
     png, csv = out_dir / f"{name}.png", out_dir / f"{name}.csv"
-    _write_atomic(csv, lambda tmp: pd.DataFrame(data).to_csv(tmp, index=False))
-    _write_atomic(png, lambda tmp: fig.savefig(tmp, format="png", dpi=DPI, bbox_inches="tight"))
+    write_csv_atomic(pd.DataFrame(data), csv)
+    with atomic_path(png) as tmp:
+        fig.savefig(tmp, format="png", dpi=DPI, bbox_inches="tight")
     captions = _read_json(out_dir / CHARTS_JSON, {})
     captions[name] = caption
-    _write_json_atomic(out_dir / CHARTS_JSON, captions)
+    write_json_atomic(out_dir / CHARTS_JSON, captions)
     return png
 
 
@@ -122,17 +113,19 @@ def _publish_locked(paths, viz_dir: Path, run: str | None, caption: str | None) 
             raise FileNotFoundError(f"chart {png} not found: save it with viz.save_chart first")
         stem = f"{run}__{png.stem}" if run else png.stem
         target = viz_dir / f"{stem}.png"
-        _write_atomic(target, lambda tmp: shutil.copyfile(png, tmp))
+        with atomic_path(target) as tmp:
+            shutil.copyfile(png, tmp)
         csv_name = None
         if png.with_suffix(".csv").exists():
             csv_name = f"{stem}.csv"
-            _write_atomic(viz_dir / csv_name, lambda tmp: shutil.copyfile(png.with_suffix(".csv"), tmp))
+            with atomic_path(viz_dir / csv_name) as tmp:
+                shutil.copyfile(png.with_suffix(".csv"), tmp)
         text = caption if caption is not None else chart_captions(png.parent).get(png.stem, "")
         index = [entry for entry in index if entry["file"] != target.name]
         index.append({"file": target.name, "csv": csv_name, "caption": text, "run": run or "",
                       "chart": png.stem, "published": now})
         published.append(target)
-    _write_json_atomic(viz_dir / VIZ_INDEX_JSON, index)
+    write_json_atomic(viz_dir / VIZ_INDEX_JSON, index)
     write_viz_index(viz_dir)
     return published
 
@@ -181,7 +174,7 @@ def write_viz_index(viz_dir: str | Path | None = None) -> Path:
                          f"{html.escape(entry['caption'])}{csv}</figcaption></figure>")
     parts.append("</body></html>")
     target = viz_dir / "index.html"
-    _write_atomic(target, lambda tmp: tmp.write_text("\n".join(parts) + "\n"))
+    write_text_atomic(target, "\n".join(parts) + "\n")
     return target
 
 
