@@ -34,7 +34,7 @@ from sklearn.metrics import balanced_accuracy_score, f1_score, roc_auc_score  # 
 from modules import config, preprocess  # noqa: E402
 from modules import model as anna_model  # noqa: E402
 from modules.files import write_csv_atomic, write_json_atomic, write_text_atomic  # noqa: E402
-from modules.train import load_run, train_model  # noqa: E402
+from modules.train import load_run, train_model, youden_threshold  # noqa: E402
 
 #: Held-out patients per fold: 6-7 ALL (~800 cells) and 3 HEM patients each.
 FOLDS = {
@@ -99,8 +99,11 @@ def combine(out: Path) -> pd.DataFrame:
     return results
 
 
-def run_fold(fold: int, architecture: str, args: argparse.Namespace, out: Path) -> dict:
-    """Train one architecture without the fold's patients and score it on them."""
+def run_fold(fold: int, architecture: str, args: argparse.Namespace, out: Path) -> list[dict]:
+    """Train one architecture without the fold's patients and score it on them.
+
+    Returns one result row, two for ANNa with ``--tta`` (plain, then ``anna_tta``).
+    """
     size = args.legacy_size if architecture == "legacy" else args.size
     arrays_dir = preprocess.prepare_arrays(args.data, size=size, output_dir=args.arrays_out, progress=False)
     arrays = preprocess.load_arrays(arrays_dir)
@@ -110,7 +113,7 @@ def run_fold(fold: int, architecture: str, args: argparse.Namespace, out: Path) 
                   architecture=architecture, policy="auto", verbose=2)
     if architecture == "anna":
         kwargs.update(base_filters=args.base_filters, depth=args.depth, patience=args.patience,
-                      lr_patience=args.lr_patience,
+                      lr_patience=args.lr_patience, batch_norm={"batch": True, "instance": "instance", "none": False}[args.normalization],
                       dropout=args.dropout, mask_loss_weight=args.mask_loss_weight)
     started = time.perf_counter()
     run_dir = train_model(arrays_dir, **kwargs)
@@ -133,10 +136,31 @@ def run_fold(fold: int, architecture: str, args: argparse.Namespace, out: Path) 
               "epochs": run["training"]["epochs_trained"], "best_epoch": run["training"]["best_epoch"],
               "wall_seconds": round(wall, 1),
               "train_images_per_second": run["training"]["train_images_per_second"]}
-    print(f"[fold {fold} {architecture}] " + ", ".join(
+    _print_result(result, wall)
+    if architecture != "anna" or not args.tta:
+        return [result]
+    # The same model, each cell scored as the mean over its 8 flips/rotations; the threshold
+    # is chosen again on the inner validation patients scored the same way (never on the held-out ones).
+    model = anna_model.load_model(run_dir)
+    val_rows = np.flatnonzero(np.isin(patient_ids, [str(p).upper() for p in run["val_patients"]]))
+    val_labels = np.asarray(arrays.labels[val_rows]).astype(int)
+    p_val = anna_model.predict_outputs(model, arrays.images[val_rows], tta=True)["p_leukemia"]
+    threshold = youden_threshold(val_labels, p_val)
+    p_tta = anna_model.predict_outputs(model, arrays.images[rows], tta=True)["p_leukemia"]
+    write_csv_atomic(pd.DataFrame({"path": manifest["path"].astype(str).to_numpy(),
+                                   "name": manifest["name"].astype(str).to_numpy(),
+                                   "patient_id": patient_ids[rows], "label": labels, "p_leukemia": p_tta}),
+                     out / f"heldout_{fold}_{architecture}_tta.csv")
+    tta = {**result, "architecture": f"{architecture}_tta", "threshold": threshold,
+           **heldout_metrics(labels, p_tta, threshold), "val_roc_auc": roc_auc_score(val_labels, p_val)}
+    _print_result(tta, wall)
+    return [result, tta]
+
+
+def _print_result(result: dict, wall: float) -> None:
+    print(f"[fold {result['fold']} {result['architecture']}] " + ", ".join(
         f"{k}={result[k]:.3f}" for k in (*METRICS, "threshold")) + f", epochs={result['epochs']}, "
         f"wall={wall:.0f}s, train img/s={result['train_images_per_second']}", flush=True)
-    return result
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -161,6 +185,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--val-fraction", type=float, default=0.25,
                         help="share of each class's training patients held out for early stopping/threshold")
     parser.add_argument("--seed", type=int, default=config.DEFAULT_SEED)
+    parser.add_argument("--normalization", choices=("batch", "instance", "none"), default="batch",
+                        help="ANNa: normalization after each convolution (default: batch)")
+    parser.add_argument("--tta", action="store_true",
+                        help="ANNa: also score with test-time augmentation (8 flips/rotations), threshold from "
+                             "the inner validation patients scored the same way; reported as architecture anna_tta")
     parser.add_argument("--report-only", action="store_true", help="only combine the results already in --out")
     args = parser.parse_args(argv)
     out = Path(args.out)
@@ -178,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.report_only:
         for fold in folds:
             for architecture in args.architectures.split(","):
-                rows.append(run_fold(fold, architecture, args, out))
+                rows.extend(run_fold(fold, architecture, args, out))
                 _save(out, rows, settings, stem)
     results = combine(out)
     if len(results):

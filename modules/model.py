@@ -143,12 +143,18 @@ def strategy_name(strategy: tf.distribute.Strategy) -> str:
 
 
 # --------------------------------------------------------------------------- builders
-def _conv_block(x, filters: int, batch_norm: bool, name: str):
-    """Two 3x3 convolutions, each followed by batch normalization (optional) and ReLU."""
+def _conv_block(x, filters: int, batch_norm: bool | str, name: str):
+    """Two 3x3 convolutions, each followed by normalization (optional) and ReLU.
+
+    ``batch_norm``: True (batch normalization), ``"instance"`` (each image's feature maps
+    standardized on their own: ``GroupNormalization`` with one group per channel) or False.
+    """
     for i in (1, 2):
         x = layers.Conv2D(filters, 3, padding="same", use_bias=not batch_norm,
                           kernel_initializer="he_normal", name=f"{name}_conv{i}")(x)
-        if batch_norm:
+        if batch_norm == "instance":
+            x = layers.GroupNormalization(groups=-1, name=f"{name}_in{i}")(x)
+        elif batch_norm:
             x = layers.BatchNormalization(momentum=0.9, name=f"{name}_bn{i}")(x)
         x = layers.Activation("relu", name=f"{name}_relu{i}")(x)
     return x
@@ -158,7 +164,7 @@ def build_anna(
     input_shape: tuple[int, int, int] = (128, 128, 3),
     depth: int = 4,
     base_filters: int = 8,
-    batch_norm: bool = True,
+    batch_norm: bool | str = True,
     dropout: float = 0.2,
     segmentation: bool = True,
     head_units: int = 64,
@@ -173,7 +179,9 @@ def build_anna(
         input_shape: (S, S, 3); S must be divisible by ``2**depth``.
         depth: Number of down-sampling steps.
         base_filters: Filters of the first level; doubled at each level down.
-        batch_norm: Batch normalization after each convolution.
+        batch_norm: Batch normalization after each convolution (True), instance
+            normalization (``"instance"``: statistics of each image alone, as at prediction
+            time; less tied to the training patients' stain) or none (False).
         dropout: Dropout rate in the bottleneck and the head (0 disables it).
         segmentation: Add the ``cell_mask`` output.
         head_units: Width of the dense layer of the head.
@@ -343,13 +351,32 @@ def check_input_size(model: keras.Model, image_size: int, source: str | Path = "
                              f"{image_size}x{image_size}; prepare the data with --size {expected}")
 
 
-def predict_outputs(model: keras.Model, images, batch_size: int = 64) -> dict[str, np.ndarray]:
+#: The 8 symmetries of a square (4 rotations by 90°, each with and without a mirror), as
+#: ``(quarter_turns, mirrored)``: a single cell has no preferred orientation.
+DIHEDRAL = tuple((turns, mirrored) for mirrored in (False, True) for turns in range(4))
+
+
+def _dihedral(batch: np.ndarray, turns: int, mirrored: bool) -> np.ndarray:
+    """Mirror (left-right) then rotate a (B, S, S, ...) batch."""
+    batch = batch[:, :, ::-1] if mirrored else batch
+    return np.rot90(batch, turns, axes=(1, 2))
+
+
+def _undo_dihedral(maps: np.ndarray, turns: int, mirrored: bool) -> np.ndarray:
+    """Inverse of ``_dihedral``: maps predicted on a transformed batch, back in place."""
+    maps = np.rot90(maps, -turns, axes=(1, 2))
+    return maps[:, :, ::-1] if mirrored else maps
+
+
+def predict_outputs(model: keras.Model, images, batch_size: int = 64, tta: bool = False) -> dict[str, np.ndarray]:
     """Run the model over images in batches (works on uint8 memory maps without loading them).
 
     Args:
         model: An ANNa or legacy model.
         images: Array-like (N, S, S, 3), uint8 RGB values.
         batch_size: Images per forward pass.
+        tta: Test-time augmentation: average the outputs over the 8 flips/90° rotations of each
+            image (``DIHEDRAL``; segmentation maps are turned back first). 8x the work.
 
     Returns:
         ``{"p_leukemia": (N,) float32}`` plus ``"cell_mask": (N, S, S) float32`` when the model
@@ -357,14 +384,23 @@ def predict_outputs(model: keras.Model, images, batch_size: int = 64) -> dict[st
     """
     check_input_size(model, int(images.shape[1]))
     count = len(images)
+    views = DIHEDRAL if tta else DIHEDRAL[:1]
     results: dict[str, list[np.ndarray]] = {}
     for start in range(0, count, batch_size):
         batch = np.asarray(images[start:start + batch_size], dtype="float32")
-        outputs = model.predict_on_batch(batch)
-        if not isinstance(outputs, dict):  # a single-output model
-            outputs = {PROB_OUTPUT: outputs}
-        for name, value in outputs.items():
-            results.setdefault(name, []).append(np.asarray(value, dtype="float32"))
+        summed: dict[str, np.ndarray] = {}
+        for turns, mirrored in views:
+            view = np.ascontiguousarray(_dihedral(batch, turns, mirrored)) if (turns or mirrored) else batch
+            outputs = model.predict_on_batch(view)
+            if not isinstance(outputs, dict):  # a single-output model
+                outputs = {PROB_OUTPUT: outputs}
+            for name, value in outputs.items():
+                value = np.asarray(value, dtype="float32")
+                if value.ndim == 4:  # a map: back to the image's orientation
+                    value = _undo_dihedral(value, turns, mirrored)
+                summed[name] = summed[name] + value if name in summed else value
+        for name, value in summed.items():
+            results.setdefault(name, []).append(value / len(views) if len(views) > 1 else value)
     merged = {}
     for name, parts in results.items():
         value = np.concatenate(parts) if parts else np.zeros((0, 1), "float32")

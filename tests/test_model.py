@@ -158,3 +158,38 @@ def test_select_strategy_defaults_to_one_device():
     assert anna_model.select_strategy(given) is given
     with pytest.raises(ValueError, match="strategy"):
         anna_model.select_strategy("horovod")
+
+
+# --------------------------------------------------------------------------- test-time augmentation
+def test_dihedral_views_are_the_8_symmetries_and_each_is_undone():
+    image = np.arange(4 * 5 * 5 * 2, dtype="float32").reshape(4, 5, 5, 2)
+    views = [anna_model._dihedral(image, turns, mirrored) for turns, mirrored in anna_model.DIHEDRAL]
+    assert len({view.tobytes() for view in views}) == 8  # all different
+    for (turns, mirrored), view in zip(anna_model.DIHEDRAL, views):
+        np.testing.assert_array_equal(anna_model._undo_dihedral(view, turns, mirrored), image)
+
+
+def test_tta_averages_the_model_over_the_8_views(tiny_anna):
+    images = np.random.default_rng(4).integers(0, 256, (5, 32, 32, 3)).astype("uint8")
+    tta = anna_model.predict_outputs(tiny_anna, images, batch_size=2, tta=True)
+    p_views, mask_views = [], []
+    for turns, mirrored in anna_model.DIHEDRAL:
+        view = np.ascontiguousarray(anna_model._dihedral(images, turns, mirrored))
+        outputs = anna_model.predict_outputs(tiny_anna, view)
+        p_views.append(outputs["p_leukemia"])
+        mask_views.append(anna_model._undo_dihedral(outputs["cell_mask"], turns, mirrored))
+    np.testing.assert_allclose(tta["p_leukemia"], np.mean(p_views, axis=0), atol=1e-6)
+    np.testing.assert_allclose(tta["cell_mask"], np.mean(mask_views, axis=0), atol=1e-6)
+    plain = anna_model.predict_outputs(tiny_anna, images)["p_leukemia"]
+    assert not np.allclose(plain, tta["p_leukemia"], atol=1e-6)  # the views do differ for this net
+
+
+def test_instance_normalization_uses_builtin_layers_and_reloads_safely(tmp_path):
+    model = anna_model.build_anna((32, 32, 3), depth=2, base_filters=4, batch_norm="instance")
+    names = {type(layer).__name__ for layer in model.layers}
+    assert "GroupNormalization" in names and "BatchNormalization" not in names
+    model.save(tmp_path / "model.keras")
+    loaded = anna_model.load_model(tmp_path)
+    images = np.random.default_rng(5).integers(0, 256, (3, 32, 32, 3)).astype("uint8")
+    np.testing.assert_allclose(anna_model.predict_outputs(loaded, images)["p_leukemia"],
+                               anna_model.predict_outputs(model, images)["p_leukemia"], atol=1e-6)
