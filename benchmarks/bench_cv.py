@@ -11,7 +11,8 @@ the legacy net uses 0.5 as it did. Results: per fold and mean ± sd.
         > output/benchmarks/cv/log.txt 2>&1 &
 
 Writes ``<out>/runs/<run_id>/`` (run folders, evaluable by ``modules.evaluate``), the
-held-out predictions ``<out>/heldout_<fold>_<architecture>.csv``, ``<out>/results_<archs>.csv``
+held-out predictions ``<out>/heldout_<fold>_<architecture>.csv`` with a per-patient summary
+``<out>/heldout_patients_<fold>_<architecture>.csv`` (``per_patient``), ``<out>/results_<archs>.csv``
 per invocation (so ANNa and legacy can run as two processes) and the combined
 ``<out>/results.csv`` / ``results.json`` with the summary (rewritten after every training).
 """
@@ -53,6 +54,24 @@ def heldout_metrics(labels: np.ndarray, p_leukemia: np.ndarray, threshold: float
             "f1_weighted": f1_score(labels, predicted, average="weighted"),
             "sensitivity": float(predicted[labels == 1].mean()),
             "specificity": float(1 - predicted[labels == 0].mean())}
+
+
+def per_patient(patient_ids: np.ndarray, labels: np.ndarray, p_leukemia: np.ndarray,
+                threshold: float) -> pd.DataFrame:
+    """One row per held-out patient: class, cells, mean P(leukemia), share of cells called right.
+
+    Cell-level ROC AUC mixes patients; this shows which patients carry the errors (a normal
+    patient whose cells all score high, a leukemic one scored low throughout).
+    """
+    table = pd.DataFrame({"patient_id": patient_ids, "label": labels, "p_leukemia": p_leukemia,
+                          "correct": (p_leukemia >= threshold).astype(int) == labels})
+    grouped = table.groupby("patient_id")
+    summary = pd.DataFrame({"label": grouped["label"].first(), "cells": grouped.size(),
+                            "mean_p_leukemia": grouped["p_leukemia"].mean(),
+                            "median_p_leukemia": grouped["p_leukemia"].median(),
+                            "share_correct": grouped["correct"].mean()})
+    summary["threshold"] = threshold
+    return summary.reset_index().sort_values("share_correct").reset_index(drop=True)
 
 
 def summarize(results: pd.DataFrame) -> pd.DataFrame:
@@ -128,6 +147,8 @@ def run_fold(fold: int, architecture: str, args: argparse.Namespace, out: Path) 
                                    "name": manifest["name"].astype(str).to_numpy(),
                                    "patient_id": patient_ids[rows], "label": labels, "p_leukemia": p_leukemia}),
                      out / f"heldout_{fold}_{architecture}.csv")
+    write_csv_atomic(per_patient(patient_ids[rows], labels, p_leukemia, run["threshold"]),
+                     out / f"heldout_patients_{fold}_{architecture}.csv")
     result = {"fold": fold, "architecture": architecture, "image_size": size, "run_dir": str(run_dir),
               "heldout_patients": ",".join(FOLDS[fold]), "val_patients": ",".join(run["val_patients"]),
               "heldout_cells": int(len(rows)), "threshold": run["threshold"],
@@ -151,6 +172,8 @@ def run_fold(fold: int, architecture: str, args: argparse.Namespace, out: Path) 
                                    "name": manifest["name"].astype(str).to_numpy(),
                                    "patient_id": patient_ids[rows], "label": labels, "p_leukemia": p_tta}),
                      out / f"heldout_{fold}_{architecture}_tta.csv")
+    write_csv_atomic(per_patient(patient_ids[rows], labels, p_tta, threshold),
+                     out / f"heldout_patients_{fold}_{architecture}_tta.csv")
     tta = {**result, "architecture": f"{architecture}_tta", "threshold": threshold,
            **heldout_metrics(labels, p_tta, threshold), "val_roc_auc": roc_auc_score(val_labels, p_val)}
     _print_result(tta, wall)
@@ -187,6 +210,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=config.DEFAULT_SEED)
     parser.add_argument("--normalization", choices=("batch", "instance", "none"), default="batch",
                         help="ANNa: normalization after each convolution (default: batch)")
+    parser.add_argument("--standardize-input", action="store_true",
+                        help="ANNa: standardize each image's channels inside the model (see build_anna)")
     parser.add_argument("--tta", action="store_true",
                         help="ANNa: also score with test-time augmentation (8 flips/rotations), threshold from "
                              "the inner validation patients scored the same way; reported as architecture anna_tta")

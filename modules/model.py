@@ -168,6 +168,7 @@ def build_anna(
     dropout: float = 0.2,
     segmentation: bool = True,
     head_units: int = 64,
+    standardize_input: bool = False,
 ) -> keras.Model:
     """Build ANNa: a U-Net with a segmentation output and a classification head.
 
@@ -185,6 +186,10 @@ def build_anna(
         dropout: Dropout rate in the bottleneck and the head (0 disables it).
         segmentation: Add the ``cell_mask`` output.
         head_units: Width of the dense layer of the head.
+        standardize_input: Standardize each image's channels on their own (zero mean, unit
+            variance over the image, a ``LayerNormalization`` without learned scale) after the
+            rescaling, so that stain strength and brightness that differ between patients
+            reach the network less.
 
     Returns:
         An uncompiled ``keras.Model`` named ``anna`` with dict outputs.
@@ -194,6 +199,9 @@ def build_anna(
         raise ValueError(f"image size {size} must be divisible by 2**depth = {2 ** depth}")
     inputs = keras.Input(shape=input_shape, name="image")
     x = layers.Rescaling(1.0 / 255, name="rescale")(inputs)
+    if standardize_input:
+        x = layers.LayerNormalization(axis=(1, 2), center=False, scale=False, epsilon=1e-3,
+                                      name="standardize")(x)
     skips = []
     for level in range(depth):
         x = _conv_block(x, base_filters * 2 ** level, batch_norm, f"down{level}")

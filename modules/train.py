@@ -49,7 +49,7 @@ EXTRA_DEFAULTS = {
     "val_fraction": config.DEFAULT_VAL_FRACTION, "dropout": 0.2, "batch_norm": True,
     "head_units": 64, "mask_loss_weight": 0.25, "augment": True, "class_weighting": True,
     "patience": 6, "lr_patience": 3, "exclude_patients": (), "runs_dir": None, "run_tag": None,
-    "strategy": "auto", "skip_bad": False,
+    "strategy": "auto", "skip_bad": False, "standardize_input": False,
 }
 
 
@@ -508,7 +508,8 @@ def _build(settings: dict) -> keras.Model:
         return anna_model.build_legacy(shape)
     return anna_model.build_anna(shape, depth=settings["depth"], base_filters=settings["base_filters"],
                                  batch_norm=settings["batch_norm"], dropout=settings["dropout"],
-                                 segmentation=settings["segmentation"], head_units=settings["head_units"])
+                                 segmentation=settings["segmentation"], head_units=settings["head_units"],
+                                 standardize_input=settings["standardize_input"])
 
 
 def _validation_summary(labels: np.ndarray, p_leukemia: np.ndarray, threshold: float) -> dict:
@@ -650,7 +651,8 @@ def train_model(
                   {"builder": "build_anna", "input_shape": [settings["image_size"]] * 2 + [3],
                    "depth": settings["depth"], "base_filters": settings["base_filters"],
                    "batch_norm": settings["batch_norm"], "dropout": settings["dropout"],
-                   "segmentation": settings["segmentation"], "head_units": settings["head_units"]}),
+                   "segmentation": settings["segmentation"], "head_units": settings["head_units"],
+                   "standardize_input": settings["standardize_input"]}),
         "training": {"epochs": settings["epochs"], "batch_size": settings["batch_size"],
                      "learning_rate": settings["learning_rate"], "optimizer": "adam",
                      "class_weights": class_weights, "augment": settings["augment"],

@@ -34,3 +34,17 @@ def test_a_fold_measured_twice_counts_once_newest_kept(tmp_path, capsys):
     summary = json.loads((tmp_path / "results.json").read_text())["summary"]
     assert abs(summary["anna"]["mean_roc_auc"] - (0.8 + 0.9 + 0.8) / 3) < 1e-9
     assert not list(tmp_path.glob("*.partial*"))
+
+
+def test_per_patient_summary_names_the_patients_that_carry_the_errors():
+    import numpy as np
+
+    patients = np.array(["H1"] * 4 + ["7"] * 3 + ["9"] * 2)
+    labels = np.array([0] * 4 + [1] * 3 + [1] * 2)
+    p = np.array([0.9, 0.8, 0.2, 0.7, 0.6, 0.4, 0.9, 0.95, 0.99])
+    table = bench_cv.per_patient(patients, labels, p, threshold=0.5)
+    assert list(table["patient_id"]) == ["H1", "7", "9"]  # worst first
+    assert list(table["cells"]) == [4, 3, 2]
+    assert table["share_correct"].tolist() == [0.25, 2 / 3, 1.0]
+    assert np.isclose(table.loc[0, "mean_p_leukemia"], 0.65)
+    assert (table["threshold"] == 0.5).all()
