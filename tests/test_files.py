@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pandas as pd
 import pytest
 
+from modules import config
 from modules.files import atomic_path, write_csv_atomic, write_json_atomic, write_text_atomic
 
 
@@ -38,14 +40,12 @@ def test_csv_and_json_round_trip(tmp_path):
     assert '"auc": 0.5' in path.read_text() and path.read_text().endswith("\n")
 
 
-def test_exclusive_lock_waits_for_the_holder_and_clears_stale_locks(tmp_path):
-    import os
+def _second_waits_for_first(lock) -> list[str]:
     import threading
     import time
 
     from modules.files import exclusive_lock
 
-    lock = tmp_path / ".lock"
     order = []
 
     def second():
@@ -58,8 +58,46 @@ def test_exclusive_lock_waits_for_the_holder_and_clears_stale_locks(tmp_path):
         time.sleep(0.3)
         order.append("first")  # the other thread is still waiting
     thread.join(10)
-    assert order == ["first", "second"] and not lock.exists()
+    return order
 
+
+@pytest.mark.skipif(os.name != "posix", reason="flock is a POSIX lock")
+def test_os_lock_waits_for_the_holder_and_dies_with_a_killed_holder(tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    from modules.files import exclusive_lock
+
+    lock = tmp_path / ".lock"
+    assert _second_waits_for_first(lock) == ["first", "second"]
+    # A holder killed while holding: the kernel releases its lock at once, no staleness wait.
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; sys.path.insert(0, sys.argv[2]); from modules.files import exclusive_lock\n"
+        "with exclusive_lock(sys.argv[1]):\n    print('held', flush=True); time.sleep(60)"),
+        str(lock), str(config.PROJECT_ROOT)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(TimeoutError, match=r"\.lock"):  # held: a clear error naming the file
+            with exclusive_lock(lock, timeout=0.2):
+                pass
+    finally:
+        holder.kill()
+        holder.wait(10)
+    started = time.monotonic()
+    with exclusive_lock(lock, timeout=5):
+        assert time.monotonic() - started < 2
+
+
+def test_existence_lock_waits_for_the_holder_and_clears_stale_locks(tmp_path, monkeypatch):
+    import time
+
+    from modules import files
+    from modules.files import exclusive_lock
+
+    monkeypatch.setattr(files, "_flock", None)  # as on Windows
+    lock = tmp_path / ".lock"
+    assert _second_waits_for_first(lock) == ["first", "second"] and not lock.exists()
     lock.write_text("12345")  # left by a killed process an hour ago
     os.utime(lock, (time.time() - 3600, time.time() - 3600))
     with exclusive_lock(lock, timeout=1):
