@@ -250,4 +250,3 @@ def test_one_epoch_under_mirrored_strategy_on_two_logical_cpus(synthetic_root, s
 def test_youden_threshold_never_comes_from_the_infinite_first_point():
     # roc_curve's first threshold is +inf; a constant (untrained) model must not store 1.0.
     assert train.youden_threshold(np.array([0, 1, 0, 1]), np.full(4, 0.7, dtype="float32")) == pytest.approx(0.7)
-
