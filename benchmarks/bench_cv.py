@@ -43,6 +43,8 @@ FOLDS = {
     1: ["48", "35", "4", "22", "28", "15", "H12", "H16", "H11"],
     2: ["45", "50", "5", "11", "17", "1", "H15", "H17", "H19"],
 }
+#: ``--normalization`` -> ``build_anna(batch_norm=...)``.
+NORMALIZATIONS = {"batch": True, "instance": "instance", "none": False}
 METRICS = ("roc_auc", "balanced_accuracy", "f1_weighted", "sensitivity", "specificity")
 
 
@@ -132,7 +134,7 @@ def run_fold(fold: int, architecture: str, args: argparse.Namespace, out: Path) 
                   architecture=architecture, policy="auto", verbose=2)
     if architecture == "anna":
         kwargs.update(base_filters=args.base_filters, depth=args.depth, patience=args.patience,
-                      lr_patience=args.lr_patience, batch_norm={"batch": True, "instance": "instance", "none": False}[args.normalization],
+                      lr_patience=args.lr_patience, batch_norm=NORMALIZATIONS[args.normalization],
                       dropout=args.dropout, mask_loss_weight=args.mask_loss_weight)
     started = time.perf_counter()
     run_dir = train_model(arrays_dir, **kwargs)
@@ -208,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--val-fraction", type=float, default=0.25,
                         help="share of each class's training patients held out for early stopping/threshold")
     parser.add_argument("--seed", type=int, default=config.DEFAULT_SEED)
-    parser.add_argument("--normalization", choices=("batch", "instance", "none"), default="batch",
+    parser.add_argument("--normalization", choices=tuple(NORMALIZATIONS), default="batch",
                         help="ANNa: normalization after each convolution (default: batch)")
     parser.add_argument("--standardize-input", action="store_true",
                         help="ANNa: standardize each image's channels inside the model (see build_anna)")
