@@ -143,14 +143,10 @@ def run_fold(fold: int, architecture: str, args: argparse.Namespace, out: Path) 
     patient_ids = arrays.manifest["patient_id"].astype(str).str.upper().to_numpy()
     rows = np.flatnonzero(np.isin(patient_ids, FOLDS[fold]))
     labels = np.asarray(arrays.labels[rows]).astype(int)
-    p_leukemia = anna_model.predict_outputs(anna_model.load_model(run_dir), arrays.images[rows])["p_leukemia"]
+    model = anna_model.load_model(run_dir)
+    p_leukemia = anna_model.predict_outputs(model, arrays.images[rows])["p_leukemia"]
     manifest = arrays.manifest.iloc[rows]
-    write_csv_atomic(pd.DataFrame({"path": manifest["path"].astype(str).to_numpy(),
-                                   "name": manifest["name"].astype(str).to_numpy(),
-                                   "patient_id": patient_ids[rows], "label": labels, "p_leukemia": p_leukemia}),
-                     out / f"heldout_{fold}_{architecture}.csv")
-    write_csv_atomic(per_patient(patient_ids[rows], labels, p_leukemia, run["threshold"]),
-                     out / f"heldout_patients_{fold}_{architecture}.csv")
+    _write_heldout(out, f"{fold}_{architecture}", manifest, patient_ids[rows], labels, p_leukemia, run["threshold"])
     result = {"fold": fold, "architecture": architecture, "image_size": size, "run_dir": str(run_dir),
               "heldout_patients": ",".join(FOLDS[fold]), "val_patients": ",".join(run["val_patients"]),
               "heldout_cells": int(len(rows)), "threshold": run["threshold"],
@@ -164,22 +160,26 @@ def run_fold(fold: int, architecture: str, args: argparse.Namespace, out: Path) 
         return [result]
     # The same model, each cell scored as the mean over its 8 flips/rotations; the threshold
     # is chosen again on the inner validation patients scored the same way (never on the held-out ones).
-    model = anna_model.load_model(run_dir)
     val_rows = np.flatnonzero(np.isin(patient_ids, [str(p).upper() for p in run["val_patients"]]))
     val_labels = np.asarray(arrays.labels[val_rows]).astype(int)
     p_val = anna_model.predict_outputs(model, arrays.images[val_rows], tta=True)["p_leukemia"]
     threshold = youden_threshold(val_labels, p_val)
     p_tta = anna_model.predict_outputs(model, arrays.images[rows], tta=True)["p_leukemia"]
-    write_csv_atomic(pd.DataFrame({"path": manifest["path"].astype(str).to_numpy(),
-                                   "name": manifest["name"].astype(str).to_numpy(),
-                                   "patient_id": patient_ids[rows], "label": labels, "p_leukemia": p_tta}),
-                     out / f"heldout_{fold}_{architecture}_tta.csv")
-    write_csv_atomic(per_patient(patient_ids[rows], labels, p_tta, threshold),
-                     out / f"heldout_patients_{fold}_{architecture}_tta.csv")
+    _write_heldout(out, f"{fold}_{architecture}_tta", manifest, patient_ids[rows], labels, p_tta, threshold)
     tta = {**result, "architecture": f"{architecture}_tta", "threshold": threshold,
            **heldout_metrics(labels, p_tta, threshold), "val_roc_auc": roc_auc_score(val_labels, p_val)}
     _print_result(tta, wall)
     return [result, tta]
+
+
+def _write_heldout(out: Path, stem: str, manifest: pd.DataFrame, patient_ids: np.ndarray, labels: np.ndarray,
+                   p_leukemia: np.ndarray, threshold: float) -> None:
+    """Write ``heldout_<stem>.csv`` (one row per cell) and ``heldout_patients_<stem>.csv``."""
+    write_csv_atomic(pd.DataFrame({"path": manifest["path"].astype(str).to_numpy(),
+                                   "name": manifest["name"].astype(str).to_numpy(),
+                                   "patient_id": patient_ids, "label": labels, "p_leukemia": p_leukemia}),
+                     out / f"heldout_{stem}.csv")
+    write_csv_atomic(per_patient(patient_ids, labels, p_leukemia, threshold), out / f"heldout_patients_{stem}.csv")
 
 
 def _print_result(result: dict, wall: float) -> None:

@@ -398,8 +398,8 @@ def predict_outputs(model: keras.Model, images, batch_size: int = 64, tta: bool 
         batch = np.asarray(images[start:start + batch_size], dtype="float32")
         summed: dict[str, np.ndarray] = {}
         for turns, mirrored in views:
-            view = np.ascontiguousarray(_dihedral(batch, turns, mirrored)) if (turns or mirrored) else batch
-            outputs = model.predict_on_batch(view)
+            # The identity view is the batch itself: ascontiguousarray copies only turned views.
+            outputs = model.predict_on_batch(np.ascontiguousarray(_dihedral(batch, turns, mirrored)))
             if not isinstance(outputs, dict):  # a single-output model
                 outputs = {PROB_OUTPUT: outputs}
             for name, value in outputs.items():
@@ -408,7 +408,7 @@ def predict_outputs(model: keras.Model, images, batch_size: int = 64, tta: bool 
                     value = _undo_dihedral(value, turns, mirrored)
                 summed[name] = summed[name] + value if name in summed else value
         for name, value in summed.items():
-            results.setdefault(name, []).append(value / len(views) if len(views) > 1 else value)
+            results.setdefault(name, []).append(value / len(views))
     merged = {}
     for name, parts in results.items():
         value = np.concatenate(parts) if parts else np.zeros((0, 1), "float32")
