@@ -53,35 +53,39 @@ IMAGE_EXTENSIONS = (".bmp", ".png", ".jpg", ".jpeg", ".tif", ".tiff")
 MANIFEST_COLUMNS = ("path", "name", "original_name", "patient_id", "label", "split", "fold")
 
 # Preprocessing defaults.
-DEFAULT_IMAGE_SIZE = 128
+DEFAULT_IMAGE_SIZE = 96
 DEFAULT_MARGIN = 4  # pixels of background kept around the cell's bounding box (at 450 px)
-#: Smallest side (source pixels) of the square a cell is padded to before resizing. A fixed
-#: canvas keeps every cell at the same scale, so cell size — the strongest single cue
-#: (blasts are larger: cell area alone gives ROC AUC 0.86 on fold_0) — survives the
-#: resize; a tight crop (canvas 0) would blow every cell up to fill the frame. 320 px
-#: holds 95 % of C-NMC cells (their bounding box side: median 226 px ALL, 185 px HEM,
-#: 95th percentile 299 px); larger cells keep their own, tight, square.
-DEFAULT_CANVAS = 320
+#: Smallest side (source pixels) of the square a cell is padded to before resizing. 0 (the
+#: default) crops tightly: every cell fills the frame, so the network sees its chromatin and
+#: nucleus at the highest resolution the image size allows, but not its absolute size. A
+#: canvas (e.g. 320 px, which holds 95 % of C-NMC cells) keeps every cell at one scale instead.
+#: Measured in the patient-grouped cross-validation (docs/BENCHMARKS.md, run 8): at 96 px the
+#: tight crop reaches mean ROC AUC 0.901 (folds 0.971 / 0.806 / 0.924) where the 320 px canvas
+#: gave 0.855-0.862: on the canvas the network leaned on cell size, which alone gives 0.833.
+DEFAULT_CANVAS = 0
 #: A pixel belongs to the cell when any channel exceeds this value (background is black).
 BACKGROUND_THRESHOLD = 4
 
 # Training defaults.
 DEFAULT_SEED = 42
 DEFAULT_EPOCHS = 30
-DEFAULT_BATCH_SIZE = 32
+DEFAULT_BATCH_SIZE = 16
 DEFAULT_LEARNING_RATE = 1e-3
 DEFAULT_VAL_FRACTION = 0.2
 
 
-def arrays_dir(dataset: str, size: int, output_dir: Path | None = None) -> Path:
-    """Folder of the cached arrays for one dataset and image size.
+def arrays_dir(dataset: str, size: int, output_dir: Path | None = None, canvas: int = DEFAULT_CANVAS) -> Path:
+    """Folder of the cached arrays for one dataset, image size and canvas.
 
     Args:
         dataset: Short dataset name (see ``modules.data.dataset_name``).
         size: Side of the square images in pixels.
         output_dir: Root of the outputs; ``OUTPUT_DIR`` by default.
+        canvas: Smallest side of the square around each cell (``DEFAULT_CANVAS``).
 
     Returns:
-        ``<output_dir>/arrays/<dataset>_<size>``.
+        ``<output_dir>/arrays/<dataset>_<size>``, with ``_canvas<C>`` appended for another canvas
+        (so the two never replace each other's cache).
     """
-    return Path(output_dir or OUTPUT_DIR) / ARRAYS_SUBDIR / f"{dataset}_{size}"
+    suffix = "" if int(canvas) == DEFAULT_CANVAS else f"_canvas{int(canvas)}"
+    return Path(output_dir or OUTPUT_DIR) / ARRAYS_SUBDIR / f"{dataset}_{size}{suffix}"

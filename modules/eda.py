@@ -409,23 +409,28 @@ def plot_preprocessing_steps(manifest: pd.DataFrame, n: int = 4, size: int = con
                               title=_title("Crop to the cell, pad to a square, resize; derive the mask", synthetic))
     save_figure(fig, table, "preprocessing_steps",
                 "Each row: the original cell with its bounding box (yellow) and the square kept (cyan: box + "
-                f"{margin} px margin, at least {getattr(config, 'DEFAULT_CANVAS', 0)} px), the square after crop "
+                f"{margin} px margin{_canvas_note()}), the square after crop "
                 f"and black padding, the {size} px model input, "
                 "and the derived cell mask (white = cell). Brightness stretched for display.",
                 PREPROCESSING_RUN, output_dir, synthetic=synthetic)
     return fig, table
 
 
+def _canvas_note() -> str:
+    canvas = int(config.DEFAULT_CANVAS)
+    return f", at least {canvas} px" if canvas else ", made square"
+
+
 def _cell_box(rgb: np.ndarray, margin: int) -> tuple[tuple[int, int, int, int], int]:
     """The cell's bounding box ``(x, y, width, height)`` and the side of the square kept around it.
 
     Mirrors ``preprocess.preprocess_image``: cell = any channel above the background threshold;
-    the square is the box plus the margin, at least ``config.DEFAULT_CANVAS`` pixels wide.
+    the square is the box's longer side plus the margin, at least ``config.DEFAULT_CANVAS`` pixels wide.
     """
     threshold = config.BACKGROUND_THRESHOLD
     cell = cv2.bitwise_not(cv2.inRange(rgb, (0, 0, 0), (threshold, threshold, threshold)))
     x, y, width, height = cv2.boundingRect(cell)
-    return (x, y, width, height), max(max(width, height) + 2 * margin, int(getattr(config, "DEFAULT_CANVAS", 0)))
+    return (x, y, width, height), max(max(width, height) + 2 * margin, int(config.DEFAULT_CANVAS))
 
 
 def plot_resolution_comparison(manifest: pd.DataFrame, sizes: Sequence[int] = (450, 128, 64), n: int = 3,

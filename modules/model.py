@@ -161,11 +161,11 @@ def _conv_block(x, filters: int, batch_norm: bool | str, name: str):
 
 
 def build_anna(
-    input_shape: tuple[int, int, int] = (128, 128, 3),
+    input_shape: tuple[int, int, int] = (96, 96, 3),
     depth: int = 4,
     base_filters: int = 8,
     batch_norm: bool | str = True,
-    dropout: float = 0.2,
+    dropout: float = 0.1,
     segmentation: bool = True,
     head_units: int = 64,
     standardize_input: bool = False,

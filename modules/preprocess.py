@@ -273,26 +273,26 @@ def resize_area(image: np.ndarray, width: int, height: int) -> np.ndarray:
     return cv2.resize(image, (width, height), interpolation=cv2.INTER_LINEAR)
 
 
-def _prepare_rows(start: int, paths: list[str], size: int, margin: int, threshold: int,
+def _prepare_rows(start: int, paths: list[str], size: int, margin: int, threshold: int, canvas: int,
                   images_file: str, masks_file: str) -> tuple[int, int, list]:
     """In a worker process: prepare rows ``start…`` straight into the shared .npy files."""
     images = np.load(images_file, mmap_mode="r+", allow_pickle=False)
     masks = np.load(masks_file, mmap_mode="r+", allow_pickle=False)
     stop = start + len(paths)
-    errors = _prepare_into(start, paths, size, margin, threshold, images[start:stop].view(np.ndarray),
+    errors = _prepare_into(start, paths, size, margin, threshold, canvas, images[start:stop].view(np.ndarray),
                            masks[start:stop].view(np.ndarray))
     del images, masks  # unmapped; the pages are the parent's too (MAP_SHARED)
     return start, len(paths), errors
 
 
-def _prepare_into(start: int, paths: list[str], size: int, margin: int, threshold: int,
+def _prepare_into(start: int, paths: list[str], size: int, margin: int, threshold: int, canvas: int,
                   images: np.ndarray, masks: np.ndarray) -> list[tuple]:
     """Prepare ``paths`` into ``images``/``masks`` (views of the output); returns the errors."""
     errors = []
     for offset, path in enumerate(paths):
         try:
             # Straight into the output rows (zero-filled): no per-image arrays to allocate.
-            _crop_resize_into(_decode_bgr(path), images[offset], margin, threshold, config.DEFAULT_CANVAS)
+            _crop_resize_into(_decode_bgr(path), images[offset], margin, threshold, canvas)
             cv2.cvtColor(images[offset], cv2.COLOR_BGR2RGB, dst=images[offset])  # the small image only
             _cell_mask(images[offset], threshold, out=masks[offset])
         except ImageError as error:
@@ -332,10 +332,10 @@ def _source_root(manifest: pd.DataFrame) -> Path:
 
 
 def compute_digest(manifest: pd.DataFrame, size: int, margin: int, threshold: int = config.BACKGROUND_THRESHOLD,
-                   root: Path | None = None) -> str:
+                   root: Path | None = None, canvas: int = config.DEFAULT_CANVAS) -> str:
     """Fingerprint of the inputs of ``prepare_arrays``.
 
-    sha256 over size, margin, threshold and, per file sorted by relative path: the
+    sha256 over size, margin, threshold, canvas and, per file sorted by relative path: the
     relative path, size, mtime_ns and the manifest's name/label/split/fold/patient fields
     (so a changed labels CSV also changes it).
 
@@ -343,13 +343,14 @@ def compute_digest(manifest: pd.DataFrame, size: int, margin: int, threshold: in
         manifest: Manifest table.
         size, margin, threshold: Preprocessing settings.
         root: Folder the paths are made relative to (the manifest's source by default).
+        canvas: Smallest side of the square, in source pixels (``preprocess_image``).
 
     Returns:
         Hex digest.
     """
     root = str(root or _source_root(manifest))
     prefix = root.rstrip(os.sep) + os.sep
-    digest = hashlib.sha256(f"v{META_VERSION}|{size}|{margin}|{threshold}|canvas={config.DEFAULT_CANVAS}\n".encode())
+    digest = hashlib.sha256(f"v{META_VERSION}|{size}|{margin}|{threshold}|canvas={int(canvas)}\n".encode())
     entries = []
     columns = [manifest[c].tolist() for c in ("path", "original_name", "patient_id", "label", "split", "fold")]
     for path, original_name, patient_id, label, split, fold in zip(*columns):
@@ -402,7 +403,7 @@ def _default_workers() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def _run_chunks(paths: list[str], size: int, margin: int, threshold: int, workers: int,
+def _run_chunks(paths: list[str], size: int, margin: int, threshold: int, canvas: int, workers: int,
                 images: np.ndarray, masks: np.ndarray, skip_bad: bool, progress, desc: str) -> list[tuple]:
     """Prepare every path into the memory maps; returns the errors (index, path, message)."""
     from tqdm.auto import tqdm
@@ -424,21 +425,22 @@ def _run_chunks(paths: list[str], size: int, margin: int, threshold: int, worker
         # Threads (and the calling thread) write straight into the memory maps.
         stop = min(start + chunk, n)
         # Plain ndarray views: indexing a numpy.memmap row by row is slow.
-        return start, stop - start, _prepare_into(start, paths[start:stop], size, margin, threshold,
+        return start, stop - start, _prepare_into(start, paths[start:stop], size, margin, threshold, canvas,
                                                   images[start:stop].view(np.ndarray),
                                                   masks[start:stop].view(np.ndarray))
 
     # Silenced once around the whole run: OpenCV's log level is process-wide.
     with _quiet_opencv(), contextlib.closing(bar):
         try:
-            _dispatch(starts, chunk, workers, in_place, collect, paths, size, margin, threshold, images, masks)
+            _dispatch(starts, chunk, workers, in_place, collect, paths, size, margin, threshold, canvas, images,
+                      masks)
         except _StopOnError:
             pass
     return sorted(errors)
 
 
 def _dispatch(starts: list[int], chunk: int, workers: int, in_place, collect, paths: list[str], size: int,
-              margin: int, threshold: int, images: np.ndarray, masks: np.ndarray) -> None:
+              margin: int, threshold: int, canvas: int, images: np.ndarray, masks: np.ndarray) -> None:
     """Run the chunks in the calling thread, a thread pool or a process pool.
 
     Threads write straight into the memory maps (``in_place``); processes map the same .npy
@@ -463,7 +465,7 @@ def _dispatch(starts: list[int], chunk: int, workers: int, in_place, collect, pa
                         pending.add(pool.submit(in_place, start))
                     else:
                         pending.add(pool.submit(_prepare_rows, start, paths[start:start + chunk], size, margin,
-                                                threshold, images.filename, masks.filename))
+                                                threshold, canvas, images.filename, masks.filename))
                     if len(pending) >= 3 * workers:
                         break
                 if not pending:
@@ -514,11 +516,11 @@ def _publish(staging: Path, target: Path) -> None:
 
 def prepare_arrays(data, size: int = config.DEFAULT_IMAGE_SIZE, output_dir: str | os.PathLike | None = None,
                    skip_bad: bool = False, workers: int | None = None, progress: bool = True,
-                   margin: int = config.DEFAULT_MARGIN) -> Path:
+                   margin: int = config.DEFAULT_MARGIN, canvas: int = config.DEFAULT_CANVAS) -> Path:
     """Prepare (or reuse) the cached arrays of a dataset.
 
     Each cell is cropped to its bounding box plus ``margin``, centred on a black square of at
-    least ``config.DEFAULT_CANVAS`` source pixels (so cells keep their relative size), resized
+    least ``canvas`` source pixels (so cells keep their relative size; 0 crops tightly), resized
     to ``size`` and stored as RGB with its mask (see ``preprocess_image``).
 
     Args:
@@ -532,9 +534,12 @@ def prepare_arrays(data, size: int = config.DEFAULT_IMAGE_SIZE, output_dir: str 
             in the calling thread).
         progress: Show a tqdm progress bar.
         margin: Background pixels kept around each cell (at the source resolution).
+        canvas: Smallest side of the square in source pixels (``config.DEFAULT_CANVAS``); 0
+            blows each cell up to fill the frame (more detail, but its size is lost).
 
     Returns:
-        The arrays folder ``<output_dir>/arrays/<dataset>_<size>``.
+        The arrays folder ``<output_dir>/arrays/<dataset>_<size>`` (``…_canvas<C>`` for a
+        canvas other than the default).
 
     Raises:
         ImageError: An image cannot be used and ``skip_bad`` is False (every bad file found
@@ -556,17 +561,18 @@ def prepare_arrays(data, size: int = config.DEFAULT_IMAGE_SIZE, output_dir: str 
         manifest = scan_dataset(data)
     if manifest.empty:
         raise DatasetError("the manifest is empty: there are no images to prepare")
-    size, margin = int(size), int(margin)
-    if size < 8 or margin < 0:
-        raise ValueError(f"size must be at least 8 pixels and margin >= 0 (got size={size}, margin={margin})")
+    size, margin, canvas = int(size), int(margin), int(canvas)
+    if size < 8 or margin < 0 or canvas < 0:
+        raise ValueError(f"size must be at least 8 pixels, margin and canvas >= 0 "
+                         f"(got size={size}, margin={margin}, canvas={canvas})")
     from modules.synth import is_synthetic
 
     source = _source_root(manifest)
     synthetic = bool(manifest.attrs.get("synthetic", is_synthetic(source)))
     dataset = _dataset_for(manifest)
     threshold = config.BACKGROUND_THRESHOLD
-    target = config.arrays_dir(dataset, size, output_dir)
-    digest = compute_digest(manifest, size, margin, threshold, source)
+    target = config.arrays_dir(dataset, size, output_dir, canvas=canvas)
+    digest = compute_digest(manifest, size, margin, threshold, source, canvas=canvas)
     if _cache_is_valid(target, digest, skip_bad):
         return target
 
@@ -580,7 +586,7 @@ def prepare_arrays(data, size: int = config.DEFAULT_IMAGE_SIZE, output_dir: str 
         images = np.lib.format.open_memmap(staging / "images.npy", mode="w+", dtype=np.uint8, shape=(n, size, size, 3))
         masks = np.lib.format.open_memmap(staging / "masks.npy", mode="w+", dtype=np.uint8, shape=(n, size, size))
         desc = f"{'SYNTHETIC ' if synthetic else ''}{dataset} @ {size}px"
-        errors = _run_chunks(manifest["path"].tolist(), size, margin, threshold, workers, images, masks,
+        errors = _run_chunks(manifest["path"].tolist(), size, margin, threshold, canvas, workers, images, masks,
                              skip_bad, progress, desc)
         # No msync: the pages reach the files through the page cache; renaming the folder
         # only after every row is written is what makes a half-written cache impossible.
@@ -598,7 +604,7 @@ def prepare_arrays(data, size: int = config.DEFAULT_IMAGE_SIZE, output_dir: str 
         np.save(staging / "labels.npy", labels, allow_pickle=False)
         write_manifest(manifest.astype(MANIFEST_DTYPES), staging / "manifest.csv")
         meta = {
-            "size": size, "margin": margin, "background_threshold": threshold, "canvas": config.DEFAULT_CANVAS,
+            "size": size, "margin": margin, "background_threshold": threshold, "canvas": canvas,
             "source": str(source),
             "dataset": dataset, "count": int(len(manifest)),
             "counts": {"all": int((labels == 1).sum()), "hem": int((labels == 0).sum()),
@@ -659,7 +665,8 @@ def _run_prepare(args: argparse.Namespace) -> int:
     if manifest.attrs.get("synthetic"):
         print(SYNTHETIC_BANNER)
     folder = prepare_arrays(manifest, size=args.size, output_dir=args.out, skip_bad=args.skip_bad,
-                            workers=args.workers, progress=not args.no_progress, margin=args.margin)
+                            workers=args.workers, progress=not args.no_progress, margin=args.margin,
+                            canvas=args.canvas)
     meta = json.loads((folder / "meta.json").read_text())
     counts = meta["counts"]
     print(f"{meta['count']} cells at {meta['size']}x{meta['size']} px: {counts['all']} all, {counts['hem']} hem, "
@@ -694,5 +701,9 @@ def register(subparsers) -> None:
                              f"under {MIN_IMAGES_FOR_POOL} images, one)")
     parser.add_argument("--margin", type=int, default=config.DEFAULT_MARGIN,
                         help="background pixels kept around each cell, at the source resolution (default: %(default)s)")
+    parser.add_argument("--canvas", type=int, default=config.DEFAULT_CANVAS,
+                        help="smallest side of the square around each cell, in source pixels, so that cells keep "
+                             "their relative size; 0 crops tightly (each cell fills the frame; its size is lost) "
+                             "(default: %(default)s)")
     parser.add_argument("--no-progress", action="store_true", help="do not show the progress bar")
     parser.set_defaults(func=_run_prepare)

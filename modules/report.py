@@ -270,7 +270,8 @@ def report_blocks(metrics: dict, run_config: dict, captions: dict[str, str],
               + (f" for {epochs_run} epochs" if epochs_run else "")
               + f"; validation patients: {', '.join(map(str, run_config.get('val_patients') or [])) or 'unknown'}."),
         ("p", f"Preprocessing (from the run): {prep.get('image_size')} px, margin {prep.get('margin')}, "
-              f"background threshold {prep.get('background_threshold')}, canvas {prep.get('canvas')} px"
+              f"background threshold {prep.get('background_threshold')}, "
+              + (f"canvas {prep.get('canvas')} px" if prep.get("canvas") else "tight crop (each cell fills the frame)")
               + ("" if prep.get("recorded", True) else " (not all recorded in the run's config.json: the "
                  "model's input size and the current defaults were used)") + "."
               + (f" Check against the training arrays: {check['note']}." if check.get("note") else "")),

@@ -46,10 +46,10 @@ ARCHITECTURES = ("anna", "legacy")
 #: Settings train_model accepts besides its named arguments, with their defaults.
 EXTRA_DEFAULTS = {
     "architecture": "anna", "learning_rate": config.DEFAULT_LEARNING_RATE,
-    "val_fraction": config.DEFAULT_VAL_FRACTION, "dropout": 0.2, "batch_norm": True,
+    "val_fraction": config.DEFAULT_VAL_FRACTION, "dropout": 0.1, "batch_norm": True,
     "head_units": 64, "mask_loss_weight": 0.25, "augment": True, "class_weighting": True,
-    "patience": 6, "lr_patience": 3, "exclude_patients": (), "runs_dir": None, "run_tag": None,
-    "strategy": "auto", "skip_bad": False, "standardize_input": False,
+    "patience": 8, "lr_patience": 3, "exclude_patients": (), "runs_dir": None, "run_tag": None,
+    "strategy": "auto", "skip_bad": False, "standardize_input": False, "canvas": config.DEFAULT_CANVAS,
 }
 
 
@@ -448,7 +448,8 @@ def _new_run_dir(parent: Path, tag: str) -> tuple[str, Path]:
     raise RuntimeError(f"could not create a new run folder under {parent}")
 
 
-def _open_arrays(data, image_size: int, output_dir: Path | None, skip_bad: bool):
+def _open_arrays(data, image_size: int, output_dir: Path | None, skip_bad: bool,
+                 canvas: int = config.DEFAULT_CANVAS):
     """Prepare (or reuse) the arrays for ``data`` and load them, checking they agree."""
     from modules import preprocess
 
@@ -457,13 +458,17 @@ def _open_arrays(data, image_size: int, output_dir: Path | None, skip_bad: bool)
         arrays_dir = path  # already an arrays folder
     else:
         arrays_dir = Path(preprocess.prepare_arrays(data, size=image_size, output_dir=output_dir,
-                                                    skip_bad=skip_bad, progress=True))
+                                                    skip_bad=skip_bad, progress=True, canvas=canvas))
     arrays = preprocess.load_arrays(arrays_dir)
     lengths = {"images.npy": len(arrays.images), "masks.npy": len(arrays.masks),
                "labels.npy": len(arrays.labels), "manifest.csv": len(arrays.manifest)}
     if len(set(lengths.values())) > 1:
         raise TrainingDataError(f"arrays in {arrays_dir} disagree in length ({lengths}); delete that folder "
                                 "and run `python -m modules prepare` again")
+    prepared_canvas = arrays.meta.get("canvas", config.DEFAULT_CANVAS)
+    if prepared_canvas is not None and int(prepared_canvas) != int(canvas):
+        raise TrainingDataError(f"arrays in {arrays_dir} were prepared with canvas {prepared_canvas}, not {canvas}; "
+                                f"use --canvas {prepared_canvas} or pass the dataset folder instead")
     size = int(arrays.images.shape[1])
     if size != image_size:
         raise anna_model.ModelFileError(f"arrays in {arrays_dir} are {size}x{size}, not {image_size}x{image_size}; "
@@ -559,7 +564,7 @@ def train_model(
         resume: A run folder to continue from its last finished epoch.
         verbose: Keras verbosity; ``auto`` = one line per epoch.
         **kwargs: Further settings, see ``EXTRA_DEFAULTS`` (``architecture``, ``learning_rate``,
-            ``val_fraction``, ``dropout``, ``mask_loss_weight``, ``patience``,
+            ``val_fraction``, ``dropout``, ``mask_loss_weight``, ``patience``, ``canvas``,
             ``exclude_patients``, ``runs_dir``, ``run_tag``, ``strategy``…).
 
     Returns:
@@ -579,6 +584,8 @@ def train_model(
             raise FileNotFoundError(f"{run_dir} has no {STATE_FILENAME} with its last-epoch checkpoint (it stopped "
                                     "before its first epoch ended); start a new run")
         settings = {**EXTRA_DEFAULTS, **previous["settings"]}
+        if "canvas" not in previous["settings"] and previous.get("canvas") is not None:
+            settings["canvas"] = int(previous["canvas"])  # a run from before the setting: its arrays' canvas
         if settings["strategy"] not in anna_model.STRATEGIES:  # a strategy object was given: pick again
             settings["strategy"] = "auto"
         settings["image_size"] = int(image_size or settings["image_size"])
@@ -597,7 +604,8 @@ def train_model(
     keras.utils.set_random_seed(settings["seed"] + initial_epoch)
 
     # Every check that can fail on bad input runs before training starts.
-    arrays_dir, arrays = _open_arrays(data, settings["image_size"], output_dir, settings["skip_bad"])
+    arrays_dir, arrays = _open_arrays(data, settings["image_size"], output_dir, settings["skip_bad"],
+                                      settings["canvas"])
     labels = np.asarray(arrays.labels).astype(int)
     source = str(arrays_dir if isinstance(data, pd.DataFrame) else data)
     split = split_patients(arrays.manifest, labels, settings["val_patients"], settings["val_fold"],
@@ -744,6 +752,7 @@ def _run_train(args: argparse.Namespace) -> int:
         val_patients=val_patients, val_fold=args.val_fold, seed=args.seed, output_dir=args.out,
         base_filters=args.base_filters, depth=args.depth, segmentation=not args.no_segmentation,
         policy=args.policy, resume=args.resume, skip_bad=args.skip_bad,
+        **({"canvas": args.canvas} if args.canvas is not None else {}),
     )
     print(run_dir)
     return 0
@@ -776,6 +785,9 @@ def register(subparsers) -> None:
     parser.add_argument("--depth", type=int, default=4, help="U-Net down-sampling steps")
     parser.add_argument("--no-segmentation", action="store_true", help="train the classifier only, no cell_mask")
     parser.add_argument("--skip-bad", action="store_true", help="skip unreadable images when preparing (listed)")
+    parser.add_argument("--canvas", type=int, default=None,
+                        help="smallest side of the square around each cell in source pixels, as for prepare; "
+                             f"0 crops tightly (default {config.DEFAULT_CANVAS}; the run's own on --resume)")
     parser.add_argument("--resume", default=None, metavar="RUN_DIR",
                         help="continue an interrupted run from its last finished epoch")
     parser.set_defaults(func=_run_train)

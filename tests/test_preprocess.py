@@ -83,11 +83,13 @@ def test_canvas_keeps_cell_size_and_tight_crop_does_not():
         image[(yy - 225) ** 2 + (xx - 225) ** 2 <= radius ** 2] = (90, 40, 100)
         return image
 
-    small, large = (preprocess_image(disc(r), 64)[1].mean() for r in (50, 100))
+    small, large = (preprocess_image(disc(r), 64, canvas=320)[1].mean() for r in (50, 100))
     assert 3.5 < large / small < 4.5  # area ratio of the discs survives the resize
     small, large = (preprocess_image(disc(r), 64, margin=0, canvas=0)[1].mean() for r in (50, 100))
     assert abs(large - small) < 0.03  # a tight crop blows both up to fill the frame
-    big = preprocess_image(disc(200), 64)[1]  # larger than the canvas: its own tight square
+    assert config.DEFAULT_CANVAS == 0 and np.array_equal(preprocess_image(disc(50), 64, margin=0)[1],
+                                                         preprocess_image(disc(50), 64, margin=0, canvas=0)[1])
+    big = preprocess_image(disc(200), 64, canvas=320)[1]  # larger than the canvas: its own tight square
     assert big.mean() > 0.7  # a disc filling its square covers pi/4 of it
 
 
@@ -101,11 +103,15 @@ def test_preprocess_all_black_and_wrong_input():
 @pytest.mark.shared_data
 def test_preprocess_real_cell_mask_matches_image(shared_cnmc_bmp):
     rgb = load_rgb(_bmp_cells(shared_cnmc_bmp)[0])
-    image, mask = preprocess_image(rgb, 64)
     cell_fraction = (rgb > config.BACKGROUND_THRESHOLD).any(2).sum() / (rgb.shape[0] * rgb.shape[1])
     assert 0.1 < cell_fraction < 0.3
-    # On the default canvas (320 source px) the cell keeps its scale: same share as at 320 px.
-    assert abs(mask.mean() - cell_fraction * 450 ** 2 / config.DEFAULT_CANVAS ** 2) < 0.03
+    # On a 320 px canvas the cell keeps its scale: the same share of the square as of 320 source px.
+    image, mask = preprocess_image(rgb, 64, canvas=320)
+    assert abs(mask.mean() - cell_fraction * 450 ** 2 / 320 ** 2) < 0.03
+    np.testing.assert_array_equal(mask, (image > config.BACKGROUND_THRESHOLD).any(2))
+    # The default tight crop fills the frame: a round cell covers about pi/4 of its square.
+    image, mask = preprocess_image(rgb, 64)
+    assert 0.6 < mask.mean() < 0.9
     np.testing.assert_array_equal(mask, (image > config.BACKGROUND_THRESHOLD).any(2))
 
 
@@ -227,6 +233,24 @@ def test_cache_reused_and_rebuilt_on_change(shared_cnmc_bmp, tmp_path):
     prepare_arrays(root, size=16, output_dir=out, progress=False, margin=10)
     assert json.loads((folder / "meta.json").read_text())["margin"] == 10
     assert _no_leftovers(out)
+
+
+@pytest.mark.shared_data
+def test_a_canvas_gets_its_own_cache_beside_the_default_tight_crop(shared_cnmc_bmp, tmp_path):
+    tight = prepare_arrays(shared_cnmc_bmp, size=24, output_dir=tmp_path, progress=False)
+    scaled = prepare_arrays(shared_cnmc_bmp, size=24, output_dir=tmp_path, progress=False, canvas=320)
+    assert scaled == tmp_path / "arrays" / "cnmc_bmp_24_canvas320" and tight == tmp_path / "arrays" / "cnmc_bmp_24"
+    tight_arrays, scaled_arrays = load_arrays(tight), load_arrays(scaled)
+    assert tight_arrays.meta["canvas"] == 0 and scaled_arrays.meta["canvas"] == 320
+    assert tight_arrays.meta["digest"] != scaled_arrays.meta["digest"]
+    for i in (0, 21):
+        rgb = load_rgb(tight_arrays.manifest["path"][i])
+        np.testing.assert_array_equal(tight_arrays.images[i], preprocess_image(rgb, 24, canvas=0)[0])
+        np.testing.assert_array_equal(scaled_arrays.images[i], preprocess_image(rgb, 24, canvas=320)[0])
+    # Every cell fills the tight frame, so the masks cover more of it than on the common canvas.
+    assert tight_arrays.masks.mean() > scaled_arrays.masks.mean()
+    with pytest.raises(ValueError, match="canvas"):
+        prepare_arrays(shared_cnmc_bmp, size=24, output_dir=tmp_path, progress=False, canvas=-1)
 
 
 @pytest.mark.shared_data

@@ -174,6 +174,13 @@ def test_arrays_and_manifest_of_different_lengths_are_refused(tiny_run_dir, tmp_
     assert not (tmp_path / "out" / "models").exists()
 
 
+def test_arrays_prepared_with_another_canvas_are_refused(tiny_run_dir, tmp_path):
+    arrays_dir = Path(train.load_run(tiny_run_dir)["data"]["arrays_dir"])
+    with pytest.raises(train.TrainingDataError, match="canvas"):
+        train.train_model(arrays_dir, output_dir=tmp_path / "out", canvas=320, **TINY)
+    assert not (tmp_path / "out" / "models").exists()
+
+
 def test_cli_reports_bad_input_as_an_error(synthetic_root, tmp_path, capsys):
     code = cli.main(["train", "--data", str(synthetic_root), "--size", "32", "--out", str(tmp_path),
                      "--val-patients", "7"])
