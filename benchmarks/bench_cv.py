@@ -160,6 +160,12 @@ def combine(out: Path) -> pd.DataFrame:
     return results
 
 
+def _heldout_rows(manifest: pd.DataFrame, fold: int) -> tuple[np.ndarray, np.ndarray]:
+    """Upper-case patient id of every array row, and the rows of the fold's held-out patients."""
+    patient_ids = manifest["patient_id"].astype(str).str.upper().to_numpy()
+    return patient_ids, np.flatnonzero(np.isin(patient_ids, FOLDS[fold]))
+
+
 def run_cell_area(fold: int, args: argparse.Namespace, out: Path) -> list[dict]:
     """Baseline without learning: score each cell by its area alone.
 
@@ -176,8 +182,7 @@ def run_cell_area(fold: int, args: argparse.Namespace, out: Path) -> list[dict]:
                            exclude_patients=FOLDS[fold])
     area = np.asarray(arrays.masks, dtype=np.uint8).reshape(len(labels_all), -1).mean(axis=1)
     threshold = youden_threshold(labels_all[split.val_index], area[split.val_index])
-    patient_ids = arrays.manifest["patient_id"].astype(str).str.upper().to_numpy()
-    rows = np.flatnonzero(np.isin(patient_ids, FOLDS[fold]))
+    patient_ids, rows = _heldout_rows(arrays.manifest, fold)
     labels = labels_all[rows]
     _write_heldout(out, f"{fold}_cell_area", arrays.manifest.iloc[rows], patient_ids[rows], labels, area[rows],
                    threshold)
@@ -216,8 +221,7 @@ def run_fold(fold: int, architecture: str, args: argparse.Namespace, out: Path) 
     run_dir = train_model(arrays_dir, **kwargs)
     wall = time.perf_counter() - started
     run = load_run(run_dir)
-    patient_ids = arrays.manifest["patient_id"].astype(str).str.upper().to_numpy()
-    rows = np.flatnonzero(np.isin(patient_ids, FOLDS[fold]))
+    patient_ids, rows = _heldout_rows(arrays.manifest, fold)
     labels = np.asarray(arrays.labels[rows]).astype(int)
     model = anna_model.load_model(run_dir)
     p_leukemia = anna_model.predict_outputs(model, arrays.images[rows])["p_leukemia"]
