@@ -74,18 +74,21 @@ DEFAULT_LEARNING_RATE = 1e-3
 DEFAULT_VAL_FRACTION = 0.2
 
 
-def arrays_dir(dataset: str, size: int, output_dir: Path | None = None, canvas: int = DEFAULT_CANVAS) -> Path:
-    """Folder of the cached arrays for one dataset, image size and canvas.
+def arrays_dir(dataset: str, size: int, output_dir: Path | None = None, canvas: int = DEFAULT_CANVAS,
+               margin: int = DEFAULT_MARGIN) -> Path:
+    """Folder of the cached arrays for one dataset, image size, canvas and margin.
 
     Args:
         dataset: Short dataset name (see ``modules.data.dataset_name``).
         size: Side of the square images in pixels.
         output_dir: Root of the outputs; ``OUTPUT_DIR`` by default.
         canvas: Smallest side of the square around each cell (``DEFAULT_CANVAS``).
+        margin: Background pixels kept around each cell (``DEFAULT_MARGIN``).
 
     Returns:
-        ``<output_dir>/arrays/<dataset>_<size>``, with ``_canvas<C>`` appended for another canvas
-        (so the two never replace each other's cache).
+        ``<output_dir>/arrays/<dataset>_<size>``, with ``_canvas<C>`` and ``_margin<M>`` appended
+        for a canvas or margin other than the default (so they never replace each other's cache).
     """
     suffix = "" if int(canvas) == DEFAULT_CANVAS else f"_canvas{int(canvas)}"
+    suffix += "" if int(margin) == DEFAULT_MARGIN else f"_margin{int(margin)}"
     return Path(output_dir or OUTPUT_DIR) / ARRAYS_SUBDIR / f"{dataset}_{size}{suffix}"

@@ -71,6 +71,28 @@ def _list_images(folder: Path) -> list[str]:
     return images
 
 
+def _warn_unexpected(folder: Path, belongs, what: str) -> None:
+    """Warn about the entries of ``folder`` that are not part of the layout (hidden ones aside).
+
+    Args:
+        folder: A folder of the layout.
+        belongs: ``belongs(path) -> bool`` for the entries that are scanned.
+        what: What belongs there, for the message.
+    """
+    others = sorted(p.name + ("/" if p.is_dir() else "") for p in folder.iterdir()
+                    if not p.name.startswith(".") and p.name.lower() not in _JUNK and not belongs(p))
+    if others:
+        images = [name for name in others if os.path.splitext(name)[1].lower() in config.IMAGE_EXTENSIONS]
+        hint = (f"; {len(images)} of them are images: move each cell into the class folder its name says"
+                if images else "")
+        warnings.warn(
+            f"{folder}: ignoring {len(others)} entr{'y' if len(others) == 1 else 'ies'} that "
+            f"{'is' if len(others) == 1 else 'are'} not part of the C-NMC layout ({', '.join(others[:5])}"
+            f"{', …' if len(others) > 5 else ''}): only {what} are read there{hint}",
+            stacklevel=4,
+        )
+
+
 def parse_cell_name(name: str) -> dict | None:
     """Split ``UID_<patient>_<image>_<cell>_<all|hem>.<ext>`` into its parts.
 
@@ -133,6 +155,7 @@ def _scan_fold(folder: Path) -> list[dict]:
             f"unexpected folder(s) {unknown} in {folder}: only 'all' and 'hem' belong there; "
             "rename them to all/hem or move them out"
         )
+    _warn_unexpected(folder, Path.is_dir, "the class folders 'all' and 'hem'")
     return rows
 
 
@@ -142,6 +165,7 @@ def _scan_training(folder: Path) -> list[dict]:
     if not folds:
         found = sorted(p.name for p in folder.iterdir() if not p.name.startswith("."))
         raise DatasetError(f"no fold_N folders in {folder} (found {found or 'nothing'}); {_LAYOUT_HINT}")
+    _warn_unexpected(folder, lambda p: p in folds, "fold_N folders (fold_0, fold_1, …)")
     return [row for fold in folds for row in _scan_fold(fold)]
 
 
@@ -233,6 +257,14 @@ def _scan_validation(images_dir: Path, csv_path: Path) -> list[dict]:
             f"{len(missing)} row(s) of {csv_path} name images that are not in {images_dir} "
             f"(e.g. {', '.join(missing[:5])}); copy the missing images or use the CSV that came with these images"
         )
+    unparsed = [row["original_name"] for row in rows if not row["patient_id"]]
+    if unparsed:
+        warnings.warn(
+            f"{len(unparsed)} row(s) of {csv_path} have a Patient_ID that is not a C-NMC cell name "
+            f"(e.g. {', '.join(unparsed[:5])}; expected UID_<patient>_<image>_<cell>_<all|hem>.bmp): those cells "
+            "have no patient id, so their labels cannot be checked against the name, and an evaluation that "
+            "includes them resamples cells instead of patients for its intervals; restore the CSV from the download", stacklevel=3,
+        )
     if by_stem_count:
         warnings.warn(
             f"{by_stem_count} validation image(s) in {images_dir} matched their CSV row by name without the "
@@ -321,6 +353,8 @@ def scan_dataset(path: str | os.PathLike) -> pd.DataFrame:
     rows: list[dict] = []
     if kind == "root":
         parts = {p: _child(folder, p) for p in (config.TRAINING_DIR, config.VALIDATION_DIR, config.TESTING_DIR)}
+        _warn_unexpected(folder, lambda p: p in parts.values() or p.name == config.SYNTHETIC_MARKER,
+                         f"{config.TRAINING_DIR}, {config.VALIDATION_DIR} and {config.TESTING_DIR}")
         if parts[config.TRAINING_DIR]:
             rows += _scan_training(parts[config.TRAINING_DIR])
         if parts[config.VALIDATION_DIR]:

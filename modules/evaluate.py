@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
@@ -22,7 +23,7 @@ import pandas as pd
 from sklearn import metrics as skm
 
 from modules import config
-from modules.files import write_csv_atomic
+from modules.files import make_public, write_csv_atomic
 
 #: Metrics with bootstrap intervals.
 CI_METRICS = ("roc_auc", "balanced_accuracy", "sensitivity", "specificity")
@@ -102,6 +103,14 @@ def fast_metrics(labels: np.ndarray, p: np.ndarray, threshold: float) -> dict:
     return {"roc_auc": auc, "balanced_accuracy": balanced, "sensitivity": sensitivity, "specificity": specificity}
 
 
+def normalize_patient_ids(patient_ids) -> np.ndarray:
+    """Patient ids as stripped, upper-case strings ("" where missing), as the manifest writes them.
+
+    C-NMC spells one subject both ``h3`` and ``H3``; grouping must not count it twice.
+    """
+    return pd.Series(patient_ids, dtype="string").fillna("").str.strip().str.upper().to_numpy(dtype=object)
+
+
 def bootstrap_intervals(labels, p_leukemia, threshold: float, patient_ids=None, n_boot: int = 1000,
                         seed: int = 0, confidence: float = 0.95,
                         metrics: Sequence[str] = CI_METRICS) -> tuple[dict, str]:
@@ -127,7 +136,7 @@ def bootstrap_intervals(labels, p_leukemia, threshold: float, patient_ids=None, 
     labels, p = _check_scores(labels, p_leukemia)
     groups = None
     if patient_ids is not None:
-        ids = pd.Series(patient_ids, dtype="string").fillna("").to_numpy(dtype=object)
+        ids = normalize_patient_ids(patient_ids)
         if len(ids) != len(labels):
             raise EvaluationError(f"{len(ids)} patient ids for {len(labels)} cells")
         if all(str(i) for i in ids):
@@ -188,8 +197,9 @@ def compute_metrics(labels, p_leukemia, threshold: float, patient_ids=None, n_bo
     result.update(_point_metrics(labels, p, threshold, ("accuracy", "balanced_accuracy", "sensitivity",
                                                         "specificity", "precision", "f1", "weighted_f1",
                                                         "roc_auc", "pr_auc", "mcc")))
-    known = patient_ids is not None and all(str(i) for i in pd.Series(patient_ids, dtype="string").fillna(""))
-    result["n_patients"] = int(pd.Series(patient_ids).nunique()) if known else None
+    ids = normalize_patient_ids(patient_ids) if patient_ids is not None else None
+    known = ids is not None and all(ids)
+    result["n_patients"] = int(len(set(ids))) if known else None
     if n_boot > 0:
         intervals, resampling = bootstrap_intervals(labels, p, threshold, patient_ids, n_boot, seed, confidence)
         result["ci"] = intervals
@@ -224,7 +234,8 @@ def per_patient_table(predictions: pd.DataFrame) -> pd.DataFrame:
     ``label`` is the patient's true class (the majority when cells disagree, with
     ``mixed_labels`` saying so). Cells without a patient id are left out.
     """
-    known = predictions[predictions["patient_id"].fillna("").astype(str) != ""]
+    predictions = predictions.assign(patient_id=normalize_patient_ids(predictions["patient_id"]))
+    known = predictions[predictions["patient_id"] != ""]
     columns = ["patient_id", "cells", "label", "mixed_labels", "mean_p_leukemia",
                "share_called_leukemic", "accuracy"]
     if known.empty:
@@ -297,12 +308,23 @@ def preprocessing_settings(model, run_config: dict, model_path: Path) -> dict:
         raise EvaluationError(f"{model_path}: config.json records image_size {size} but the model takes "
                               f"{height}x{width} images; the run folder is inconsistent — retrain or "
                               "restore the config.json written with this model")
-    return {"image_size": size,
-            "margin": int(run_config.get("margin", config.DEFAULT_MARGIN)),
-            "background_threshold": int(run_config.get("background_threshold", config.BACKGROUND_THRESHOLD)),
-            "canvas": int(run_config["canvas"]) if run_config.get("canvas") is not None else config.DEFAULT_CANVAS,
-            "recorded": all(run_config.get(key) is not None
-                            for key in ("image_size", "margin", "background_threshold", "canvas"))}
+    settings = {"image_size": size,
+                "margin": int(run_config.get("margin", config.DEFAULT_MARGIN)),
+                "background_threshold": int(run_config.get("background_threshold", config.BACKGROUND_THRESHOLD)),
+                "canvas": int(run_config["canvas"]) if run_config.get("canvas") is not None else config.DEFAULT_CANVAS}
+    settings["recorded"] = all(run_config.get(key) is not None
+                               for key in ("image_size", "margin", "background_threshold", "canvas"))
+    # The size comes from the model itself; the rest cannot be read from it.
+    guessed = [key for key in ("margin", "background_threshold", "canvas") if run_config.get(key) is None]
+    if guessed:
+        source = "the run's config.json does not record" if run_config else "no config.json beside it records"
+        warnings.warn(
+            f"{model_path}: {source} {', '.join(guessed)}; cells are prepared with the current defaults "
+            f"({', '.join(f'{key} {settings[key]}' for key in guessed)}). If the model was trained with other "
+            "settings (e.g. prepare --canvas 320) its predictions are wrong: keep the config.json written by "
+            "`train` beside model.keras", stacklevel=2,
+        )
+    return settings
 
 
 def check_training_preprocessing(run_config: dict, settings: dict, sample: int = 16) -> dict:
@@ -517,6 +539,14 @@ def _select_cells(manifest: pd.DataFrame, split: str, data: Path, run_config: di
             note += f"; restricted to patients {', '.join(wanted)}"
         if rows.empty:
             raise EvaluationError(f"no labeled cells left in {data} after --patients {patients}")
+    if split == "validation" and (run_train or run_val):
+        seen = sorted(set(rows["patient_id"].astype(str)) & (run_train | run_val))
+        if seen:
+            warnings.warn(
+                f"--split validation: cells of patients {', '.join(seen[:10])}{' …' if len(seen) > 10 else ''} in "
+                f"{data} were used to train or validate this run, so their figures are optimistic; add "
+                "--patients unseen to leave them out", stacklevel=3,
+            )
     if split == "test-labeled" and (run_train or run_val):
         seen = sorted(set(rows["patient_id"].astype(str)) & (run_train | run_val))
         if seen:
@@ -634,7 +664,7 @@ def evaluate_run(model_path: str | Path, data: str | Path, split: str = "validat
             viz.save_chart(chart.figure, chart.data, name, chart.caption, staging)
             plt.close(chart.figure)
         report.write_report(staging, metrics, run_config)
-        os.chmod(staging, 0o755)  # mkdtemp makes it private
+        make_public(staging)  # mkdtemp makes it private
         folder = _new_folder(parent, f"{run_id}__{dataset}_{split}", staging)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -676,8 +706,6 @@ def list_images(paths_or_dirs: Iterable[str | Path]) -> pd.DataFrame:
     Raises:
         FileNotFoundError: A path does not exist, or nothing to predict.
     """
-    import warnings
-
     from modules.data import _JUNK
 
     items = [paths_or_dirs] if isinstance(paths_or_dirs, (str, Path)) else list(paths_or_dirs)
@@ -690,7 +718,9 @@ def list_images(paths_or_dirs: Iterable[str | Path]) -> pd.DataFrame:
             testing = _is_testing_folder(path)
             files, others = [], []
             for p in sorted(path.rglob("*")):
-                if p.is_file() and not p.name.startswith(".") and p.name.lower() not in expected:
+                # Hidden files and folders (.ipynb_checkpoints copies, .DS_Store) are not cells.
+                hidden = any(part.startswith(".") for part in p.relative_to(path).parts)
+                if p.is_file() and not hidden and p.name.lower() not in expected:
                     if p.suffix.lower() in config.IMAGE_EXTENSIONS:
                         files.append(p)
                     else:

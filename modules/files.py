@@ -27,6 +27,25 @@ except ImportError:  # pragma: no cover
     _flock = None
 
 
+def _read_umask() -> int:
+    mask = os.umask(0o022)  # the only portable way to read it is to set it, then put it back
+    os.umask(mask)
+    return mask
+
+
+#: The process's umask, read once at import (reading it means setting it, which is not thread-safe).
+_UMASK = _read_umask()
+
+
+def make_public(path: str | os.PathLike) -> None:
+    """Give a file or folder made by ``tempfile`` (private: 0600 / 0700) the usual permissions.
+
+    Files become ``0666`` and folders ``0777``, less the umask, as if made by ``open`` or
+    ``mkdir``: results under ``output/`` stay readable by whoever may read the folder.
+    """
+    os.chmod(path, (0o777 if os.path.isdir(path) else 0o666) & ~_UMASK)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success move it onto ``path``.
@@ -44,6 +63,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(name)
     try:
         yield tmp
+        make_public(tmp)
         os.replace(tmp, path)
     finally:
         with contextlib.suppress(FileNotFoundError):

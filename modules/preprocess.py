@@ -31,7 +31,7 @@ import cv2
 import numpy as np
 
 from modules import config
-from modules.files import write_json_atomic
+from modules.files import make_public, write_json_atomic
 
 if TYPE_CHECKING:  # pandas is imported lazily: worker processes only need numpy and OpenCV
     import pandas as pd
@@ -538,8 +538,8 @@ def prepare_arrays(data, size: int = config.DEFAULT_IMAGE_SIZE, output_dir: str 
             blows each cell up to fill the frame (more detail, but its size is lost).
 
     Returns:
-        The arrays folder ``<output_dir>/arrays/<dataset>_<size>`` (``…_canvas<C>`` for a
-        canvas other than the default).
+        The arrays folder ``<output_dir>/arrays/<dataset>_<size>`` (``…_canvas<C>``,
+        ``…_margin<M>`` for a canvas or margin other than the default).
 
     Raises:
         ImageError: An image cannot be used and ``skip_bad`` is False (every bad file found
@@ -571,7 +571,7 @@ def prepare_arrays(data, size: int = config.DEFAULT_IMAGE_SIZE, output_dir: str 
     synthetic = bool(manifest.attrs.get("synthetic", is_synthetic(source)))
     dataset = _dataset_for(manifest)
     threshold = config.BACKGROUND_THRESHOLD
-    target = config.arrays_dir(dataset, size, output_dir, canvas=canvas)
+    target = config.arrays_dir(dataset, size, output_dir, canvas=canvas, margin=margin)
     digest = compute_digest(manifest, size, margin, threshold, source, canvas=canvas)
     if _cache_is_valid(target, digest, skip_bad):
         return target
@@ -581,6 +581,7 @@ def prepare_arrays(data, size: int = config.DEFAULT_IMAGE_SIZE, output_dir: str 
     workers = max(1, int(workers))
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
+    make_public(staging)
     try:
         n = len(manifest)
         images = np.lib.format.open_memmap(staging / "images.npy", mode="w+", dtype=np.uint8, shape=(n, size, size, 3))

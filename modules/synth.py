@@ -27,6 +27,7 @@ import numpy as np
 import pandas as pd
 
 from modules import config
+from modules.files import make_public
 
 IMAGE_SIDE = 450
 #: Bumped whenever the drawing changes, so that a cached synthetic tree is redrawn.
@@ -276,6 +277,7 @@ def make_synthetic_dataset(out_dir: str | os.PathLike, seed: int = 0, scale: str
             return root
     out_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{config.DATASET_FOLDER_NAME}.", suffix=".partial", dir=out_dir))
+    make_public(staging)
     try:
         _draw_tree(staging, seed, scale)
         if root.exists():  # an older synthetic tree: move it aside, then delete it

@@ -55,7 +55,7 @@ def test_prepare_command(synthetic_root, tmp_path, capsys):
     assert main(argv) == 0
     out = capsys.readouterr().out
     folder = Path(out.strip().splitlines()[-1])
-    assert folder == tmp_path / "arrays" / "synthetic_c-nmc_leukemia_train_24"
+    assert folder == tmp_path / "arrays" / "synthetic_c-nmc_leukemia_train_24_margin2"  # not the default cache
     assert (folder / "images.npy").is_file() and "SYNTHETIC" in out
 
 

@@ -351,3 +351,46 @@ def test_same_cell_in_training_and_validation_is_a_warning(tmp_path):
     with pytest.warns(UserWarning, match="more than one split.*uid_5_1_1_all"):
         table = scan_dataset(root)
     assert len(table) == 8
+
+
+@pytest.mark.parametrize("where, entry", [
+    ("training_data", "fold_0_old/all/UID_99_1_1_all.bmp"),  # a folder that is not fold_N
+    ("training_data", "UID_98_1_1_all.bmp"),                 # a cell directly in training_data
+    ("training_data/fold_0", "UID_97_1_1_all.bmp"),          # a cell beside all/ and hem/
+    ("", "extra_cells/UID_96_1_1_all.bmp"),                  # a folder beside training_data
+])
+def test_entries_outside_the_layout_are_reported_not_silently_dropped(tmp_path, where, entry):
+    root = tmp_path / "C-NMC_Leukemia"
+    make_fold(root)
+    write_cell(root / where / entry)
+    first = entry.split("/")[0]
+    with pytest.warns(UserWarning, match=rf"ignoring 1 entry that is not part of the C-NMC layout \({first}/?\)"):
+        table = scan_dataset(root)
+    assert len(table) == 5  # the layout's own cells, and the warning says what was left out
+
+
+def test_loose_cell_warning_says_where_it_belongs(tmp_path):
+    root = tmp_path / "C-NMC_Leukemia"
+    make_fold(root)
+    write_cell(root / "training_data" / "fold_0" / "UID_97_1_1_all.bmp")
+    with pytest.warns(UserWarning, match="1 of them are images: move each cell into the class folder"):
+        scan_dataset(root)
+
+
+def test_clean_layout_gives_no_warning(tmp_path):
+    root = tmp_path / "C-NMC_Leukemia"
+    make_fold(root)
+    (root / "training_data" / "fold_0" / ".DS_Store").write_text("x")  # hidden entries are not data
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert len(scan_dataset(root)) == 5
+
+
+def test_validation_row_without_a_cell_name_is_reported(tmp_path):
+    root = _validation_tree(tmp_path)
+    labels = pd.read_csv(_csv(root))
+    labels.loc[labels["new_names"] == "2.bmp", "Patient_ID"] = "cell_0002.bmp"
+    labels.to_csv(_csv(root), index=False)
+    with pytest.warns(UserWarning, match=r"1 row\(s\) of .* Patient_ID that is not a C-NMC cell name .*cell_0002"):
+        table = scan_dataset(root)
+    assert table.set_index("name").loc["2.bmp", "patient_id"] == ""

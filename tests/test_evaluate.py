@@ -238,6 +238,20 @@ def test_test_labeled_refuses_the_runs_own_patients(tiny_run_dir, synthetic_root
         evaluate.evaluate_run(tiny_run_dir, training, split="train", patients="NOPE", output_dir=tmp_path / "o")
 
 
+def test_validation_split_warns_about_the_runs_own_patients(tmp_path):
+    """C-NMC's validation patients are new; a folder where they are not gets a warning, not silence."""
+    manifest = pd.DataFrame({"path": ["1.bmp", "2.bmp", "3.bmp"], "name": ["1.bmp", "2.bmp", "3.bmp"],
+                             "original_name": ["UID_11_1_1_all.bmp", "UID_H3_1_1_hem.bmp", "UID_50_1_1_all.bmp"],
+                             "patient_id": ["11", "H3", "50"], "label": pd.array([1, 0, 1], dtype="Int8"),
+                             "split": "validation", "fold": pd.array([None] * 3, dtype="Int8")})
+    run = {"train_patients": ["11"], "val_patients": ["H3"]}
+    with pytest.warns(UserWarning, match=r"patients 11, H3 .* were used to train or validate this run"):
+        rows, _ = evaluate._select_cells(manifest, "validation", tmp_path, run, None)
+    assert len(rows) == 3
+    rows, _ = evaluate._select_cells(manifest, "validation", tmp_path, run, "unseen")
+    assert list(rows["patient_id"]) == ["50"]
+
+
 def test_train_split_counts_the_runs_patients(tiny_run_dir, synthetic_root, tmp_path):
     folder = evaluate.evaluate_run(tiny_run_dir, synthetic_root / "training_data", split="train",
                                    output_dir=tmp_path / "o", n_boot=0, publish=False, progress=False)

@@ -7,7 +7,7 @@ import os
 import pandas as pd
 import pytest
 
-from modules import config
+from modules import config, files
 from modules.files import atomic_path, write_csv_atomic, write_json_atomic, write_text_atomic
 
 
@@ -21,6 +21,14 @@ def test_atomic_path_replaces_only_on_success(tmp_path):
             raise RuntimeError("interrupted")
     assert target.read_text() == "old"  # the reader never sees the half-written file
     assert sorted(p.name for p in target.parent.iterdir()) == ["chart.png"]  # nothing left behind
+
+
+def test_atomic_files_get_the_usual_permissions_not_private_ones(tmp_path):
+    """tempfile makes private files (0600); results must be readable like any file the user writes."""
+    write_text_atomic(tmp_path / "report.md", "x")
+    (tmp_path / "plain.txt").write_text("x")
+    assert (tmp_path / "report.md").stat().st_mode & 0o777 == (tmp_path / "plain.txt").stat().st_mode & 0o777
+    assert (tmp_path / "report.md").stat().st_mode & 0o777 == 0o666 & ~files._UMASK
 
 
 def test_two_writers_of_one_name_get_different_temporary_files(tmp_path):

@@ -123,6 +123,19 @@ def test_per_patient_table():
     assert table.loc["H2", "mean_p_leukemia"] == pytest.approx((0.8 + 0.1 + 0.2) / 3)
 
 
+def test_patient_ids_are_grouped_as_the_manifest_spells_them():
+    """C-NMC writes one subject as both h3 and H3: that is one patient, not two."""
+    labels = np.array([0] * 10 + [1] * 10)
+    p = np.linspace(0.05, 0.95, 20)
+    patients = ["h3"] * 5 + [" H3"] * 5 + ["1"] * 10
+    result = evaluate.compute_metrics(labels, p, 0.5, patient_ids=patients, n_boot=20)
+    assert result["n_patients"] == 2 and result["ci_resampling"] == "patients"
+    frame = pd.DataFrame({"name": [f"{i}.bmp" for i in range(20)], "patient_id": patients, "label": labels,
+                          "p_leukemia": p, "prediction": (p >= 0.5).astype(int)})
+    table = evaluate.per_patient_table(frame).set_index("patient_id")
+    assert sorted(table.index) == ["1", "H3"] and table.loc["H3", "cells"] == 10
+
+
 def test_bootstrap_metrics_equal_scikit_learn_on_resamples():
     rng = np.random.default_rng(5)
     labels = rng.integers(0, 2, 300)

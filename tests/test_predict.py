@@ -66,6 +66,8 @@ def test_new_cells_in_nested_folders_and_single_files(tiny_run_dir, synthetic_ro
     shutil.copy(cells[1], new / "nested" / "b.BMP")
     (new / "notes.txt").write_text("not an image")
     (new / "Thumbs.db").write_bytes(b"viewer cache")  # skipped without a word
+    (new / ".ipynb_checkpoints").mkdir()  # Jupyter's hidden copies are not more cells
+    shutil.copy(cells[0], new / ".ipynb_checkpoints" / "a.bmp")
     with pytest.warns(UserWarning, match=r"ignoring 1 file that is not an image \(notes\.txt\)"):
         table = evaluate.predict_images(tiny_run_dir, [new, cells[2]], progress=False)
     assert sorted(table["name"]) == sorted(["a.bmp", "b.BMP", cells[2].name])
@@ -129,5 +131,7 @@ def test_preprocessing_follows_the_run_config(synthetic_root):
     image, mask = evaluate.prepare_cell(str(cell), settings)
     expected = preprocess.preprocess_image(preprocess.load_rgb(cell), 32, margin=2, threshold=6, canvas=0)
     assert (image == expected[0]).all() and (mask == expected[1]).all()
-    defaults = evaluate.preprocessing_settings(anna, {}, Path("run"))
+    with pytest.warns(UserWarning, match=r"run: no config.json beside it records margin, "
+                                         r"background_threshold, canvas; .*predictions are wrong"):
+        defaults = evaluate.preprocessing_settings(anna, {}, Path("run"))
     assert not defaults["recorded"] and defaults["canvas"] == config.DEFAULT_CANVAS

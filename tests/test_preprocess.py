@@ -184,6 +184,11 @@ def test_prepare_real_bmp_cells(shared_cnmc_bmp, tmp_path):
     assert meta["background_threshold"] == config.BACKGROUND_THRESHOLD and meta["skipped"] == []
     assert len(meta["digest"]) == 64 and meta["source"] == str(shared_cnmc_bmp.resolve())
     assert _no_leftovers(tmp_path)
+    # Made through tempfile (private), published with the permissions of any folder and file.
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "plain" / "file").write_text("x")
+    assert folder.stat().st_mode & 0o777 == (tmp_path / "plain").stat().st_mode & 0o777
+    assert (folder / "meta.json").stat().st_mode & 0o777 == (tmp_path / "plain" / "file").stat().st_mode & 0o777
 
 
 @pytest.mark.shared_data
@@ -229,9 +234,10 @@ def test_cache_reused_and_rebuilt_on_change(shared_cnmc_bmp, tmp_path):
     row = arrays.manifest.index[arrays.manifest["path"] == str(changed)][0]
     np.testing.assert_array_equal(arrays.images[row], preprocess_image(load_rgb(changed), 16)[0])
 
-    # Another margin is another preprocessing: rebuilt too.
-    prepare_arrays(root, size=16, output_dir=out, progress=False, margin=10)
-    assert json.loads((folder / "meta.json").read_text())["margin"] == 10
+    # Another margin is another preprocessing: its own cache, the default one left as it was.
+    wide = prepare_arrays(root, size=16, output_dir=out, progress=False, margin=10)
+    assert wide != folder and json.loads((wide / "meta.json").read_text())["margin"] == 10
+    assert json.loads((folder / "meta.json").read_text()) == second
     assert _no_leftovers(out)
 
 
@@ -251,6 +257,10 @@ def test_a_canvas_gets_its_own_cache_beside_the_default_tight_crop(shared_cnmc_b
     assert tight_arrays.masks.mean() > scaled_arrays.masks.mean()
     with pytest.raises(ValueError, match="canvas"):
         prepare_arrays(shared_cnmc_bmp, size=24, output_dir=tmp_path, progress=False, canvas=-1)
+    # Another margin too: its own folder, so the default cache is neither replaced nor rebuilt.
+    wide = prepare_arrays(shared_cnmc_bmp, size=24, output_dir=tmp_path, progress=False, margin=12)
+    assert wide == tmp_path / "arrays" / "cnmc_bmp_24_margin12" and load_arrays(wide).meta["margin"] == 12
+    assert load_arrays(tight).meta["digest"] == tight_arrays.meta["digest"]
 
 
 @pytest.mark.shared_data
