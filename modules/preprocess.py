@@ -684,9 +684,10 @@ def register(subparsers) -> None:
     """Add the ``prepare`` command."""
     parser = subparsers.add_parser(
         "prepare", help="crop, mask and resize the cells into cached .npy arrays",
-        description="Decode every cell, crop it to its bounding box, centre it on a black square of at least "
-                    f"{config.DEFAULT_CANVAS} source pixels (cells keep their relative size), resize it and derive "
-                    "its mask; write OUT/arrays/<dataset>_<size>/ (reused while the files are unchanged). "
+        description="Decode every cell, crop it to its bounding box plus a margin, make it square (tightly by "
+                    "default, so each cell fills the frame; with --canvas C on a black square of at least C source "
+                    "pixels, so cells keep their relative size), resize it and derive its mask; write "
+                    "OUT/arrays/<dataset>_<size>/ (reused while the files are unchanged). "
                     "The last line printed is that folder.",
     )
     parser.add_argument("--data", type=Path, required=True,

@@ -328,5 +328,5 @@ def register(subparsers) -> None:
                         help="folder that will hold C-NMC_Leukemia/ (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="random seed; same seed, same files (default: 0)")
     parser.add_argument("--scale", choices=SCALES, default="small",
-                        help="tiny: ~90 cells for tests; small: ~480 cells for the demo (default: small)")
+                        help="tiny: ~90 cells for tests; small: ~470 cells for the demo (default: small)")
     parser.set_defaults(func=_run_synth)
