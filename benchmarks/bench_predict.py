@@ -58,7 +58,8 @@ def best_rates(paths: dict, repeats: int) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=512, help="cells timed (default 512: two decoding chunks)")
-    parser.add_argument("--size", type=int, default=config.DEFAULT_IMAGE_SIZE, help=f"image side (default {config.DEFAULT_IMAGE_SIZE}; the figures in docs/BENCHMARKS.md used 128)")
+    parser.add_argument("--size", type=int, default=config.DEFAULT_IMAGE_SIZE,
+                        help=f"image side (default {config.DEFAULT_IMAGE_SIZE}; docs/BENCHMARKS.md used 128)")
     parser.add_argument("--batch-size", type=int, default=64, help="batch of the batched path (default 64)")
     parser.add_argument("--single", type=int, default=64, help="cells timed one at a time (default 64)")
     parser.add_argument("--repeats", type=int, default=3, help="repeats; the best is kept (default 3)")

@@ -263,7 +263,8 @@ def _scan_validation(images_dir: Path, csv_path: Path) -> list[dict]:
             f"{len(unparsed)} row(s) of {csv_path} have a Patient_ID that is not a C-NMC cell name "
             f"(e.g. {', '.join(unparsed[:5])}; expected UID_<patient>_<image>_<cell>_<all|hem>.bmp): those cells "
             "have no patient id, so their labels cannot be checked against the name, and an evaluation that "
-            "includes them resamples cells instead of patients for its intervals; restore the CSV from the download", stacklevel=3,
+            "includes them resamples cells instead of patients for its intervals; restore the CSV from the download",
+            stacklevel=3,
         )
     if by_stem_count:
         warnings.warn(
