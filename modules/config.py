@@ -60,7 +60,7 @@ DEFAULT_MARGIN = 4  # pixels of background kept around the cell's bounding box (
 #: nucleus at the highest resolution the image size allows, but not its absolute size. A
 #: canvas (e.g. 320 px, which holds 95 % of C-NMC cells) keeps every cell at one scale instead.
 #: Measured in the patient-grouped cross-validation (docs/BENCHMARKS.md, run 8): at 96 px the
-#: tight crop reaches mean ROC AUC 0.901 (folds 0.971 / 0.806 / 0.924) where the 320 px canvas
+#: tight crop reaches mean ROC AUC 0.901-0.922 over three seeds where the 320 px canvas
 #: gave 0.840-0.862 (runs 1-7): on the canvas the network leaned on cell size, which alone gives 0.833.
 DEFAULT_CANVAS = 0
 #: A pixel belongs to the cell when any channel exceeds this value (background is black).
