@@ -62,13 +62,28 @@ def _list_images(folder: Path) -> list[str]:
             else:
                 others.append(entry.name + ("/" if entry.is_dir() else ""))
     if others:
-        warnings.warn(
-            f"{folder}: ignoring {len(others)} entr{'y' if len(others) == 1 else 'ies'} that "
-            f"{'is' if len(others) == 1 else 'are'} not an image ({', '.join(others[:5])}"
-            f"{', …' if len(others) > 5 else ''}); images must end in {', '.join(config.IMAGE_EXTENSIONS)}",
-            stacklevel=3,
-        )
+        warn_ignored(folder, others, "not an image", f"; images must end in {', '.join(config.IMAGE_EXTENSIONS)}")
     return images
+
+
+def warn_ignored(folder: Path, names: list[str], reason: str, advice: str,
+                 noun: tuple[str, str] = ("entry", "entries"), stacklevel: int = 4) -> None:
+    """Warn ``<folder>: ignoring N entries that are <reason> (<up to 5 names>)<advice>``.
+
+    Args:
+        folder: Where the entries are.
+        names: The entries left out.
+        reason: Why, e.g. "not an image".
+        advice: What to do, appended as is (starts with its own punctuation).
+        noun: Singular and plural of what is counted.
+        stacklevel: ``warnings.warn``'s, counted from this function.
+    """
+    listed = ", ".join(names[:5]) + (", …" if len(names) > 5 else "")
+    warnings.warn(
+        f"{folder}: ignoring {len(names)} {noun[0] if len(names) == 1 else noun[1]} that "
+        f"{'is' if len(names) == 1 else 'are'} {reason} ({listed}){advice}",
+        stacklevel=stacklevel,
+    )
 
 
 def _warn_unexpected(folder: Path, belongs, what: str) -> None:
@@ -85,12 +100,7 @@ def _warn_unexpected(folder: Path, belongs, what: str) -> None:
         images = [name for name in others if os.path.splitext(name)[1].lower() in config.IMAGE_EXTENSIONS]
         hint = (f"; {len(images)} of them are images: move each cell into the class folder its name says"
                 if images else "")
-        warnings.warn(
-            f"{folder}: ignoring {len(others)} entr{'y' if len(others) == 1 else 'ies'} that "
-            f"{'is' if len(others) == 1 else 'are'} not part of the C-NMC layout ({', '.join(others[:5])}"
-            f"{', …' if len(others) > 5 else ''}): only {what} are read there{hint}",
-            stacklevel=4,
-        )
+        warn_ignored(folder, others, "not part of the C-NMC layout", f": only {what} are read there{hint}")
 
 
 def parse_cell_name(name: str) -> dict | None:

@@ -391,10 +391,9 @@ def plot_preprocessing_steps(manifest: pd.DataFrame, n: int = 4, size: int = con
     images, titles, rows = [], [], []
     for path, label in zip(table["path"], table["label"]):
         rgb = preprocess.load_rgb(path)
-        (x, y, width, height), side = _cell_box(rgb, margin)
+        (y, x, height, width), (top, left, side) = preprocess.cell_square(rgb, margin)
         framed = for_display(rgb)  # stretched before drawing, so the boxes stay bright
         cv2.rectangle(framed, (x, y), (x + width - 1, y + height - 1), (255, 255, 0), 2)
-        top, left = y + height // 2 - side // 2, x + width // 2 - side // 2
         cv2.rectangle(framed, (left, top), (left + side - 1, top + side - 1), (0, 255, 255), 2)
         square, _ = preprocess.preprocess_image(rgb, side, margin=margin)  # same side: crop + pad only
         image, mask = preprocess.preprocess_image(rgb, size, margin=margin)
@@ -419,18 +418,6 @@ def plot_preprocessing_steps(manifest: pd.DataFrame, n: int = 4, size: int = con
 def _canvas_note() -> str:
     canvas = int(config.DEFAULT_CANVAS)
     return f", at least {canvas} px" if canvas else ", made square"
-
-
-def _cell_box(rgb: np.ndarray, margin: int) -> tuple[tuple[int, int, int, int], int]:
-    """The cell's bounding box ``(x, y, width, height)`` and the side of the square kept around it.
-
-    Mirrors ``preprocess.preprocess_image``: cell = any channel above the background threshold;
-    the square is the box's longer side plus the margin, at least ``config.DEFAULT_CANVAS`` pixels wide.
-    """
-    threshold = config.BACKGROUND_THRESHOLD
-    cell = cv2.bitwise_not(cv2.inRange(rgb, (0, 0, 0), (threshold, threshold, threshold)))
-    x, y, width, height = cv2.boundingRect(cell)
-    return (x, y, width, height), max(max(width, height) + 2 * margin, int(config.DEFAULT_CANVAS))
 
 
 def plot_resolution_comparison(manifest: pd.DataFrame, sizes: Sequence[int] = (450, 128, 64), n: int = 3,

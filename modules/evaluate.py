@@ -201,7 +201,7 @@ def compute_metrics(labels, p_leukemia, threshold: float, patient_ids=None, n_bo
     known = ids is not None and all(ids)
     result["n_patients"] = int(len(set(ids))) if known else None
     if n_boot > 0:
-        intervals, resampling = bootstrap_intervals(labels, p, threshold, patient_ids, n_boot, seed, confidence)
+        intervals, resampling = bootstrap_intervals(labels, p, threshold, ids, n_boot, seed, confidence)
         result["ci"] = intervals
         result["ci_resampling"] = resampling
         result["ci_method"] = (f"{confidence:.0%} percentile bootstrap, {n_boot} replicates, "
@@ -539,20 +539,17 @@ def _select_cells(manifest: pd.DataFrame, split: str, data: Path, run_config: di
             note += f"; restricted to patients {', '.join(wanted)}"
         if rows.empty:
             raise EvaluationError(f"no labeled cells left in {data} after --patients {patients}")
-    if split == "validation" and (run_train or run_val):
-        seen = sorted(set(rows["patient_id"].astype(str)) & (run_train | run_val))
-        if seen:
-            warnings.warn(
-                f"--split validation: cells of patients {', '.join(seen[:10])}{' …' if len(seen) > 10 else ''} in "
-                f"{data} were used to train or validate this run, so their figures are optimistic; add "
-                "--patients unseen to leave them out", stacklevel=3,
-            )
-    if split == "test-labeled" and (run_train or run_val):
-        seen = sorted(set(rows["patient_id"].astype(str)) & (run_train | run_val))
-        if seen:
-            raise EvaluationError(f"--split test-labeled: patients {', '.join(seen)} in {data} were used to train "
-                                  "or validate this run; pass --patients unseen to keep only the others, or "
-                                  "--split train to evaluate training cells knowingly")
+    seen = sorted(set(rows["patient_id"].astype(str)) & (run_train | run_val))  # the run's own patients
+    if split == "validation" and seen:
+        warnings.warn(
+            f"--split validation: cells of patients {', '.join(seen[:10])}{' …' if len(seen) > 10 else ''} in "
+            f"{data} were used to train or validate this run, so their figures are optimistic; add "
+            "--patients unseen to leave them out", stacklevel=3,
+        )
+    if split == "test-labeled" and seen:
+        raise EvaluationError(f"--split test-labeled: patients {', '.join(seen)} in {data} were used to train "
+                              "or validate this run; pass --patients unseen to keep only the others, or "
+                              "--split train to evaluate training cells knowingly")
     return rows.reset_index(drop=True), note
 
 
@@ -706,7 +703,7 @@ def list_images(paths_or_dirs: Iterable[str | Path]) -> pd.DataFrame:
     Raises:
         FileNotFoundError: A path does not exist, or nothing to predict.
     """
-    from modules.data import _JUNK
+    from modules.data import _JUNK, warn_ignored
 
     items = [paths_or_dirs] if isinstance(paths_or_dirs, (str, Path)) else list(paths_or_dirs)
     # The validation labels CSV belongs to the Kaggle layout: expected, not worth a warning.
@@ -726,12 +723,8 @@ def list_images(paths_or_dirs: Iterable[str | Path]) -> pd.DataFrame:
                     else:
                         others.append(str(p.relative_to(path)))
             if others:
-                warnings.warn(
-                    f"{path}: ignoring {len(others)} file{'' if len(others) == 1 else 's'} that "
-                    f"{'is' if len(others) == 1 else 'are'} not an image ({', '.join(others[:5])}"
-                    f"{', …' if len(others) > 5 else ''}); images must end in {', '.join(config.IMAGE_EXTENSIONS)}",
-                    stacklevel=2,
-                )
+                warn_ignored(path, others, "not an image", f"; images must end in {', '.join(config.IMAGE_EXTENSIONS)}",
+                             noun=("file", "files"), stacklevel=3)
             rows += [{"path": str(p.resolve()), "testing": testing or _is_testing_folder(p.parent)} for p in files]
         elif path.is_file():
             if path.suffix.lower() not in config.IMAGE_EXTENSIONS:

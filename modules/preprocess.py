@@ -224,11 +224,30 @@ def _bounding_box(rgb: np.ndarray, threshold: int) -> tuple[int, int, int, int]:
     return y, x, int(rows[-1]) - y + 1, int(channels[-1]) // 3 - x + 1
 
 
-def _crop_resize_into(rgb: np.ndarray, out: np.ndarray, margin: int, threshold: int, canvas: int) -> None:
-    """The work of ``preprocess_image``, written into ``out`` (a zeroed (S, S, 3) array)."""
+def cell_square(rgb: np.ndarray, margin: int = config.DEFAULT_MARGIN,
+                threshold: int = config.BACKGROUND_THRESHOLD,
+                canvas: int = config.DEFAULT_CANVAS) -> tuple[tuple[int, int, int, int], tuple[int, int, int]]:
+    """The cell's bounding box and the square ``preprocess_image`` keeps around it.
+
+    Args:
+        rgb: (H, W, 3) uint8 image (either channel order).
+        margin, threshold, canvas: As for ``preprocess_image``.
+
+    Returns:
+        ``((y, x, height, width), (top, left, side))`` in input pixels; the square may reach
+        past the image's edges (that part is black padding).
+
+    Raises:
+        ImageError: No pixel is above the threshold.
+    """
     y, x, height, width = _bounding_box(rgb, threshold)
     side = max(max(width, height) + 2 * margin, int(canvas))
-    top, left = y + height // 2 - side // 2, x + width // 2 - side // 2  # the square, in input pixels
+    return (y, x, height, width), (y + height // 2 - side // 2, x + width // 2 - side // 2, side)
+
+
+def _crop_resize_into(rgb: np.ndarray, out: np.ndarray, margin: int, threshold: int, canvas: int) -> None:
+    """The work of ``preprocess_image``, written into ``out`` (a zeroed (S, S, 3) array)."""
+    (y, x, height, width), (top, left, side) = cell_square(rgb, margin, threshold, canvas)
     # Only the cell's box (+ margin) is resized and pasted into the black square: the rest of
     # the square is background, so resizing it too would only cost time.
     n_rows, n_cols = rgb.shape[:2]
