@@ -10,10 +10,13 @@ subprocess, so its peak memory is its own:
   to a list and stacked (no crop, no mask);
 - ``prepare``: ``modules.preprocess.prepare_arrays`` end to end (scan, digest, decode, crop,
   mask, resize, memory-mapped .npy, manifest, meta), from an empty output folder, with its
-  default thread pool;
+  default thread pool and the C kernel (``modules/native.py``; built once per machine before
+  any timing, like the imports: its one-time build is timed and printed separately);
 - ``prepare_cached``: the same call again (the cache is reused);
 - ``prepare_processes``: ``prepare_arrays`` with a process pool instead of its default threads
   (comparison);
+- ``prepare_numpy``: ``prepare_arrays`` with ``ANNA_NATIVE=0``, the NumPy reference that runs
+  where no C compiler is found (same bytes, slower);
 - ``floor_parallel``: the floor split over all cores (one process each, pool started before
   the clock): how much faster reading gets in parallel here;
 - ``read_rowmax_parallel``: as ``floor_parallel`` plus one pass over each image's bytes (the
@@ -49,8 +52,8 @@ sys.path.insert(0, str(PROJECT_ROOT))
 from modules import config  # noqa: E402
 
 
-METHODS = ("floor", "cv2_loop", "prepare", "prepare_cached", "prepare_processes", "floor_parallel",
-           "read_rowmax_parallel")
+METHODS = ("floor", "cv2_loop", "prepare", "prepare_cached", "prepare_processes", "prepare_numpy",
+           "floor_parallel", "read_rowmax_parallel")
 
 
 def _read_files(paths: list[str]) -> int:
@@ -114,10 +117,16 @@ def measure(method: str, dataset: Path, size: int, workers: int | None, out: Pat
     import cv2
     import numpy as np
     import pandas
+    import tqdm.auto
 
-    from modules import data, preprocess
+    from modules import data, native, preprocess
 
-    assert pandas and data  # imported for their import time only
+    assert pandas and data and tqdm.auto  # imported for their import time only
+    if method == "prepare_numpy":  # the fallback where no C compiler is found
+        os.environ["ANNA_NATIVE"] = "0"
+    # Like the imports: the C kernel is built once per machine (main() times that build) and
+    # only loaded here.
+    native.kernel()
 
     if method == "prepare_processes":
         preprocess.EXECUTOR = "process"
@@ -139,8 +148,8 @@ def measure(method: str, dataset: Path, size: int, workers: int | None, out: Pat
         for path in paths:
             images.append(cv2.resize(cv2.imread(path), (size, size)))
         images = np.array(images)
-    elif method in ("prepare", "prepare_cached", "prepare_processes"):
-        output = out / "processes" if method == "prepare_processes" else out
+    elif method in ("prepare", "prepare_cached", "prepare_processes", "prepare_numpy"):
+        output = out / method if method in ("prepare_processes", "prepare_numpy") else out
         preprocess.prepare_arrays(dataset, size=size, output_dir=output, workers=workers, progress=False)
     else:
         raise ValueError(method)
@@ -160,6 +169,22 @@ def _cpu_seconds() -> float:
         usage = resource.getrusage(who)
         total += usage.ru_utime + usage.ru_stime
     return total
+
+
+def build_kernel() -> str:
+    """Time one build of the C kernel into a throwaway folder (what a first run on a new machine
+    pays once), and make sure the real cached one exists before anything is timed."""
+    from modules import native
+
+    compiler = native._compiler()
+    if compiler is None:
+        return "C kernel: no C compiler found; prepare runs the NumPy reference"
+    with tempfile.TemporaryDirectory() as folder:
+        start = time.perf_counter()
+        native._build(compiler, Path(folder) / "kernel.so")
+        seconds = time.perf_counter() - start
+    native.kernel()
+    return f"C kernel: one-time build {seconds:.2f} s with {compiler}; {native.status()}"
 
 
 def run_isolated(method: str, dataset: Path, size: int, workers: int | None, out: Path) -> dict:
@@ -205,6 +230,7 @@ def main() -> None:
     paths = _paths(dataset)
     for path in paths:  # warm the page cache so every method reads from memory
         Path(path).read_bytes()
+    print(build_kernel(), flush=True)
     load = os.getloadavg()
     print(f"{len(paths)} BMP cells, {args.size} px, {os.cpu_count()} CPUs, load average before: "
           f"{load[0]:.2f} {load[1]:.2f} {load[2]:.2f}", flush=True)

@@ -13,7 +13,9 @@ from __future__ import annotations
 import argparse
 import concurrent.futures as futures
 import contextlib
+import ctypes
 import datetime as dt
+import functools
 import hashlib
 import json
 import math
@@ -30,7 +32,7 @@ from typing import TYPE_CHECKING
 import cv2
 import numpy as np
 
-from modules import config
+from modules import config, native
 from modules.files import make_public, write_json_atomic
 
 if TYPE_CHECKING:  # pandas is imported lazily: worker processes only need numpy and OpenCV
@@ -38,7 +40,7 @@ if TYPE_CHECKING:  # pandas is imported lazily: worker processes only need numpy
 
 #: Part of the cache digest: bump it whenever the pixels preprocess_image produces change,
 #: so that arrays cached by older code are rebuilt rather than trusted.
-META_VERSION = 2
+META_VERSION = 3
 #: BMP file header from byte 10: pixel offset, info header size, width, height, planes, bit
 #: count, compression.
 _BMP_HEADER = struct.Struct("<IIiiHHI")
@@ -173,9 +175,11 @@ def preprocess_image(rgb: np.ndarray, size: int, margin: int = config.DEFAULT_MA
 
     The cell is every pixel with a channel above ``threshold`` (the background is black).
     The square's side is the box's longer side plus ``2 * margin``, and at least ``canvas``.
-    Only the box is resized (area averaging when shrinking) and pasted into the black square.
+    Only the part of the square inside the image is resampled (``resample``: area averaging
+    when shrinking, bilinear when enlarging) into its place in the black output square.
     The mask marks the pixels of the returned image with a channel above ``threshold``:
     exactly the cell the model sees. Works on either channel order (RGB or BGR) and keeps it.
+    ``prepare_arrays`` gives the same bytes for the same file.
 
     Args:
         rgb: (H, W, 3) uint8 image.
@@ -197,27 +201,25 @@ def preprocess_image(rgb: np.ndarray, size: int, margin: int = config.DEFAULT_MA
     if size < 1 or margin < 0:
         raise ValueError(f"size must be >= 1 and margin >= 0 (got size={size}, margin={margin})")
     image = np.zeros((size, size, 3), np.uint8)
-    _crop_resize_into(rgb, image, margin, threshold, canvas)
-    return image, _cell_mask(image, threshold)
+    mask = np.zeros((size, size), np.uint8)
+    _crop_resize_into(rgb, image, mask, margin, threshold, canvas)
+    return image, mask
 
 
-def _cell_mask(image: np.ndarray, threshold: int, out: np.ndarray | None = None) -> np.ndarray:
-    """1 where any channel of ``image`` is above ``threshold``, else 0 (uint8)."""
-    mask = cv2.inRange(image, (0, 0, 0), (threshold, threshold, threshold), dst=out)
-    np.equal(mask, 0, out=mask, casting="unsafe")
-    return mask
+def _no_cell_error(threshold: int) -> ImageError:
+    return ImageError(f"no cell pixels (every channel <= {threshold}): the image is black")
 
 
 def _bounding_box(rgb: np.ndarray, threshold: int) -> tuple[int, int, int, int]:
     """``(y, x, height, width)`` of the pixels with a channel above ``threshold``.
 
     Row maxima, then column maxima over the cell's rows only: two cheap passes, no
-    full-size mask. (A single pass over bands of rows measured slower here.)
+    full-size mask.
     """
     flat = rgb.reshape(rgb.shape[0], -1)
     rows = np.flatnonzero(flat.max(axis=1) > threshold)
     if rows.size == 0:
-        raise ImageError(f"no cell pixels (every channel <= {threshold}): the image is black")
+        raise _no_cell_error(threshold)
     # Column maxima over the cell's rows, per byte: byte index // 3 is the pixel column.
     channels = np.flatnonzero(flat[rows[0]:rows[-1] + 1].max(axis=0) > threshold)
     y, x = int(rows[0]), int(channels[0]) // 3
@@ -245,51 +247,122 @@ def cell_square(rgb: np.ndarray, margin: int = config.DEFAULT_MARGIN,
     return (y, x, height, width), (y + height // 2 - side // 2, x + width // 2 - side // 2, side)
 
 
-def _crop_resize_into(rgb: np.ndarray, out: np.ndarray, margin: int, threshold: int, canvas: int) -> None:
-    """The work of ``preprocess_image``, written into ``out`` (a zeroed (S, S, 3) array)."""
-    (y, x, height, width), (top, left, side) = cell_square(rgb, margin, threshold, canvas)
-    # Only the cell's box (+ margin) is resized and pasted into the black square: the rest of
-    # the square is background, so resizing it too would only cost time.
-    n_rows, n_cols = rgb.shape[:2]
+def _round_ratio(numerator: int, denominator: int) -> int:
+    """numerator / denominator rounded half up, in integers (as the C kernel does)."""
+    return (2 * numerator + denominator) // (2 * denominator)
+
+
+def _crop_resize_into(image: np.ndarray, out: np.ndarray, mask: np.ndarray, margin: int, threshold: int,
+                      canvas: int, swap: bool = False) -> None:
+    """The work of ``preprocess_image``, written into ``out`` (S, S, 3) and ``mask`` (S, S), zero-filled.
+
+    Channels are reversed on the way when ``swap`` (BGR in, RGB out). Uses the C kernel
+    where it is built (``modules.native``), else the NumPy reference; both give the same bytes.
+    """
+    kernel = native.kernel()
+    if kernel is None:
+        _crop_resize_numpy(image, out, mask, margin, threshold, canvas, swap)
+        return
+    if image.strides[1:] != (3, 1):  # the kernel needs pixel-contiguous rows (any row step)
+        image = np.ascontiguousarray(image)
+    if not (out.flags.c_contiguous and mask.flags.c_contiguous):
+        raise ValueError("out and mask must be C-contiguous arrays")
+    status = kernel.anna_crop_resize(image.ctypes.data, image.shape[0], image.shape[1], image.strides[0],
+                                     out.shape[0], margin, threshold, canvas, int(swap), out.ctypes.data,
+                                     mask.ctypes.data)
+    _raise_for_status(status, threshold)
+
+
+def _raise_for_status(status: int, threshold: int) -> None:
+    if status == _NO_CELL:
+        raise _no_cell_error(threshold)
+    if status == _TOO_LARGE:
+        raise ImageError("the image is too large for preprocessing (over 1,048,576 pixels a side)")
+    if status < 0:
+        raise MemoryError(f"the C kernel failed: {os.strerror(-status)}")
+
+
+#: Status codes of the C kernel (``_cellkernel.c``).
+_NOT_BMP24, _NO_CELL, _TOO_LARGE = 1, 2, 3
+
+
+def _crop_resize_numpy(image: np.ndarray, out: np.ndarray, mask: np.ndarray, margin: int, threshold: int,
+                       canvas: int, swap: bool) -> None:
+    """NumPy reference of the C kernel's ``anna_crop_resize`` (same geometry, same integers)."""
+    (y, x, height, width), (top, left, side) = cell_square(image, margin, threshold, canvas)
+    size = out.shape[0]
+    n_rows, n_cols = image.shape[:2]
     y0, y1 = max(y - margin, 0, top), min(y + height + margin, n_rows, top + side)
     x0, x1 = max(x - margin, 0, left), min(x + width + margin, n_cols, left + side)
-    scale = out.shape[0] / side
-    oy0, oy1 = round((y0 - top) * scale), round((y1 - top) * scale)
-    ox0, ox1 = round((x0 - left) * scale), round((x1 - left) * scale)
+    oy0, oy1 = _round_ratio((y0 - top) * size, side), _round_ratio((y1 - top) * size, side)
+    ox0, ox1 = _round_ratio((x0 - left) * size, side), _round_ratio((x1 - left) * size, side)
     if oy1 > oy0 and ox1 > ox0:
-        box = rgb[y0:y1, x0:x1]
-        if box.strides[0] < 0:  # OpenCV needs positive strides (a bottom-up BMP view has not)
-            box = np.ascontiguousarray(box)
-        out[oy0:oy1, ox0:ox1] = resize_area(box, ox1 - ox0, oy1 - oy0)
+        region = resample(image[y0:y1, x0:x1], ox1 - ox0, oy1 - oy0)
+        out[oy0:oy1, ox0:ox1] = region[..., ::-1] if swap else region
+        mask[oy0:oy1, ox0:ox1] = (region > threshold).any(axis=2)
 
 
-def resize_area(image: np.ndarray, width: int, height: int) -> np.ndarray:
-    """Resize with area averaging when shrinking, fast for any ratio.
+@functools.lru_cache(maxsize=4096)
+def taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Resampling taps of one axis, ``n_in`` pixels to ``n_out``.
 
-    OpenCV's INTER_AREA is slow for non-integer ratios but fast for integer ones, so a
-    shrink by r >= 2 is an exact k x k block average (k = floor(r), after trimming fewer
-    than k edge rows/columns, which are background here) followed by a bilinear step at a
-    ratio under 2, where bilinear does not alias. Ratios under 2 and enlargements are bilinear.
+    Shrinking (and equal sizes): output pixel d covers inputs [d n_in / n_out, (d+1) n_in / n_out)
+    and each input it overlaps weighs its overlap (area resampling, no aliasing at any ratio).
+    Enlarging: bilinear between the two nearest input centres. Weights are integers summing to
+    256 per output pixel (rounded cumulatively, so none is negative), as in the C kernel's ``anna_taps``.
+
+    Returns:
+        ``(first, count, weight)``: output d reads inputs ``first[d] … first[d] + count[d] - 1``
+        with ``weight[d, :count[d]]`` (the rest of the row is 0); read-only int32 arrays.
+    """
+    stride = (n_in + n_out - 1) // n_out + 1 if n_in > n_out else 2
+    first, count = np.zeros(n_out, np.int32), np.zeros(n_out, np.int32)
+    weight = np.zeros((n_out, stride), np.int32)
+    for d in range(n_out):
+        if n_in >= n_out:
+            low, high = d * n_in, (d + 1) * n_in  # in units of 1/n_out input pixel
+            s0, s1 = low // n_out, (high - 1) // n_out
+            cumulative = [((min(high, (s + 1) * n_out) - low) * 256 + n_in // 2) // n_in for s in range(s0, s1 + 1)]
+            row = [end - begin for begin, end in zip([0] + cumulative[:-1], cumulative)]
+        else:
+            numerator, denominator = (2 * d + 1) * n_in - n_out, 2 * n_out
+            s0, fraction = divmod(numerator, denominator) if numerator >= 0 else (0, 0)
+            if s0 >= n_in - 1:
+                s0, row = n_in - 1, [256]
+            else:
+                right = (fraction * 256 + n_out) // denominator
+                row = [256 - right, right]
+        first[d], count[d] = s0, len(row)
+        weight[d, :len(row)] = row
+    for array in (first, count, weight):
+        array.flags.writeable = False
+    return first, count, weight
+
+
+def resample(image: np.ndarray, width: int, height: int) -> np.ndarray:
+    """Resize an (H, W, C) uint8 image: area averaging when shrinking, bilinear when enlarging.
+
+    Vertical pass first (16-bit sums), then horizontal, rounded half up to 8 bits: the
+    NumPy reference of the C kernel (``taps`` says which inputs each output pixel reads).
 
     Args:
-        image: (H, W, C) or (H, W) uint8 image.
+        image: (H, W, C) uint8 image.
         width, height: Output size.
 
     Returns:
-        (height, width[, C]) uint8 image.
+        (height, width, C) uint8 image.
     """
-    rows, cols = image.shape[:2]
-    if (rows, cols) == (height, width):
-        return image
-    factor = min(rows // height, cols // width)
-    if factor >= 2:
-        rows, cols = rows - rows % factor, cols - cols % factor
-        trim_top, trim_left = (image.shape[0] - rows) // 2, (image.shape[1] - cols) // 2
-        image = cv2.resize(image[trim_top:trim_top + rows, trim_left:trim_left + cols],
-                           (cols // factor, rows // factor), interpolation=cv2.INTER_AREA)
-        if image.shape[:2] == (height, width):
-            return image
-    return cv2.resize(image, (width, height), interpolation=cv2.INTER_LINEAR)
+    v_first, _, v_weight = taps(image.shape[0], height)
+    h_first, _, h_weight = taps(image.shape[1], width)
+    vertical = np.zeros((height,) + image.shape[1:], np.uint32)
+    for tap in range(v_weight.shape[1]):  # taps past a row's count weigh 0: any valid index will do
+        rows = np.minimum(v_first + tap, image.shape[0] - 1)
+        vertical += v_weight[:, tap, None, None].astype(np.uint32) * image[rows]
+    total = np.full((height, width) + image.shape[2:], 1 << 15, np.uint32)
+    for tap in range(h_weight.shape[1]):
+        cols = np.minimum(h_first + tap, image.shape[1] - 1)
+        total += h_weight[None, :, tap, None].astype(np.uint32) * vertical[:, cols]
+    return (total >> 16).astype(np.uint8)
 
 
 def _prepare_rows(start: int, paths: list[str], size: int, margin: int, threshold: int, canvas: int,
@@ -306,14 +379,24 @@ def _prepare_rows(start: int, paths: list[str], size: int, margin: int, threshol
 
 def _prepare_into(start: int, paths: list[str], size: int, margin: int, threshold: int, canvas: int,
                   images: np.ndarray, masks: np.ndarray) -> list[tuple]:
-    """Prepare ``paths`` into ``images``/``masks`` (views of the output); returns the errors."""
+    """Prepare ``paths`` into ``images``/``masks`` (contiguous views of the output); returns the errors.
+
+    With the C kernel, the whole chunk is one call (GIL released); the files it does not read
+    itself (not 24-bit BMP) or cannot prepare are redone here, where errors get their messages.
+    """
+    kernel = native.kernel()
+    todo = range(len(paths))
+    if kernel is not None:
+        status = np.zeros(len(paths), np.int32)
+        encoded = (ctypes.c_char_p * len(paths))(*(os.fsencode(path) for path in paths))
+        kernel.anna_prepare_files(len(paths), encoded, size, margin, threshold, canvas, images.ctypes.data,
+                                  masks.ctypes.data, status.ctypes.data)
+        todo = np.flatnonzero(status)
     errors = []
-    for offset, path in enumerate(paths):
+    for offset in map(int, todo):
+        path = paths[offset]
         try:
-            # Straight into the output rows (zero-filled): no per-image arrays to allocate.
-            _crop_resize_into(_decode_bgr(path), images[offset], margin, threshold, canvas)
-            cv2.cvtColor(images[offset], cv2.COLOR_BGR2RGB, dst=images[offset])  # the small image only
-            _cell_mask(images[offset], threshold, out=masks[offset])
+            _crop_resize_into(_decode_bgr(path), images[offset], masks[offset], margin, threshold, canvas, swap=True)
         except ImageError as error:
             message = str(error)
             errors.append((start + offset, path, message if path in message else f"{path}: {message}"))
@@ -632,6 +715,8 @@ def prepare_arrays(data, size: int = config.DEFAULT_IMAGE_SIZE, output_dir: str 
             "digest": digest, "skipped": skipped, "synthetic": synthetic,
             "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             "meta_version": META_VERSION,
+            # Which implementation prepared the cells (both give the same bytes; see modules/native.py).
+            "kernel": "C" if native.kernel() is not None else "NumPy",
         }
         write_json_atomic(staging / "meta.json", meta)
         try:

@@ -192,8 +192,8 @@ def test_prepare_real_bmp_cells(shared_cnmc_bmp, tmp_path):
 
 
 @pytest.mark.shared_data
-# 24 and 128 px shrink by a k x k block average first (bottom-up BMP rows averaged in stored
-# order, then flipped); 256 px is a bilinear step only.
+# 24 and 128 px shrink the cells (area resampling, several taps a side); 256 px enlarges most of
+# them (bilinear). BMP files go through the C reader, PNG files through OpenCV's decoder.
 @pytest.mark.parametrize("executor,size", [("thread", 24), ("process", 24), ("thread", 128), ("thread", 256)])
 def test_png_and_bmp_give_the_same_arrays_and_pool_equals_serial(shared_cnmc, shared_cnmc_bmp, tmp_path,
                                                                  monkeypatch, executor, size):
