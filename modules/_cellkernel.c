@@ -45,6 +45,7 @@ static int64_t max_taps(int64_t n_in, int64_t n_out) { return n_in > n_out ? (n_
  * weights weight[d * stride + t]; returns the table's stride (max_taps). */
 int64_t anna_taps(int64_t n_in, int64_t n_out, int32_t *first, int32_t *count, int32_t *weight)
 {
+    if (n_in < 1 || n_out < 1) return -EINVAL;
     int64_t stride = max_taps(n_in, n_out);
     memset(weight, 0, (size_t)(n_out * stride) * sizeof *weight);
     if (n_in >= n_out) { /* area: output d covers [d n_in, (d+1) n_in) in units of 1/n_out pixel */
@@ -291,10 +292,14 @@ static int prepare_bmp(const char *path, uint8_t **buffer, int64_t *capacity, in
     int fd = open(path, O_RDONLY | O_CLOEXEC);
     if (fd < 0) return -errno;
     struct stat info;
-    if (fstat(fd, &info) != 0 || info.st_size < 54) {
-        int error = info.st_size < 54 ? ANNA_NOT_BMP24 : -errno;
+    if (fstat(fd, &info) != 0) {
+        int error = errno;
         close(fd);
-        return error;
+        return -error;
+    }
+    if (info.st_size < 54) {
+        close(fd);
+        return ANNA_NOT_BMP24;
     }
     if (info.st_size > *capacity) {
         uint8_t *grown = realloc(*buffer, (size_t)info.st_size);
@@ -328,9 +333,10 @@ static int prepare_bmp(const char *path, uint8_t **buffer, int64_t *capacity, in
             int bits = data[28] | data[29] << 8;
             uint32_t compression = read_u32(data + 30);
             rows = height < 0 ? -height : height;
-            stride = (width * 3 + 3) / 4 * 4;
-            if (data[0] != 'B' || data[1] != 'M' || header < 40 || bits != 24 || compression != 0 || width <= 0 ||
-                height == 0 || offset + stride * rows > info.st_size || too_large(rows, width, size)) {
+            stride = too_large(rows, width, size) ? 0 : (width * 3 + 3) / 4 * 4;
+            /* too_large first: it bounds rows and width, so the size check below cannot overflow. */
+            if (data[0] != 'B' || data[1] != 'M' || header < 40 || bits != 24 || compression != 0 ||
+                too_large(rows, width, size) || offset + stride * rows > info.st_size) {
                 status = ANNA_NOT_BMP24;
                 break;
             }

@@ -6,8 +6,11 @@ than one. The C kernel does a whole chunk of cells per call with the GIL release
 releases it), and gives exactly the bytes of the NumPy reference in ``preprocess``.
 
 The shared library is compiled once per machine with the system C compiler (``$CC``, else
-``cc``) into ``$ANNA_CACHE_DIR`` (default ``~/.cache/anna``), under a name that includes a
-digest of the source, the compiler and the platform, written to a temporary name and renamed.
+``cc``) into ``$ANNA_CACHE_DIR`` (default ``~/.cache/anna``; where that cannot be written, a
+private per-user folder in the temporary folder), under a name that includes a digest of the
+source, the compiler and the platform. It is written to a temporary name, flushed and renamed,
+and its SHA-256 is recorded beside it (``.sha256``): a library that does not match (cut short by
+an interrupted build or copy) is rebuilt, never loaded.
 Without a compiler (or with ``ANNA_NATIVE=0``) everything still works through the NumPy
 reference, slower; ``kernel()`` returns None then and ``status()`` says why.
 """
@@ -18,6 +21,7 @@ import hashlib
 import os
 import platform
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
@@ -49,25 +53,71 @@ def _compiler() -> str | None:
     return None
 
 
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _write_synced(path: str, data: bytes | None = None) -> None:
+    """Write ``data`` (if given) and flush the file to disk before it is renamed into place."""
+    with open(path, "r+b" if data is None else "wb") as handle:
+        if data is not None:
+            handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
 def _build(compiler: str, target: Path) -> None:
-    """Compile the kernel to ``target`` (temporary name, then rename: never a half-written file)."""
+    """Compile the kernel to ``target`` and record its digest beside it (``<target>.sha256``).
+
+    Both are written under temporary names, flushed to disk and renamed, the digest last: a
+    library without a matching digest (an interrupted build or copy) is never loaded.
+    """
     target.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(prefix=target.name + ".", suffix=".tmp", dir=target.parent)
     os.close(handle)
+    digest_file = target.with_name(target.name + ".sha256")
     try:
         result = subprocess.run([*compiler.split(), *CFLAGS, "-o", temporary, str(SOURCE)],
                                 capture_output=True, text=True, timeout=120)
         if result.returncode != 0:
             raise OSError(f"{compiler} failed: {result.stderr.strip()[-500:]}")
         os.chmod(temporary, 0o755)
+        _write_synced(temporary)
+        digest = _sha256(Path(temporary))
         os.replace(temporary, target)
+        _write_synced(temporary, digest.encode())
+        os.replace(temporary, digest_file)
     finally:
         if os.path.exists(temporary):
             os.unlink(temporary)
 
 
+def _is_intact(target: Path) -> bool:
+    """True when ``target`` exists and matches the digest recorded when it was built."""
+    digest_file = target.with_name(target.name + ".sha256")
+    try:
+        return digest_file.read_text().strip() == _sha256(target)
+    except OSError:
+        return False
+
+
+def _private_dir(folder: Path) -> bool:
+    """Make ``folder`` (mode 0700) or accept it only if it is ours and closed to others.
+
+    The fallback folder sits in the shared temporary folder, where another user could have
+    made it first and left a library of their own for us to load.
+    """
+    try:
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        info = folder.lstat()
+    except OSError:
+        return False
+    own = not hasattr(os, "getuid") or info.st_uid == os.getuid()
+    return own and stat.S_ISDIR(info.st_mode) and not info.st_mode & 0o077
+
+
 def _candidate_dirs() -> list[Path]:
-    """Where the library may live: the cache folder, else a per-user temporary folder."""
+    """Where the library may live: the cache folder, else a private per-user temporary folder."""
     fallback = Path(tempfile.gettempdir()) / f"anna-{os.getuid() if hasattr(os, 'getuid') else 'user'}"
     return [cache_dir(), fallback]
 
@@ -87,27 +137,27 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
     compiler = _compiler()
     if compiler is None:
         return None, "NumPy reference, slower: no C compiler found (install gcc or clang, or set CC)"
-    name = library_name(compiler)
     problems = []
-    for folder in _candidate_dirs():
+    try:
+        name = library_name(compiler)
+    except OSError as error:
+        return None, f"NumPy reference, slower: the kernel's source cannot be read ({error})"
+    for number, folder in enumerate(_candidate_dirs()):
+        if number > 0 and not _private_dir(folder):
+            problems.append(f"{folder}: not a private folder of this user")
+            continue
         target = folder / name
         try:
-            library = None
-            if target.exists():
-                try:
-                    library = ctypes.CDLL(str(target))
-                except OSError:  # corrupt (an interrupted copy, a full disk): build it again
-                    pass
-            if library is None:
+            if not _is_intact(target):  # missing, or cut short by an interrupted build or copy
                 _build(compiler, target)
-                library = ctypes.CDLL(str(target))
-        except (OSError, subprocess.SubprocessError) as error:
+            library = ctypes.CDLL(str(target))
+            if library.anna_kernel_version() != KERNEL_VERSION:
+                problems.append(f"{target} is not kernel version {KERNEL_VERSION}: delete it to rebuild")
+                continue
+            _declare(library)
+        except (OSError, AttributeError, subprocess.SubprocessError) as error:
             problems.append(f"{folder}: {error}")
             continue
-        if library.anna_kernel_version() != KERNEL_VERSION:
-            problems.append(f"{target} is not kernel version {KERNEL_VERSION}: delete it to rebuild")
-            continue
-        _declare(library)
         return library, f"C kernel {target}"
     return None, "NumPy reference, slower: the C kernel could not be built or loaded (" + "; ".join(problems) + ")"
 

@@ -196,14 +196,37 @@ def preprocess_image(rgb: np.ndarray, size: int, margin: int = config.DEFAULT_MA
         ImageError: No pixel is above the threshold (an all-black image).
         ValueError: ``rgb`` is not an (H, W, 3) uint8 array or ``size`` < 1.
     """
-    if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
-        raise ValueError(f"preprocess_image needs an (H, W, 3) uint8 image, not {rgb.dtype} {rgb.shape}")
-    if size < 1 or margin < 0:
-        raise ValueError(f"size must be >= 1 and margin >= 0 (got size={size}, margin={margin})")
+    if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3 or 0 in rgb.shape:
+        raise ValueError(f"preprocess_image needs a non-empty (H, W, 3) uint8 image, not {rgb.dtype} {rgb.shape}")
+    check_settings(size, margin, threshold, canvas, min_size=1)
     image = np.zeros((size, size, 3), np.uint8)
     mask = np.zeros((size, size), np.uint8)
     _crop_resize_into(rgb, image, mask, margin, threshold, canvas)
     return image, mask
+
+
+#: Largest output side, margin and canvas accepted (the C kernel's limits; far beyond any use).
+MAX_SIZE, MAX_EXTENT = 16384, 1 << 20
+
+
+def check_settings(size: int, margin: int, threshold: int, canvas: int, min_size: int = 8) -> None:
+    """Raise ValueError unless size, margin, threshold and canvas are usable integers.
+
+    Args:
+        size: Output side, ``min_size`` to ``MAX_SIZE`` pixels.
+        margin, canvas: 0 to ``MAX_EXTENT`` input pixels.
+        threshold: Background threshold, 0 to 254 (a channel above it is cell).
+        min_size: Smallest accepted size.
+    """
+    values = {"size": size, "margin": margin, "threshold": threshold, "canvas": canvas}
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            raise ValueError(f"{name} must be an integer, not {value!r}")
+    if not (min_size <= size <= MAX_SIZE and 0 <= margin <= MAX_EXTENT and 0 <= canvas <= MAX_EXTENT
+            and 0 <= threshold <= 254):
+        raise ValueError(f"need {min_size} <= size <= {MAX_SIZE}, 0 <= margin, canvas <= {MAX_EXTENT} and "
+                         f"0 <= threshold <= 254 (got size={size}, margin={margin}, canvas={canvas}, "
+                         f"threshold={threshold})")
 
 
 def _no_cell_error(threshold: int) -> ImageError:
@@ -270,15 +293,11 @@ def _crop_resize_into(image: np.ndarray, out: np.ndarray, mask: np.ndarray, marg
     status = kernel.anna_crop_resize(image.ctypes.data, image.shape[0], image.shape[1], image.strides[0],
                                      out.shape[0], margin, threshold, canvas, int(swap), out.ctypes.data,
                                      mask.ctypes.data)
-    _raise_for_status(status, threshold)
-
-
-def _raise_for_status(status: int, threshold: int) -> None:
-    if status == _NO_CELL:
+    if status == _TOO_LARGE:  # over the kernel's 2**20 pixels a side: the reference has no such limit
+        _crop_resize_numpy(image, out, mask, margin, threshold, canvas, swap)
+    elif status == _NO_CELL:
         raise _no_cell_error(threshold)
-    if status == _TOO_LARGE:
-        raise ImageError("the image is too large for preprocessing (over 1,048,576 pixels a side)")
-    if status < 0:
+    elif status < 0:
         raise MemoryError(f"the C kernel failed: {os.strerror(-status)}")
 
 
@@ -315,6 +334,8 @@ def taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         ``(first, count, weight)``: output d reads inputs ``first[d] … first[d] + count[d] - 1``
         with ``weight[d, :count[d]]`` (the rest of the row is 0); read-only int32 arrays.
     """
+    if n_in < 1 or n_out < 1:
+        raise ValueError(f"taps needs sizes >= 1, not {n_in} -> {n_out}")
     stride = (n_in + n_out - 1) // n_out + 1 if n_in > n_out else 2
     first, count = np.zeros(n_out, np.int32), np.zeros(n_out, np.int32)
     weight = np.zeros((n_out, stride), np.int32)
@@ -663,10 +684,8 @@ def prepare_arrays(data, size: int = config.DEFAULT_IMAGE_SIZE, output_dir: str 
         manifest = scan_dataset(data)
     if manifest.empty:
         raise DatasetError("the manifest is empty: there are no images to prepare")
+    check_settings(size, margin, config.BACKGROUND_THRESHOLD, canvas)
     size, margin, canvas = int(size), int(margin), int(canvas)
-    if size < 8 or margin < 0 or canvas < 0:
-        raise ValueError(f"size must be at least 8 pixels, margin and canvas >= 0 "
-                         f"(got size={size}, margin={margin}, canvas={canvas})")
     from modules.synth import is_synthetic
 
     source = _source_root(manifest)

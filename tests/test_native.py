@@ -226,20 +226,76 @@ def test_without_a_compiler_the_reference_runs_and_says_so(kernel, tmp_path, mon
     assert not list((tmp_path / "cache").glob("*.so")) and not list((tmp_path / "cache").glob("*.tmp"))
 
 
-def test_a_corrupt_cached_library_is_rebuilt(kernel, tmp_path, monkeypatch):
-    monkeypatch.setenv("ANNA_CACHE_DIR", str(tmp_path))
-    native.reset()
-    library = tmp_path / native.library_name(native._compiler())
-    library.write_bytes(b"not a shared library")  # e.g. left by a copy interrupted by a full disk
+def test_a_cut_short_library_is_rebuilt_not_loaded(kernel, tmp_path, monkeypatch):
+    """A library that does not match the digest recorded at its build (an interrupted copy) is rebuilt."""
+    name = native.library_name(native._compiler())
+    monkeypatch.setenv("ANNA_CACHE_DIR", str(tmp_path / "first"))
     native.reset()
     try:
+        assert native.kernel() is not None
+        built = (tmp_path / "first" / name).read_bytes()
+        assert (tmp_path / "first" / f"{name}.sha256").read_text() == native._sha256(tmp_path / "first" / name)
+        # The same folder copied elsewhere, the library cut in half (loading it could crash the process).
+        (tmp_path / "copy").mkdir()
+        (tmp_path / "copy" / name).write_bytes(built[: len(built) // 2])
+        shutil.copyfile(tmp_path / "first" / f"{name}.sha256", tmp_path / "copy" / f"{name}.sha256")
+        monkeypatch.setenv("ANNA_CACHE_DIR", str(tmp_path / "copy"))
+        native.reset()
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # rebuilt quietly: no fallback warning
             assert native.kernel() is not None
-        assert library.stat().st_size > 1000 and native.status() == f"C kernel {library}"
+        assert native.status() == f"C kernel {tmp_path / 'copy' / name}"
+        assert native._is_intact(tmp_path / "copy" / name) and len((tmp_path / "copy" / name).read_bytes()) > 1000
     finally:
         monkeypatch.undo()
         native.reset()
+
+
+def test_the_shared_temporary_fallback_must_be_private(kernel, tmp_path, monkeypatch):
+    """Where the cache folder is unusable, a temporary folder that others can write is not trusted."""
+    (tmp_path / "a_file").write_text("")
+    monkeypatch.setenv("ANNA_CACHE_DIR", str(tmp_path / "a_file" / "anna"))  # cannot be made
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))
+    monkeypatch.setattr(native.tempfile, "tempdir", None)  # gettempdir() reads TMPDIR again
+    fallback = native._candidate_dirs()[1]
+    assert fallback.parent == tmp_path / "tmp"
+    fallback.mkdir()
+    fallback.chmod(0o777)  # as another user could have left it
+    native.reset()
+    try:
+        with pytest.warns(RuntimeWarning, match="not a private folder"):
+            assert native.kernel() is None
+        assert not list(fallback.iterdir())
+        fallback.chmod(0o700)  # ours and closed: used
+        native.reset()
+        assert native.kernel() is not None and native.status().startswith(f"C kernel {fallback}")
+    finally:
+        monkeypatch.undo()
+        native.reset()
+
+
+def test_settings_out_of_range_are_refused_before_the_kernel(kernel):
+    image = np.zeros((20, 20, 3), np.uint8)
+    image[5:15, 5:15] = 99
+    for settings in ({"size": 16385}, {"size": 16, "margin": 2**60}, {"size": 16, "canvas": 2**63},
+                     {"size": 16, "threshold": 2**32 + 20}, {"size": 16, "threshold": 255}, {"size": 0},
+                     {"size": 16.0}):
+        size = settings.pop("size")
+        with pytest.raises(ValueError, match="size|integer"):
+            preprocess.preprocess_image(image, size, **settings)
+    with pytest.raises(ValueError, match="non-empty"):
+        preprocess.preprocess_image(np.zeros((0, 20, 3), np.uint8), 16)
+    with pytest.raises(ValueError, match="sizes >= 1"):
+        taps(5, 0)
+    assert kernel.anna_taps(5, 0, None, None, None) < 0  # refused, not a division by zero
+
+
+def test_images_beyond_the_kernel_limit_use_the_reference(kernel):
+    image = np.zeros((3, (1 << 20) + 5, 3), np.uint8)  # wider than the kernel's 2**20 pixels
+    image[1, 1000:1010] = 200
+    out, mask = preprocess.preprocess_image(image, 8, margin=0)
+    assert mask.sum() > 0 and (out[mask == 1] == 200).all()
 
 
 def test_numpy_reference_is_used_when_asked(numpy_only):
