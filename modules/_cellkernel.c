@@ -1,6 +1,6 @@
 /* ANNa's per-cell preprocessing kernel: read a cell image, find the cell, crop, resize, mask.
  *
- * Compiled on first use by modules/native.py (plain C99 + POSIX, no Python headers) and called
+ * Compiled on first use by modules/native.py (C99 + POSIX + one GCC/Clang attribute, no Python headers) and called
  * through ctypes, which releases the GIL, so threads prepare cells truly in parallel. It does
  * exactly what modules/preprocess.py's NumPy reference does (`_crop_resize_numpy`, `taps`), in
  * integer arithmetic only, so both give the same bytes on every machine; tests compare them.

@@ -5,8 +5,9 @@ passes hold the GIL between NumPy and OpenCV calls, so two threads ran only abou
 than one. The C kernel does a whole chunk of cells per call with the GIL released (ctypes
 releases it), and gives exactly the bytes of the NumPy reference in ``preprocess``.
 
-The shared library is compiled once per machine with the system C compiler (``$CC``, else
-``cc``) into ``$ANNA_CACHE_DIR`` (default ``~/.cache/anna``; where that cannot be written, a
+The shared library is compiled once per machine with the system C compiler (``$CC``, else the
+first of ``cc``, ``gcc``, ``clang`` found) into ``$ANNA_CACHE_DIR`` (default
+``$XDG_CACHE_HOME/anna``, else ``~/.cache/anna``; where that cannot be written, a
 private per-user folder in the temporary folder), under a name that includes a digest of the
 source, the compiler and the platform. It is written to a temporary name, flushed and renamed,
 and its SHA-256 is recorded beside it (``.sha256``): a library that does not match (cut short by
@@ -39,7 +40,7 @@ _state: dict = {}
 
 
 def cache_dir() -> Path:
-    """Folder of the compiled kernel: ``$ANNA_CACHE_DIR`` or ``~/.cache/anna``."""
+    """Folder of the compiled kernel: ``$ANNA_CACHE_DIR``, else ``$XDG_CACHE_HOME/anna`` or ``~/.cache/anna``."""
     if os.environ.get("ANNA_CACHE_DIR"):
         return Path(os.environ["ANNA_CACHE_DIR"])
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"

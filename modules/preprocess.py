@@ -194,7 +194,8 @@ def preprocess_image(rgb: np.ndarray, size: int, margin: int = config.DEFAULT_MA
 
     Raises:
         ImageError: No pixel is above the threshold (an all-black image).
-        ValueError: ``rgb`` is not an (H, W, 3) uint8 array or ``size`` < 1.
+        ValueError: ``rgb`` is not a non-empty (H, W, 3) uint8 array, or a setting is outside
+            ``check_settings``' limits.
     """
     if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3 or 0 in rgb.shape:
         raise ValueError(f"preprocess_image needs a non-empty (H, W, 3) uint8 image, not {rgb.dtype} {rgb.shape}")

@@ -1,6 +1,6 @@
 """The C kernel (modules/_cellkernel.c) against its NumPy reference, and the resampling itself.
 
-Both implementations must give the same bytes: the cache does not record which one made it,
+Both implementations must give the same bytes: the cache digest does not depend on which one made it,
 and a model trained on arrays from one is evaluated on images prepared by the other.
 """
 from __future__ import annotations
