@@ -23,10 +23,6 @@
 #include <unistd.h>
 
 #define ANNA_KERNEL_VERSION 1
-#ifndef PIECE
-#define PIECE (1024 * 1024) /* bytes per read(); each piece is scanned as it arrives (smaller pieces, to scan
-                              while in cache, measured no faster) */
-#endif
 #define ONE 256 /* sum of the tap weights of one output pixel on one axis */
 
 /* Status of one cell (anna_prepare_files) or call. */
@@ -96,17 +92,16 @@ int64_t anna_taps(int64_t n_in, int64_t n_out, int32_t *first, int32_t *count, i
     return stride;
 }
 
-/* Bounding box of the pixels with a channel above threshold, accumulated row by row (rows may
- * arrive in pieces, as a file is read): row maxima give the rows, column maxima the columns. */
+/* Bounding box of the pixels with a channel above threshold, from one pass of row maxima (the
+ * rows) and column maxima (the columns). */
 typedef struct {
     int64_t first, last, n; /* first and last row with a cell pixel (-1: none yet); bytes per row */
     uint8_t *colmax;        /* n column (byte) maxima */
 } BoxScan;
 
-static void scan_rows(BoxScan *scan, const uint8_t *row, int64_t index, int64_t count, int64_t row_step,
-                      int threshold)
+static void scan_rows(BoxScan *scan, const uint8_t *row, int64_t rows, int64_t row_step, int threshold)
 {
-    for (int64_t r = index; r < index + count; r++, row += row_step) {
+    for (int64_t r = 0; r < rows; r++, row += row_step) {
         uint8_t m = 0, *colmax = scan->colmax;
         for (int64_t i = 0; i < scan->n; i++) { /* vectorized by the compiler */
             uint8_t v = row[i];
@@ -155,7 +150,7 @@ int anna_crop_resize(const uint8_t *image, int64_t rows, int64_t cols, int64_t r
     if (too_large(rows, cols, size)) return ANNA_TOO_LARGE;
     BoxScan scan = {-1, -1, cols * 3, calloc((size_t)(cols * 3), 1)};
     if (!scan.colmax) return -ENOMEM;
-    scan_rows(&scan, image, 0, rows, row_step, threshold);
+    scan_rows(&scan, image, rows, row_step, threshold);
     int64_t box[4];
     int status = finish_box(&scan, threshold, 0, rows, box);
     free(scan.colmax);
@@ -283,11 +278,8 @@ static uint32_t read_u32(const uint8_t *p)
     return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
 }
 
-/* Read an uncompressed 24-bit BMP into *buffer (grown as needed) in pieces, scanning each piece
- * for the cell while it is still in cache, and prepare it. Returns a status: anything but a
- * complete, plain 24-bit BMP is ANNA_NOT_BMP24 (left to the caller, which decodes it). */
-static int prepare_bmp(const char *path, uint8_t **buffer, int64_t *capacity, int64_t piece, int64_t size,
-                       int64_t margin, int threshold, int64_t canvas, uint8_t *out, uint8_t *mask)
+/* Read a whole file into *buffer (grown as needed); returns its length or -errno. */
+static int64_t read_file(const char *path, uint8_t **buffer, int64_t *capacity)
 {
     int fd = open(path, O_RDONLY | O_CLOEXEC);
     if (fd < 0) return -errno;
@@ -296,10 +288,6 @@ static int prepare_bmp(const char *path, uint8_t **buffer, int64_t *capacity, in
         int error = errno;
         close(fd);
         return -error;
-    }
-    if (info.st_size < 54) {
-        close(fd);
-        return ANNA_NOT_BMP24;
     }
     if (info.st_size > *capacity) {
         uint8_t *grown = realloc(*buffer, (size_t)info.st_size);
@@ -310,54 +298,46 @@ static int prepare_bmp(const char *path, uint8_t **buffer, int64_t *capacity, in
         *buffer = grown;
         *capacity = info.st_size;
     }
-    uint8_t *data = *buffer;
-    BoxScan scan = {-1, -1, 0, NULL};
-    int64_t got = 0, offset = 0, width = 0, height = 0, rows = 0, stride = 0, scanned = 0;
-    int status = ANNA_OK;
+    int64_t got = 0;
     while (got < info.st_size) {
-        int64_t want = info.st_size - got < piece ? info.st_size - got : piece;
-        ssize_t n = read(fd, data + got, (size_t)want);
+        ssize_t n = read(fd, *buffer + got, (size_t)(info.st_size - got));
         if (n < 0 && errno == EINTR) continue;
         if (n < 0) {
-            status = -errno;
-            break;
+            int error = errno;
+            close(fd);
+            return -error;
         }
         if (n == 0) break;
         got += n;
-        if (scan.colmax == NULL) { /* first piece: the header */
-            if (got < 54) continue;
-            offset = read_u32(data + 10);
-            int64_t header = read_u32(data + 14);
-            width = (int32_t)read_u32(data + 18);
-            height = (int32_t)read_u32(data + 22);
-            int bits = data[28] | data[29] << 8;
-            uint32_t compression = read_u32(data + 30);
-            rows = height < 0 ? -height : height;
-            stride = too_large(rows, width, size) ? 0 : (width * 3 + 3) / 4 * 4;
-            /* too_large first: it bounds rows and width, so the size check below cannot overflow. */
-            if (data[0] != 'B' || data[1] != 'M' || header < 40 || bits != 24 || compression != 0 ||
-                too_large(rows, width, size) || offset + stride * rows > info.st_size) {
-                status = ANNA_NOT_BMP24;
-                break;
-            }
-            scan.n = width * 3;
-            scan.colmax = calloc((size_t)scan.n, 1);
-            if (!scan.colmax) {
-                status = -ENOMEM;
-                break;
-            }
-        }
-        int64_t complete = got < offset ? 0 : (got - offset) / stride; /* rows fully read, in file order */
-        if (complete > rows) complete = rows;
-        if (complete > scanned) {
-            scan_rows(&scan, data + offset + scanned * stride, scanned, complete - scanned, stride, threshold);
-            scanned = complete;
-        }
     }
     close(fd);
-    if (status == ANNA_OK && (scan.colmax == NULL || scanned < rows)) status = ANNA_NOT_BMP24; /* truncated */
+    return got;
+}
+
+/* Read an uncompressed 24-bit BMP and prepare it. Returns a status: anything but a complete,
+ * plain 24-bit BMP is ANNA_NOT_BMP24 (left to the caller, which decodes it). (Reading in pieces
+ * and scanning each while in cache measured no faster than one read and one scan.) */
+static int prepare_bmp(const char *path, uint8_t **buffer, int64_t *capacity, int64_t size, int64_t margin,
+                       int threshold, int64_t canvas, uint8_t *out, uint8_t *mask)
+{
+    int64_t length = read_file(path, buffer, capacity);
+    if (length < 0) return (int)length;
+    const uint8_t *data = *buffer;
+    if (length < 54 || data[0] != 'B' || data[1] != 'M') return ANNA_NOT_BMP24;
+    int64_t offset = read_u32(data + 10), header = read_u32(data + 14);
+    int64_t width = (int32_t)read_u32(data + 18), height = (int32_t)read_u32(data + 22);
+    int bits = data[28] | data[29] << 8;
+    uint32_t compression = read_u32(data + 30);
+    int64_t rows = height < 0 ? -height : height;
+    /* too_large first: it bounds rows and width, so the size check below cannot overflow. */
+    if (header < 40 || bits != 24 || compression != 0 || too_large(rows, width, size)) return ANNA_NOT_BMP24;
+    int64_t stride = (width * 3 + 3) / 4 * 4;
+    if (offset + stride * rows > length) return ANNA_NOT_BMP24; /* truncated */
+    BoxScan scan = {-1, -1, width * 3, calloc((size_t)(width * 3), 1)};
+    if (!scan.colmax) return -ENOMEM;
+    scan_rows(&scan, data + offset, rows, stride, threshold); /* in file order */
     int64_t box[4];
-    if (status == ANNA_OK) status = finish_box(&scan, threshold, height > 0, rows, box);
+    int status = finish_box(&scan, threshold, height > 0, rows, box);
     free(scan.colmax);
     if (status != ANNA_OK) return status;
     /* Positive height: rows stored bottom-up, so image row 0 is the last one. */
@@ -376,7 +356,7 @@ int64_t anna_prepare_files(int64_t n, const char *const *paths, int64_t size, in
     int64_t capacity = 1 << 20, failed = 0;
     uint8_t *buffer = malloc((size_t)capacity);
     for (int64_t i = 0; i < n; i++) {
-        status[i] = buffer ? prepare_bmp(paths[i], &buffer, &capacity, PIECE, size, margin, threshold, canvas,
+        status[i] = buffer ? prepare_bmp(paths[i], &buffer, &capacity, size, margin, threshold, canvas,
                                          images + i * size * size * 3, masks + i * size * size)
                            : -ENOMEM;
         failed += status[i] != ANNA_OK;

@@ -9,9 +9,9 @@ The shared library is compiled once per machine with the system C compiler (``$C
 first of ``cc``, ``gcc``, ``clang`` found) into ``$ANNA_CACHE_DIR`` (default
 ``$XDG_CACHE_HOME/anna``, else ``~/.cache/anna``; where that cannot be written, a
 private per-user folder in the temporary folder), under a name that includes a digest of the
-source, the compiler and the platform. It is written to a temporary name, flushed and renamed,
-and its SHA-256 is recorded beside it (``.sha256``): a library that does not match (cut short by
-an interrupted build or copy) is rebuilt, never loaded.
+source, the compiler and the platform. It is written to a temporary name and renamed, and its
+SHA-256 is recorded beside it (``.sha256``): a library that does not match (cut short by an
+interrupted build or copy) is rebuilt, never loaded.
 Without a compiler (or with ``ANNA_NATIVE=0``) everything still works through the NumPy
 reference, slower; ``kernel()`` returns None then and ``status()`` says why.
 """
@@ -29,6 +29,8 @@ import tempfile
 import threading
 import warnings
 from pathlib import Path
+
+from modules.files import atomic_path, write_text_atomic
 
 #: Must equal ANNA_KERNEL_VERSION in the C source: a stale library is rebuilt, not trusted.
 KERNEL_VERSION = 1
@@ -58,39 +60,20 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _write_synced(path: str, data: bytes | None = None) -> None:
-    """Write ``data`` (if given) and flush the file to disk before it is renamed into place."""
-    with open(path, "r+b" if data is None else "wb") as handle:
-        if data is not None:
-            handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-
-
 def _build(compiler: str, target: Path) -> None:
     """Compile the kernel to ``target`` and record its digest beside it (``<target>.sha256``).
 
-    Both are written under temporary names, flushed to disk and renamed, the digest last: a
-    library without a matching digest (an interrupted build or copy) is never loaded.
+    Both are written through ``files.atomic_path`` (a temporary name, then a rename), the digest
+    last: a library without a matching digest (an interrupted build, a cut-short copy) is
+    rebuilt, never loaded.
     """
-    target.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=target.name + ".", suffix=".tmp", dir=target.parent)
-    os.close(handle)
-    digest_file = target.with_name(target.name + ".sha256")
-    try:
-        result = subprocess.run([*compiler.split(), *CFLAGS, "-o", temporary, str(SOURCE)],
+    with atomic_path(target) as temporary:
+        result = subprocess.run([*compiler.split(), *CFLAGS, "-o", str(temporary), str(SOURCE)],
                                 capture_output=True, text=True, timeout=120)
         if result.returncode != 0:
             raise OSError(f"{compiler} failed: {result.stderr.strip()[-500:]}")
-        os.chmod(temporary, 0o755)
-        _write_synced(temporary)
-        digest = _sha256(Path(temporary))
-        os.replace(temporary, target)
-        _write_synced(temporary, digest.encode())
-        os.replace(temporary, digest_file)
-    finally:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
+        digest = _sha256(temporary)
+    write_text_atomic(target.with_name(target.name + ".sha256"), digest)
 
 
 def _is_intact(target: Path) -> bool:

@@ -302,8 +302,8 @@ def _crop_resize_into(image: np.ndarray, out: np.ndarray, mask: np.ndarray, marg
         raise MemoryError(f"the C kernel failed: {os.strerror(-status)}")
 
 
-#: Status codes of the C kernel (``_cellkernel.c``).
-_NOT_BMP24, _NO_CELL, _TOO_LARGE = 1, 2, 3
+#: Status codes of the C kernel (``_cellkernel.c``) that reach ``_crop_resize_into``.
+_NO_CELL, _TOO_LARGE = 2, 3
 
 
 def _crop_resize_numpy(image: np.ndarray, out: np.ndarray, mask: np.ndarray, margin: int, threshold: int,
@@ -364,7 +364,7 @@ def taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 def resample(image: np.ndarray, width: int, height: int) -> np.ndarray:
     """Resize an (H, W, C) uint8 image: area averaging when shrinking, bilinear when enlarging.
 
-    Vertical pass first (16-bit sums), then horizontal, rounded half up to 8 bits: the
+    Vertical pass first (its sums, at most 255 * 256, fit 16 bits), then horizontal, rounded half up to 8 bits: the
     NumPy reference of the C kernel (``taps`` says which inputs each output pixel reads).
 
     Args:
