@@ -36,10 +36,11 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from sklearn.metrics import balanced_accuracy_score, f1_score, roc_auc_score  # noqa: E402
 
-from modules import config, preprocess  # noqa: E402
-from modules import model as anna_model  # noqa: E402
+from modules import config
+from modules.preprocessing import cells as preprocess  # noqa: E402
+from modules.modeling import network as anna_model  # noqa: E402
 from modules.files import write_csv_atomic, write_json_atomic, write_text_atomic  # noqa: E402
-from modules.train import load_run, split_patients, train_model, youden_threshold  # noqa: E402
+from modules.modeling.training import load_run, split_patients, train_model, youden_threshold  # noqa: E402
 
 #: Held-out patients per fold: 6-7 ALL (~800 cells) and 3 HEM patients each.
 FOLDS = {

@@ -32,8 +32,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np  # noqa: E402
 
-from modules import config, evaluate, preprocess  # noqa: E402
-from modules import model as anna_model  # noqa: E402
+from modules import config
+from modules.evaluation import evaluate
+from modules.preprocessing import cells as preprocess  # noqa: E402
+from modules.modeling import network as anna_model  # noqa: E402
 
 
 def best_rates(paths: dict, repeats: int) -> dict:

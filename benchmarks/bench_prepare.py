@@ -67,7 +67,7 @@ def _read_files(paths: list[str]) -> int:
 
 def _read_rowmax(paths: list[str]) -> int:
     """Read each file and take the maximum of every pixel row (one pass over the bytes)."""
-    from modules.preprocess import _view_bmp24
+    from modules.preprocessing.cells import _view_bmp24
 
     cell_rows = 0
     for path in paths:
@@ -119,7 +119,9 @@ def measure(method: str, dataset: Path, size: int, workers: int | None, out: Pat
     import pandas
     import tqdm.auto
 
-    from modules import data, native, preprocess
+    from modules import native
+    from modules.data import layout as data
+    from modules.preprocessing import cells as preprocess
 
     assert pandas and data and tqdm.auto  # imported for their import time only
     if method == "prepare_numpy":  # the fallback where no C compiler is found

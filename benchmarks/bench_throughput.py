@@ -25,8 +25,8 @@ import pandas as pd  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from modules import config  # noqa: E402
-from modules import model as anna_model  # noqa: E402
-from modules.train import _compile, make_dataset  # noqa: E402
+from modules.modeling import network as anna_model  # noqa: E402
+from modules.modeling.training import _compile, make_dataset  # noqa: E402
 
 #: (image size, depth, base filters) configurations measured.
 CONFIGS = {64: (3, 8), 96: (4, 8), 128: (4, 8)}

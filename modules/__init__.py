@@ -1,19 +1,18 @@
 """ANNa — Artificial Neural Network anti-Leukemia.
 
 Helper package behind the notebooks in ``notebooks/`` and the command line
-``python -m modules``. Each submodule has one job:
+``python -m modules``. One subpackage per pipeline stage:
 
-- ``config``: paths and defaults.
-- ``data``: find C-NMC images in the Kaggle layout and build the manifest table.
-- ``preprocess``: decode, crop, pad, resize, derive cell masks, cache arrays.
-- ``synth``: the procedural synthetic stand-in dataset.
-- ``model``: the Keras U-Net with its classification head (and the legacy baseline).
-- ``train``: patient-disjoint training runs.
-- ``evaluate``, ``explain``, ``viz``, ``report``: metrics, Grad-CAM, charts, reports.
-- ``notebooks``: running the notebook series headless (papermill).
-- ``cli``: the command line.
+- ``data``: the Kaggle layout scan and manifest, the synthetic stand-in, patient splits and CV folds.
+- ``preprocessing``: decode, crop, resize and mask each cell; cache the arrays.
+- ``modeling``: the Keras U-Net with its classification head, hardware choices, training, saving.
+- ``evaluation``: metrics, evaluating a run, predicting new cells, Grad-CAM, cross-validation.
+- ``reporting``: charts (PNG + CSV), the evaluation report, the chart gallery, EDA figures.
 
-Submodules are imported lazily so that ``import modules`` stays fast and does not
+Beside them: ``config`` (paths and defaults), ``files`` (atomic writes), ``notebooks``
+(the series headless through papermill) and ``cli`` (the command line).
+
+Subpackages are imported lazily so that ``import modules`` stays fast and does not
 load TensorFlow until a model is needed.
 """
 from __future__ import annotations
@@ -23,10 +22,8 @@ from types import ModuleType
 
 __version__ = "0.1.0"
 
-_SUBMODULES = (
-    "config", "data", "preprocess", "synth", "model", "train", "evaluate",
-    "explain", "viz", "report", "notebooks", "cli",
-)
+_SUBMODULES = ("config", "files", "data", "preprocessing", "modeling", "evaluation", "reporting",
+               "notebooks", "cli")
 
 
 def __getattr__(name: str) -> ModuleType:

@@ -14,12 +14,14 @@ import sys
 from collections.abc import Sequence
 
 #: Modules asked for commands, in the order ``--help`` lists them.
-COMMAND_MODULES = ("synth", "data", "preprocess", "train", "evaluate", "notebooks")
+COMMAND_MODULES = ("data.synthetic", "data.layout", "preprocessing.cells", "modeling.training",
+                   "evaluation.evaluate", "notebooks")
 #: Which module defines each command, so that one command imports only its own module
 #: (``scan`` or ``synth`` then start without loading TensorFlow).
 COMMAND_HOMES = {
-    "synth": "synth", "scan": "data", "prepare": "preprocess", "train": "train",
-    "evaluate": "evaluate", "predict": "evaluate", "demo": "notebooks", "run-notebooks": "notebooks",
+    "synth": "data.synthetic", "scan": "data.layout", "prepare": "preprocessing.cells",
+    "train": "modeling.training", "evaluate": "evaluation.evaluate", "predict": "evaluation.evaluate",
+    "demo": "notebooks", "run-notebooks": "notebooks",
 }
 
 

@@ -70,7 +70,7 @@ def resolve_data_dir(data: str | os.PathLike | None = None, output_dir: str | os
         return path
     if config.REAL_DATA_DIR.is_dir():
         return config.REAL_DATA_DIR.resolve()
-    from modules import synth
+    from modules.data import synthetic as synth
 
     parent = Path(output_dir) / "synthetic" if output_dir else config.SYNTHETIC_DATA_DIR.parent
     return synth.make_synthetic_dataset(parent, seed=seed, scale=scale)
@@ -78,7 +78,7 @@ def resolve_data_dir(data: str | os.PathLike | None = None, output_dir: str | os
 
 def is_synthetic(path: str | os.PathLike) -> bool:
     """Whether ``path`` lies in a synthetic dataset (see ``synth.is_synthetic``)."""
-    from modules import synth
+    from modules.data import synthetic as synth
 
     return synth.is_synthetic(path)
 
@@ -87,7 +87,7 @@ def data_banner_html(data_dir: str | os.PathLike) -> str:
     """HTML banner saying which data the numbers come from (red and loud when synthetic)."""
     import html
 
-    from modules import synth
+    from modules.data import synthetic as synth
 
     if synth.is_synthetic(data_dir):
         return ("<div style='border:3px solid #c0392b;background:#fdecea;color:#922b21;padding:10px;"
@@ -101,7 +101,7 @@ def show_data_banner(data_dir: str | os.PathLike) -> None:
     """Display ``data_banner_html`` in the notebook (and print it on a terminal)."""
     from IPython.display import HTML, display
 
-    from modules import synth
+    from modules.data import synthetic as synth
 
     display(HTML(data_banner_html(data_dir)))
     if synth.is_synthetic(data_dir):
@@ -169,7 +169,7 @@ def evaluation_split(data_dir: str | os.PathLike, run: Mapping, split: str = "au
     Returns:
         ``(split, patients, note)`` for ``evaluate.evaluate_run``.
     """
-    from modules import data
+    from modules.data import layout as data
 
     if split != "auto":
         return split, None, f"split {split!r} as requested"
@@ -212,7 +212,7 @@ def show_charts(folder: str | os.PathLike, names: Sequence[str] | None = None) -
     """
     from IPython.display import Image, Markdown, display
 
-    from modules import viz
+    from modules.reporting import charts as viz
 
     folder = Path(folder)
     captions = viz.chart_captions(folder)
@@ -344,7 +344,7 @@ def run_notebooks(data: str | os.PathLike | None, parameters: Mapping[str, objec
     print(f"data: {params['DATA_DIR']}\noutputs: {output_dir}\nparameters: {shown or '(notebook defaults)'}",
           flush=True)
     if is_synthetic(params["DATA_DIR"]):
-        from modules import synth
+        from modules.data import synthetic as synth
 
         print(synth.SYNTHETIC_BANNER, flush=True)
     executed = []

@@ -48,7 +48,7 @@ def session_output(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def synthetic_root(tmp_path_factory) -> Path:
     """A small synthetic C-NMC_Leukemia tree (all three parts), made once per session."""
-    from modules.synth import make_synthetic_dataset
+    from modules.data.synthetic import make_synthetic_dataset
 
     return make_synthetic_dataset(tmp_path_factory.mktemp("synth"), seed=7, scale="tiny")
 
@@ -56,7 +56,7 @@ def synthetic_root(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_run_dir(synthetic_root, session_output) -> Path:
     """A tiny ANNa run trained for one epoch on the synthetic set (shared by evaluation and notebook tests)."""
-    from modules.train import train_model
+    from modules.modeling.training import train_model
 
     return train_model(
         synthetic_root, image_size=32, epochs=1, batch_size=16, base_filters=4, depth=2,

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 
 from modules import config
-from modules.data import DatasetError, dataset_name, read_manifest, scan_dataset, summarize, write_manifest
+from modules.data.layout import DatasetError, dataset_name, read_manifest, scan_dataset, summarize, write_manifest
 
 COLUMNS = list(config.MANIFEST_COLUMNS)
 

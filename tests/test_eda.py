@@ -7,7 +7,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from modules import config, data, eda, preprocess
+from modules import config
+from modules.data import layout as data
+from modules.reporting import eda
+from modules.preprocessing import cells as preprocess
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,8 @@ import pandas as pd
 import pytest
 from sklearn import metrics as skm
 
-from modules import cli, config, evaluate
+from modules import cli, config
+from modules.evaluation import evaluate
 
 EXPECTED_FILES = [
     "metrics.json", "predictions.csv", "per_patient.csv", "report.md", "report.html",
@@ -222,7 +223,7 @@ def test_test_labeled_refuses_the_runs_own_patients(tiny_run_dir, synthetic_root
     training = synthetic_root / "training_data"
     with pytest.raises(ValueError, match="--patients unseen"):
         evaluate.evaluate_run(tiny_run_dir, training, split="test-labeled", output_dir=tmp_path / "o")
-    manifest = __import__("modules.data", fromlist=["scan_dataset"]).scan_dataset(training)
+    manifest = __import__("modules.data.layout", fromlist=["scan_dataset"]).scan_dataset(training)
     seen = set(run["train_patients"]) | set(run["val_patients"])
     unseen = sorted(set(manifest["patient_id"]) - seen)
     if not unseen:  # every training patient was used by the run: nothing left to evaluate
@@ -269,7 +270,7 @@ def test_train_split_counts_the_runs_patients(tiny_run_dir, synthetic_root, tmp_
 def test_save_chart_and_gallery_newest_run_first(tmp_path):
     import matplotlib.pyplot as plt
 
-    from modules import viz
+    from modules.reporting import charts as viz
 
     charts = tmp_path / "charts"
     pngs = []

@@ -4,7 +4,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from modules import explain, model, preprocess
+from modules.evaluation import explain
+from modules.modeling import network as model
+from modules.preprocessing import cells as preprocess
 
 
 @pytest.fixture(scope="module")

@@ -124,7 +124,7 @@ def test_concurrent_publishing_keeps_every_caption(tmp_path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from modules import viz
+    from modules.reporting import charts as viz
 
     charts = []
     for i in range(12):

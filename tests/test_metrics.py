@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 from sklearn import metrics as skm
 
-from modules import evaluate
+from modules.evaluation import evaluate
 
 # Known arrays: 6 leukemic (1), 4 normal (0) cells.
 LABELS = np.array([1, 1, 1, 1, 1, 1, 0, 0, 0, 0])

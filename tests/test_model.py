@@ -8,7 +8,7 @@ import pytest
 
 keras = pytest.importorskip("keras")
 
-from modules import model as anna_model  # noqa: E402
+from modules.modeling import network as anna_model  # noqa: E402
 
 
 @pytest.fixture(scope="module")

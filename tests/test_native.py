@@ -13,8 +13,9 @@ import cv2
 import numpy as np
 import pytest
 
-from modules import config, native, preprocess
-from modules.preprocess import ImageError, load_arrays, prepare_arrays, resample, taps
+from modules import config, native
+from modules.preprocessing import cells as preprocess
+from modules.preprocessing.cells import ImageError, load_arrays, prepare_arrays, resample, taps
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from modules import cli, config, evaluate, model, preprocess
+from modules import cli, config
+from modules.evaluation import evaluate
+from modules.modeling import network as model
+from modules.preprocessing import cells as preprocess
 
 
 def _images(folder: Path) -> list[Path]:

@@ -11,8 +11,8 @@ import pytest
 from PIL import Image
 
 from modules import config
-from modules.data import scan_dataset
-from modules.preprocess import ImageError, load_arrays, load_rgb, prepare_arrays, preprocess_image
+from modules.data.layout import scan_dataset
+from modules.preprocessing.cells import ImageError, load_arrays, load_rgb, prepare_arrays, preprocess_image
 
 
 def _bmp_cells(shared_cnmc_bmp: Path) -> list[Path]:
@@ -197,7 +197,7 @@ def test_prepare_real_bmp_cells(shared_cnmc_bmp, tmp_path):
 @pytest.mark.parametrize("executor,size", [("thread", 24), ("process", 24), ("thread", 128), ("thread", 256)])
 def test_png_and_bmp_give_the_same_arrays_and_pool_equals_serial(shared_cnmc, shared_cnmc_bmp, tmp_path,
                                                                  monkeypatch, executor, size):
-    from modules import preprocess
+    from modules.preprocessing import cells as preprocess
 
     monkeypatch.setattr(preprocess, "EXECUTOR", executor)
     bmp = scan_dataset(shared_cnmc_bmp)
@@ -326,7 +326,7 @@ def test_bmp_fast_path_matches_opencv(tmp_path, width):
 
 
 def test_bounding_box_matches_a_full_mask():
-    from modules.preprocess import _bounding_box
+    from modules.preprocessing.cells import _bounding_box
 
     rng = np.random.default_rng(3)
     checked = 0

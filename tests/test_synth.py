@@ -11,8 +11,8 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from modules import config
-from modules.data import CELL_NAME
-from modules.synth import _Patient, _stain_gain, draw_cell, is_synthetic, make_synthetic_dataset
+from modules.data.layout import CELL_NAME
+from modules.data.synthetic import _Patient, _stain_gain, draw_cell, is_synthetic, make_synthetic_dataset
 
 
 def _tree_digest(root: Path) -> dict[str, str]:
@@ -65,7 +65,7 @@ def test_kaggle_layout(synthetic_root):
 
 
 def test_cells_look_like_real_ones(synthetic_root):
-    from modules.preprocess import load_rgb
+    from modules.preprocessing.cells import load_rgb
 
     for path in sorted(synthetic_root.rglob("*.bmp"))[:12]:
         rgb = load_rgb(path)
@@ -133,7 +133,7 @@ def test_classes_differ_in_chromatin_texture_with_overlap():
     # open chromatin: a tendency a model can learn, not a clean cut.
     import cv2
 
-    from modules.preprocess import preprocess_image
+    from modules.preprocessing.cells import preprocess_image
 
     rng = np.random.default_rng(5)
     edge_share, labels = [], []

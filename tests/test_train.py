@@ -17,8 +17,8 @@ import pytest
 pytest.importorskip("tensorflow")
 
 from modules import cli, config  # noqa: E402
-from modules import model as anna_model  # noqa: E402
-from modules import train  # noqa: E402
+from modules.modeling import network as anna_model  # noqa: E402
+from modules.modeling import training as train  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = dict(image_size=32, epochs=1, batch_size=16, base_filters=4, depth=2, seed=1, verbose=0)
@@ -80,7 +80,7 @@ def test_run_folder_holds_model_config_history_and_val_predictions(tiny_run_dir)
 def test_saved_model_reproduces_val_predictions_in_a_fresh_process(tiny_run_dir):
     result = _run_python(f"""
         import json, keras, numpy as np, pandas as pd
-        from modules import preprocess
+        from modules.preprocessing import cells as preprocess
         run = {str(tiny_run_dir)!r}
         model = keras.saving.load_model(run + "/model.keras", safe_mode=True)
         cfg = json.load(open(run + "/config.json"))
@@ -98,7 +98,7 @@ def test_saved_model_reproduces_val_predictions_in_a_fresh_process(tiny_run_dir)
 
 # --------------------------------------------------------------------------- splits
 def test_split_by_fold_defaults_to_the_last_fold(synthetic_root, session_output):
-    from modules import preprocess
+    from modules.preprocessing import cells as preprocess
 
     arrays = preprocess.load_arrays(preprocess.prepare_arrays(synthetic_root, size=32, output_dir=session_output,
                                                               progress=False))
@@ -146,7 +146,7 @@ def test_split_errors_name_the_missing_class():
 
 # --------------------------------------------------------------------------- bad input
 def test_bad_splits_fail_before_any_run_folder_is_made(synthetic_root, session_output, tmp_path):
-    from modules import preprocess
+    from modules.preprocessing import cells as preprocess
 
     manifest = preprocess.load_arrays(preprocess.prepare_arrays(
         synthetic_root, size=32, output_dir=session_output, progress=False)).manifest
@@ -242,7 +242,7 @@ def test_one_epoch_under_mirrored_strategy_on_two_logical_cpus(synthetic_root, s
         cpu = tf.config.list_physical_devices("CPU")[0]
         tf.config.set_logical_device_configuration(
             cpu, [tf.config.LogicalDeviceConfiguration(), tf.config.LogicalDeviceConfiguration()])
-        from modules.train import train_model, load_run
+        from modules.modeling.training import train_model, load_run
         run = train_model({str(synthetic_root)!r}, image_size=32, epochs=1, batch_size=16, base_filters=4,
                           depth=2, seed=5, verbose=0, strategy="mirrored", output_dir={str(session_output)!r},
                           runs_dir={str(tmp_path / "runs")!r})

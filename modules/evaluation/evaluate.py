@@ -285,7 +285,7 @@ def load_run_config(model_path: str | Path) -> dict:
 
 def load_model(model_path: str | Path):
     """Load a run's model (``safe_mode=True``) through ``modules.model.load_model``."""
-    from modules import model as model_module
+    from modules.modeling import network as model_module
 
     return model_module.load_model(resolve_model_path(model_path))
 
@@ -344,7 +344,7 @@ def check_training_preprocessing(run_config: dict, settings: dict, sample: int =
         ``{"checked": n, "max_pixel_difference": int | None, "matches": bool | None,
         "arrays_dir": str | None, "note": str}``; ``matches`` is None when not checkable.
     """
-    from modules import preprocess
+    from modules.preprocessing import cells as preprocess
 
     arrays_dir = (run_config.get("data") or {}).get("arrays_dir")
     result = {"checked": 0, "max_pixel_difference": None, "matches": None, "arrays_dir": arrays_dir}
@@ -402,7 +402,7 @@ def resolve_threshold(threshold: str | float, run_config: dict, model_path: Path
 
 def prepare_cell(path: str, settings: dict):
     """Decode one image and preprocess it as the run did. Returns (image (S,S,3) uint8, mask (S,S) uint8)."""
-    from modules import preprocess
+    from modules.preprocessing import cells as preprocess
 
     rgb = preprocess.load_rgb(path)
     try:
@@ -425,7 +425,7 @@ def iter_prepared(paths: Sequence[str], settings: dict, skip_bad: bool = False, 
     Raises:
         preprocess.ImageError: An image fails to decode and ``skip_bad`` is off.
     """
-    from modules import preprocess
+    from modules.preprocessing import cells as preprocess
 
     workers = workers or min(8, preprocess._default_workers())
 
@@ -466,7 +466,7 @@ def predict_paths(model, paths: Sequence[str], settings: dict, skip_bad: bool = 
     """
     from tqdm.auto import tqdm
 
-    from modules import model as model_module
+    from modules.modeling import network as model_module
 
     kept, probabilities, dices, skipped = [], [], [], []
     has_mask = False
@@ -594,8 +594,10 @@ def evaluate_run(model_path: str | Path, data: str | Path, split: str = "validat
     """
     import matplotlib.pyplot as plt
 
-    from modules import data as data_module
-    from modules import report, synth, viz
+    from modules.data import layout as data_module
+    from modules.reporting import report
+    from modules.data import synthetic as synth
+    from modules.reporting import charts as viz
 
     model_file = resolve_model_path(model_path)
     run_config = load_run_config(model_file)
@@ -674,7 +676,7 @@ def evaluate_run(model_path: str | Path, data: str | Path, split: str = "validat
 def load_evaluation(folder: str | Path) -> dict:
     """Read an evaluation folder back: ``metrics`` (dict), ``predictions``, ``per_patient`` (DataFrames), ``charts`` ({name: png})."""
     folder = Path(folder)
-    from modules import viz
+    from modules.reporting import charts as viz
 
     return {"metrics": json.loads((folder / "metrics.json").read_text()),
             "predictions": pd.read_csv(folder / "predictions.csv", dtype={"patient_id": "string"},
@@ -703,7 +705,7 @@ def list_images(paths_or_dirs: Iterable[str | Path]) -> pd.DataFrame:
     Raises:
         FileNotFoundError: A path does not exist, or nothing to predict.
     """
-    from modules.data import _JUNK, warn_ignored
+    from modules.data.layout import _JUNK, warn_ignored
 
     items = [paths_or_dirs] if isinstance(paths_or_dirs, (str, Path)) else list(paths_or_dirs)
     # The validation labels CSV belongs to the Kaggle layout: expected, not worth a warning.
@@ -797,7 +799,7 @@ def write_predictions(table: pd.DataFrame, csv: str | Path) -> Path:
 def default_predictions_path(model_path: str | Path, images: Sequence[str | Path],
                              output_dir: str | Path | None = None) -> Path:
     """``<output>/predictions/<run_id>__<dataset>[_N].csv``: a new name, never an existing file."""
-    from modules import data as data_module
+    from modules.data import layout as data_module
 
     model_file = resolve_model_path(model_path)
     run_id = str(load_run_config(model_file).get("run_id") or model_file.parent.name)

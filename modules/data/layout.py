@@ -358,7 +358,7 @@ def scan_dataset(path: str | os.PathLike) -> pd.DataFrame:
         FileNotFoundError: The folder or the validation labels CSV does not exist.
         DatasetError: The layout, a file name or the labels CSV is wrong (the message says how).
     """
-    from modules.synth import is_synthetic
+    from modules.data.synthetic import is_synthetic
 
     folder, kind = _locate(_resolve(path))
     rows: list[dict] = []
@@ -457,7 +457,7 @@ def dataset_name(path: str | os.PathLike) -> str:
     Returns:
         The name.
     """
-    from modules.synth import is_synthetic
+    from modules.data.synthetic import is_synthetic
 
     folder, kind = _locate(_resolve(path))
     root = _dataset_root(folder, kind)
@@ -532,7 +532,7 @@ def write_manifest(table: pd.DataFrame, path: Path) -> Path:
 def _run_scan(args: argparse.Namespace) -> int:
     table = scan_dataset(args.data)
     if table.attrs.get("synthetic"):
-        from modules.synth import SYNTHETIC_BANNER
+        from modules.data.synthetic import SYNTHETIC_BANNER
         print(SYNTHETIC_BANNER)
     print(f"{table.attrs['dataset']}: {len(table)} cells from {table.attrs['source']}")
     with pd.option_context("display.width", 120, "display.max_rows", 200):

@@ -20,7 +20,10 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from modules import config, preprocess, synth, viz
+from modules import config
+from modules.preprocessing import cells as preprocess
+from modules.data import synthetic as synth
+from modules.reporting import charts as viz
 
 EDA_RUN = "1.EDA"
 PREPROCESSING_RUN = "2.Image_preprocessing"
@@ -245,7 +248,7 @@ def measure_images(manifest: pd.DataFrame, limit: int | None = None, seed: int =
     """
     rows = _sample(manifest, limit or 0, seed)
     paths = rows["path"].tolist()
-    from modules.preprocess import _default_workers
+    from modules.preprocessing.cells import _default_workers
 
     with ThreadPoolExecutor(max_workers=workers or _default_workers()) as pool:
         measured = list(tqdm(pool.map(_measure_one, paths), total=len(paths), desc="measuring images",
@@ -589,7 +592,8 @@ def plot_training_history(run_dir: str | Path, output_dir: str | Path | None = N
     Returns:
         The figure and the history table.
     """
-    from modules import report, train
+    from modules.reporting import report
+    from modules.modeling import training as train
 
     run = train.load_run(run_dir)
     synthetic = bool((run.get("data") or {}).get("synthetic"))

@@ -672,7 +672,7 @@ def prepare_arrays(data, size: int = config.DEFAULT_IMAGE_SIZE, output_dir: str 
     """
     import pandas as pd
 
-    from modules.data import MANIFEST_DTYPES, DatasetError, scan_dataset, write_manifest
+    from modules.data.layout import MANIFEST_DTYPES, DatasetError, scan_dataset, write_manifest
 
     if isinstance(data, pd.DataFrame):
         manifest = data.copy()
@@ -687,7 +687,7 @@ def prepare_arrays(data, size: int = config.DEFAULT_IMAGE_SIZE, output_dir: str 
         raise DatasetError("the manifest is empty: there are no images to prepare")
     check_settings(size, margin, config.BACKGROUND_THRESHOLD, canvas)
     size, margin, canvas = int(size), int(margin), int(canvas)
-    from modules.synth import is_synthetic
+    from modules.data.synthetic import is_synthetic
 
     source = _source_root(manifest)
     synthetic = bool(manifest.attrs.get("synthetic", is_synthetic(source)))
@@ -761,7 +761,7 @@ def load_arrays(arrays_dir: str | os.PathLike) -> PreparedArrays:
     Raises:
         FileNotFoundError: The folder or one of its files is missing (prepare it again).
     """
-    from modules.data import read_manifest
+    from modules.data.layout import read_manifest
 
     folder = Path(arrays_dir)
     needed = ["images.npy", "masks.npy", "labels.npy", "manifest.csv", "meta.json"]
@@ -783,8 +783,8 @@ def load_arrays(arrays_dir: str | os.PathLike) -> PreparedArrays:
 
 
 def _run_prepare(args: argparse.Namespace) -> int:
-    from modules.data import scan_dataset
-    from modules.synth import SYNTHETIC_BANNER
+    from modules.data.layout import scan_dataset
+    from modules.data.synthetic import SYNTHETIC_BANNER
 
     manifest = scan_dataset(args.data)
     if manifest.attrs.get("synthetic"):

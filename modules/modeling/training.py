@@ -33,7 +33,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from modules import model as anna_model  # noqa: E402
+from modules.modeling import network as anna_model  # noqa: E402
 
 CONFIG_FILENAME = "config.json"
 HISTORY_FILENAME = "history.csv"
@@ -451,7 +451,7 @@ def _new_run_dir(parent: Path, tag: str) -> tuple[str, Path]:
 def _open_arrays(data, image_size: int, output_dir: Path | None, skip_bad: bool,
                  canvas: int = config.DEFAULT_CANVAS):
     """Prepare (or reuse) the arrays for ``data`` and load them, checking they agree."""
-    from modules import preprocess
+    from modules.preprocessing import cells as preprocess
 
     path = Path(data) if not isinstance(data, pd.DataFrame) else None
     if path is not None and (path / "images.npy").is_file():

@@ -15,7 +15,8 @@ import numpy as np
 import pandas as pd
 from sklearn import metrics as skm
 
-from modules import config, evaluate
+from modules import config
+from modules.evaluation import evaluate
 from modules.files import write_text_atomic
 
 class Chart(NamedTuple):
@@ -42,7 +43,7 @@ def metric_charts(predictions: pd.DataFrame, threshold: float, synthetic: bool =
     """
     from sklearn.calibration import calibration_curve
 
-    from modules import viz
+    from modules.reporting import charts as viz
 
     tag = viz.synthetic_suffix(synthetic)
     labels = predictions["label"].astype("int64").to_numpy()
@@ -97,7 +98,7 @@ def metric_charts(predictions: pd.DataFrame, threshold: float, synthetic: bool =
 
 def training_chart(run_dir: str | Path, synthetic: bool = False) -> Chart | None:
     """Learning curves from the run's ``history.csv`` (None when it has none)."""
-    from modules import viz
+    from modules.reporting import charts as viz
 
     history_path = Path(run_dir) / "history.csv"
     if not history_path.is_file():
@@ -137,8 +138,9 @@ def image_charts(model, predictions: pd.DataFrame, settings: dict, synthetic: bo
     Returns:
         {name: Chart} for confident_errors, gradcam and (with a mask output) predicted_masks.
     """
-    from modules import explain, viz
-    from modules import model as model_module
+    from modules.evaluation import explain
+    from modules.reporting import charts as viz
+    from modules.modeling import network as model_module
 
     tag = viz.synthetic_suffix(synthetic)
     charts: dict[str, Chart] = {}
@@ -392,7 +394,7 @@ def write_report(folder: str | Path, metrics: dict, run_config: dict | None = No
     Returns:
         (report.md, report.html).
     """
-    from modules import viz
+    from modules.reporting import charts as viz
 
     folder = Path(folder)
     per_patient_path = folder / "per_patient.csv"

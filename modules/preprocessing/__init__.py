@@ -1,0 +1,1 @@
+"""Stage 2, preprocessing: decode each cell, crop it to its box, resize, derive its mask, cache arrays."""

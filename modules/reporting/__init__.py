@@ -1,0 +1,1 @@
+"""Stage 5, reporting: charts (PNG + CSV), the evaluation report and the chart gallery."""
