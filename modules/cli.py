@@ -1,61 +1,353 @@
 """Command line over the package: ``python -m modules <command> …``.
 
-Each submodule that offers commands defines ``register(subparsers)``, which adds its
-sub-parsers and sets ``func`` (a callable taking the parsed ``argparse.Namespace`` and
-returning an exit code) on each. This module only collects them, so that each command
-lives beside the functions it calls.
+The parsers are plain argparse with defaults from ``config``; each command imports its
+stage only when it runs, so ``--help`` and usage errors answer without loading TensorFlow.
 """
 from __future__ import annotations
 
 import argparse
-import importlib
+import json
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
-#: Modules asked for commands, in the order ``--help`` lists them.
-COMMAND_MODULES = ("data.synthetic", "data.layout", "preprocessing.cells", "modeling.training",
-                   "evaluation.evaluate", "notebooks")
-#: Which module defines each command, so that one command imports only its own module
-#: (``scan`` or ``synth`` then start without loading TensorFlow).
-COMMAND_HOMES = {
-    "synth": "data.synthetic", "scan": "data.layout", "prepare": "preprocessing.cells",
-    "train": "modeling.training", "evaluate": "evaluation.evaluate", "predict": "evaluation.evaluate",
-    "demo": "notebooks", "run-notebooks": "notebooks",
-}
+from modules import config
 
 
 class CommandError(Exception):
     """A user-facing error: printed without a traceback, exit code 2."""
 
 
-def build_parser(command: str | None = None) -> argparse.ArgumentParser:
-    """Build the top-level parser with the registered sub-commands.
+# ----------------------------------------------------------------------------- data
+def _run_synth(args: argparse.Namespace) -> int:
+    from modules.data import synthetic
 
-    Args:
-        command: When it names a known command, only the module defining it is imported;
-            otherwise (``--help``, a typo) every command is registered.
+    print(synthetic.SYNTHETIC_BANNER)
+    root = synthetic.make_synthetic_dataset(args.out, seed=args.seed, scale=args.scale)
+    counts = {part: sum(1 for _ in (root / part).rglob("*.bmp"))
+              for part in (config.TRAINING_DIR, config.VALIDATION_DIR, config.TESTING_DIR)}
+    print(", ".join(f"{part}: {n} cells" for part, n in counts.items()))
+    print(root)
+    return 0
 
-    Returns:
-        The parser; each sub-parser carries ``func``.
-    """
+
+def _run_scan(args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from modules.data import layout, synthetic
+
+    table = layout.scan_dataset(args.data)
+    if table.attrs.get("synthetic"):
+        print(synthetic.SYNTHETIC_BANNER)
+    print(f"{table.attrs['dataset']}: {len(table)} cells from {table.attrs['source']}")
+    with pd.option_context("display.width", 120, "display.max_rows", 200):
+        print("\nper split and class:\n" + layout.summarize(table, "label").to_string(index=False))
+        if table["fold"].notna().any():
+            print("\nper fold:\n" + layout.summarize(table, "fold").to_string(index=False))
+        patients = layout.summarize(table, "patient_id")
+        patients = patients[patients["patient_id"] != ""]
+        print(f"\npatients ({len(patients)}):\n" + patients.to_string(index=False))
+    out = Path(args.out) / config.CSV_SUBDIR / f"{table.attrs['dataset']}_manifest.csv"
+    print(layout.write_manifest(table, out))
+    return 0
+
+
+def _run_prepare(args: argparse.Namespace) -> int:
+    from modules.data import layout, synthetic
+    from modules.preprocessing import cells
+
+    manifest = layout.scan_dataset(args.data)
+    if manifest.attrs.get("synthetic"):
+        print(synthetic.SYNTHETIC_BANNER)
+    folder = cells.prepare_arrays(manifest, size=args.size, output_dir=args.out, skip_bad=args.skip_bad,
+                                  workers=args.workers, progress=not args.no_progress, margin=args.margin,
+                                  canvas=args.canvas)
+    meta = json.loads((folder / "meta.json").read_text())
+    counts = meta["counts"]
+    print(f"{meta['count']} cells at {meta['size']}x{meta['size']} px: {counts['all']} all, {counts['hem']} hem, "
+          f"{counts['unlabeled']} unlabeled (prepared {meta['created']})")
+    if meta["skipped"]:
+        print(f"skipped {len(meta['skipped'])} unusable image(s):")
+        for entry in meta["skipped"]:
+            print(f"  {entry['error']}")
+    print(folder)
+    return 0
+
+
+# ----------------------------------------------------------------------------- modeling
+def _run_train(args: argparse.Namespace) -> int:
+    from modules.modeling import training
+
+    val_patients = [p for p in (args.val_patients or "").split(",") if p.strip()] or None
+    run_dir = training.train_model(
+        args.data, image_size=args.size, epochs=args.epochs, batch_size=args.batch_size,
+        val_patients=val_patients, val_fold=args.val_fold, seed=args.seed, output_dir=args.out,
+        base_filters=args.base_filters, depth=args.depth, segmentation=not args.no_segmentation,
+        policy=args.policy, resume=args.resume, skip_bad=args.skip_bad,
+        **({"canvas": args.canvas} if args.canvas is not None else {}),
+    )
+    print(run_dir)
+    return 0
+
+
+# ----------------------------------------------------------------------------- evaluation
+SPLIT_HELP = (
+    "which labeled cells of DIR to score. 'validation' (default): the Kaggle validation_data cells "
+    "(labels joined by file name from its CSV). 'train': training_data cells; they may be the very cells the "
+    "model learned from, so the report says how many belong to the run's training and validation patients. "
+    "'test-labeled': every labeled cell in DIR, for a labeled folder of OTHER patients; refused when any of "
+    "its patients trained or validated the run (add --patients unseen to keep only the others)."
+)
+
+
+def _run_evaluate(args: argparse.Namespace) -> int:
+    from modules.evaluation import evaluate
+
+    folder = evaluate.evaluate_run(args.model, args.data, split=args.split, threshold=args.threshold,
+                                   output_dir=args.out, patients=args.patients, skip_bad=args.skip_bad,
+                                   n_boot=args.bootstrap, seed=args.seed, publish=not args.no_viz)
+    metrics = json.loads((folder / "metrics.json").read_text())
+    print(f"{metrics['n']} cells ({metrics['n_positive']} all, {metrics['n_negative']} hem), "
+          f"threshold {metrics['threshold']:.3f} ({metrics['threshold_source']})")
+    for name in ("roc_auc", "balanced_accuracy", "sensitivity", "specificity", "weighted_f1"):
+        value, interval = metrics[name], (metrics.get("ci") or {}).get(name)
+        ci = f"  [{interval[0]:.3f}, {interval[1]:.3f}]" if interval else ""
+        print(f"  {name:18s} {'n/a' if value is None else f'{value:.3f}'}{ci}")
+    if metrics.get("ci"):
+        print(f"  95 % intervals resample {metrics['ci_resampling']}")
+    for item in metrics["skipped"]:
+        print(f"skipped {item['path']}: {item['error']}")
+    if metrics["preprocessing_check"]["matches"] is False:
+        print(f"WARNING: {metrics['preprocessing_check']['note']}")
+    if metrics["synthetic_data"] or metrics["synthetic_model"]:
+        print("NOTE: SYNTHETIC cells involved; these numbers say nothing about real leukemia cells")
+    print(folder)
+    return 0
+
+
+def _run_predict(args: argparse.Namespace) -> int:
+    from modules.evaluation import evaluate
+
+    table = evaluate.predict_images(args.model, args.images, threshold=args.threshold, skip_bad=args.skip_bad)
+    counts = table["label_name"].value_counts()
+    print(f"{len(table)} images: {counts.get('all', 0)} called all (leukemic), {counts.get('hem', 0)} called hem "
+          f"(normal); threshold {table.attrs['threshold']:.3f} ({table.attrs['threshold_source']})")
+    for item in table.attrs["skipped"]:
+        print(f"skipped {item['path']}: {item['error']}")
+    csv = args.csv
+    if csv is None and not table["testing"].any() and len(table) <= 50:
+        print(table[["name", "p_leukemia", "label_name"]].to_string(index=False))
+        return 0
+    if csv is None:  # many cells or a testing folder: keep them in a file rather than the terminal
+        csv = evaluate.default_predictions_path(args.model, args.images, args.out)
+    evaluate.write_predictions(table, csv)
+    if "submission" in table.attrs:
+        print(f"C-NMC challenge submission (new_names, labels): {table.attrs['submission']}")
+    print(Path(csv).resolve())
+    return 0
+
+
+# ----------------------------------------------------------------------------- notebooks
+def _run_demo(args: argparse.Namespace) -> int:
+    from modules import notebooks
+
+    try:
+        notebooks.demo(args.out, args.data, progress=not args.no_progress)
+    except notebooks.NotebookError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _run_notebooks(args: argparse.Namespace) -> int:
+    from modules import notebooks
+
+    parameters = {name: notebooks.parse_value(value) for name, value in args.parameters}
+    try:
+        notebooks.run_notebooks(args.data, parameters, args.out, notebooks=args.only,
+                                progress=not args.no_progress, log_output=args.log_output)
+    except notebooks.NotebookError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+# ----------------------------------------------------------------------------- parsers
+def _data_argument(parser: argparse.ArgumentParser, **kwargs) -> None:
+    parser.add_argument("--data", type=Path, help="the C-NMC_Leukemia root or a folder inside it "
+                                                  "(training_data, fold_0, …)", **kwargs)
+
+
+def _add_data_commands(subparsers) -> None:
+    synth = subparsers.add_parser(
+        "synth", help="write a synthetic C-NMC_Leukemia dataset (Kaggle layout)",
+        description="Draw a synthetic stand-in for C-NMC 2019 in the Kaggle layout (training folds, renamed "
+                    "validation cells with their labels CSV, testing cells). The last line printed is the "
+                    "dataset root.")
+    synth.add_argument("--out", type=Path, default=config.SYNTHETIC_DATA_DIR.parent,
+                       help="folder that will hold C-NMC_Leukemia/ (default: %(default)s)")
+    synth.add_argument("--seed", type=int, default=0, help="random seed; same seed, same files (default: 0)")
+    synth.add_argument("--scale", choices=config.SYNTHETIC_SCALES, default="small",
+                       help="tiny: ~90 cells for tests; small: ~470 cells for the demo (default: small)")
+    synth.set_defaults(func=_run_synth)
+
+    scan = subparsers.add_parser(
+        "scan", help="list the images of a C-NMC dataset and count them",
+        description="Scan a C-NMC_Leukemia folder (or any folder inside it), print the cells per split, "
+                    "class, fold and patient, and write OUT/csv/<dataset>_manifest.csv (its path is the last line).")
+    _data_argument(scan, required=True)
+    scan.add_argument("--out", type=Path, default=config.OUTPUT_DIR,
+                      help="output root; the manifest goes to OUT/csv/ (default: %(default)s)")
+    scan.set_defaults(func=_run_scan)
+
+    prepare = subparsers.add_parser(
+        "prepare", help="crop, mask and resize the cells into cached .npy arrays",
+        description="Decode every cell, crop it to its bounding box plus a margin, make it square (tightly by "
+                    "default, so each cell fills the frame; with --canvas C on a black square of at least C "
+                    "source pixels, so cells keep their relative size), resize it and derive its mask; write "
+                    "OUT/arrays/<dataset>_<size>/ (reused while the files are unchanged). "
+                    "The last line printed is that folder.")
+    _data_argument(prepare, required=True)
+    prepare.add_argument("--size", type=int, default=config.DEFAULT_IMAGE_SIZE,
+                         help="side of the square images in pixels (default: %(default)s)")
+    prepare.add_argument("--out", type=Path, default=config.OUTPUT_DIR,
+                         help="output root; arrays go to OUT/arrays/ (default: %(default)s)")
+    prepare.add_argument("--skip-bad", action="store_true",
+                         help="leave out unreadable images (listed in the summary and meta.json) instead of stopping")
+    prepare.add_argument("--workers", type=int, default=None,
+                         help="parallel threads (default: one per core; one for a few images)")
+    prepare.add_argument("--margin", type=int, default=config.DEFAULT_MARGIN,
+                         help="background pixels kept around each cell, at the source resolution "
+                              "(default: %(default)s)")
+    prepare.add_argument("--canvas", type=int, default=config.DEFAULT_CANVAS,
+                         help="smallest side of the square around each cell, in source pixels, so that cells "
+                              "keep their relative size; 0 crops tightly (each cell fills the frame; its size is "
+                              "lost) (default: %(default)s)")
+    prepare.add_argument("--no-progress", action="store_true", help="do not show the progress bar")
+    prepare.set_defaults(func=_run_prepare)
+
+
+def _add_train_command(subparsers) -> None:
+    train = subparsers.add_parser(
+        "train", help="train ANNa on patient-disjoint splits; prints the run folder last",
+        description="Train ANNa (U-Net + classification head). Validation is always patient-disjoint: by "
+                    "C-NMC fold when the data has several folds, otherwise whole patients of each class are "
+                    "held out. Writes OUT/models/<run_id>/ and prints that folder as the last line.")
+    train.add_argument("--data", help="C-NMC_Leukemia folder (or any folder inside it); prepared first "
+                                      "when its arrays are missing (optional with --resume)")
+    train.add_argument("--size", type=int, default=None,
+                       help=f"image side in pixels (default {config.DEFAULT_IMAGE_SIZE})")
+    train.add_argument("--epochs", type=int, default=None,
+                       help=f"maximum epochs; early stopping may end sooner (default {config.DEFAULT_EPOCHS})")
+    train.add_argument("--batch-size", type=int, default=config.DEFAULT_BATCH_SIZE, help="cells per batch")
+    group = train.add_mutually_exclusive_group()
+    group.add_argument("--val-patients", help="comma-separated patient ids to validate on, e.g. 11,H10")
+    group.add_argument("--val-fold", type=int, default=None,
+                       help="C-NMC fold to validate on (default: the last fold when there are several)")
+    train.add_argument("--seed", type=int, default=config.DEFAULT_SEED, help="random seed (recorded)")
+    train.add_argument("--out", default=None, help="output folder (default output/)")
+    train.add_argument("--policy", default="auto", choices=config.POLICIES,
+                       help="precision: auto = mixed_float16 on CUDA, mixed_bfloat16 on a CPU with "
+                            "AMX/AVX512-BF16, float32 otherwise")
+    train.add_argument("--base-filters", type=int, default=8, help="U-Net filters at the first level")
+    train.add_argument("--depth", type=int, default=4, help="U-Net down-sampling steps")
+    train.add_argument("--no-segmentation", action="store_true", help="train the classifier only, no cell_mask")
+    train.add_argument("--skip-bad", action="store_true", help="skip unreadable images when preparing (listed)")
+    train.add_argument("--canvas", type=int, default=None,
+                       help="smallest side of the square around each cell in source pixels, as for prepare; "
+                            f"0 crops tightly (default {config.DEFAULT_CANVAS}; the run's own on --resume)")
+    train.add_argument("--resume", default=None, metavar="RUN_DIR",
+                       help="continue an interrupted run from its last finished epoch")
+    train.set_defaults(func=_run_train)
+
+
+def _add_evaluation_commands(subparsers) -> None:
+    evaluate = subparsers.add_parser(
+        "evaluate", help="score a saved run on labeled cells: metrics, charts, report",
+        description="Predict every labeled cell of the chosen split with the run's preprocessing and write "
+                    "OUT/evaluations/<run_id>__<dataset>_<split>[_N]/ (metrics.json, predictions.csv, "
+                    "per_patient.csv, charts as PNG+CSV, report.md, report.html). Prints that folder last. "
+                    "Held-out patients of a cross-validation run: --split test-labeled --patients unseen.")
+    evaluate.add_argument("--model", required=True, help="run folder (output/models/<run_id>) or its model.keras")
+    evaluate.add_argument("--data", required=True, metavar="DIR",
+                          help="dataset folder in the Kaggle layout (root or any part)")
+    evaluate.add_argument("--split", choices=config.EVALUATION_SPLITS, default="validation", help=SPLIT_HELP)
+    evaluate.add_argument("--threshold", default="auto",
+                          help="'auto' (default): the threshold stored in the run, chosen on its own patient-held-"
+                               "out validation predictions; a number in [0,1] overrides it. Never tuned on DIR.")
+    evaluate.add_argument("--patients", default=None,
+                          help="'unseen': keep only patients the run neither trained nor validated on (e.g. the "
+                               "held-out patients of a cross-validation fold); or a comma list of patient ids")
+    evaluate.add_argument("--out", default=None, help=f"output root (default {config.OUTPUT_DIR})")
+    evaluate.add_argument("--skip-bad", action="store_true",
+                          help="list images that fail to decode and go on (default: stop at the first)")
+    evaluate.add_argument("--bootstrap", type=int, default=1000, help="bootstrap replicates for the 95%% intervals")
+    evaluate.add_argument("--seed", type=int, default=0, help="seed for the bootstrap and the image samples")
+    evaluate.add_argument("--no-viz", action="store_true", help="do not copy the charts to OUT/viz")
+    evaluate.set_defaults(func=_run_evaluate)
+
+    predict = subparsers.add_parser(
+        "predict", help="P(leukemia) and the label for any cell images",
+        description="Predict cell images (files or folders, searched recursively) with the run's preprocessing "
+                    "and threshold. For cells of a C-NMC testing folder (testing_data or "
+                    "C-NMC_test_final_phase_data) the challenge submission (new_names, labels) is written beside "
+                    "the predictions CSV as <stem>_submission.csv; both paths are printed, the CSV last.")
+    predict.add_argument("--model", required=True, help="run folder (output/models/<run_id>) or its model.keras")
+    predict.add_argument("images", nargs="+", metavar="IMAGE_OR_DIR", help="image files or folders")
+    predict.add_argument("--csv", default=None,
+                         help="write path, name, p_leukemia, prediction, label_name, testing here; by default up "
+                              "to 50 cells are printed and more (or any testing cells) go to "
+                              "OUT/predictions/<run_id>__<dataset>[_N].csv")
+    predict.add_argument("--out", default=None, help=f"output root for the default CSV (default {config.OUTPUT_DIR})")
+    predict.add_argument("--threshold", default="auto", help="'auto' (the run's stored threshold) or a number")
+    predict.add_argument("--skip-bad", action="store_true", help="list images that fail to decode and go on")
+    predict.set_defaults(func=_run_predict)
+
+
+def _add_notebook_commands(subparsers) -> None:
+    demo = subparsers.add_parser(
+        "demo", help="run the four notebooks headless with small parameters (synthetic data unless "
+                     "input/C-NMC_Leukemia exists)",
+        description="Run notebooks 1.EDA, 2.Image_preprocessing, 3.ANNa and 4.Test in order with papermill, "
+                    "writing the executed notebooks to OUT/notebooks/<timestamp>/ and the charts to OUT/viz/.")
+    demo.add_argument("--data", default=None,
+                      help="C-NMC_Leukemia folder (default: input/C-NMC_Leukemia if present, else a "
+                           "synthetic set generated under OUT/synthetic)")
+    demo.add_argument("--out", default=None, help="output folder (default: output/)")
+    demo.add_argument("--no-progress", action="store_true", help="hide the per-cell progress bars")
+    demo.set_defaults(func=_run_demo)
+
+    run = subparsers.add_parser(
+        "run-notebooks", help="run the notebook series headless with any parameters",
+        description="Execute the notebooks with papermill. Parameters are the names in each notebook's "
+                    "`parameters` cell: DATA_DIR, OUTPUT_DIR, IMAGE_SIZE, EPOCHS, BATCH_SIZE, SEED, "
+                    "MODEL_PATH, SAMPLE_LIMIT, BASE_FILTERS, DEPTH, SPLIT, THRESHOLD, SYNTHETIC_SCALE.")
+    run.add_argument("--data", default=None,
+                     help="C-NMC_Leukemia folder (default: input/C-NMC_Leukemia if present, else synthetic)")
+    run.add_argument("-p", "--parameter", dest="parameters", nargs=2, action="append", default=[],
+                     metavar=("NAME", "VALUE"), help="set a notebook parameter, e.g. -p EPOCHS 5 (repeatable)")
+    run.add_argument("--out", default=None, help="output folder (OUTPUT_DIR; default: output/)")
+    run.add_argument("--only", nargs="+", default=None, metavar="NOTEBOOK",
+                     help="run only these notebooks, e.g. --only 4 (4.Test on the newest run)")
+    run.add_argument("--log-output", action="store_true",
+                     help="stream the notebooks' output (e.g. training epochs) to the terminal")
+    run.add_argument("--no-progress", action="store_true", help="hide the per-cell progress bars")
+    run.set_defaults(func=_run_notebooks)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The top-level parser; each sub-parser carries ``func``, which imports its stage when run."""
     parser = argparse.ArgumentParser(
         prog="python -m modules",
         description="ANNa: tell leukemic blasts (ALL) from normal cells (HEM) in C-NMC 2019 images.",
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     subparsers.required = True
-    names = (COMMAND_HOMES[command],) if command in COMMAND_HOMES else COMMAND_MODULES
-    for name in names:
-        try:
-            module = importlib.import_module(f"modules.{name}")
-        except ModuleNotFoundError as error:
-            if error.name == f"modules.{name}":
-                continue  # that part of the package is not there
-            raise
-        register = getattr(module, "register", None)
-        if register is not None:
-            register(subparsers)
+    _add_data_commands(subparsers)
+    _add_train_command(subparsers)
+    _add_evaluation_commands(subparsers)
+    _add_notebook_commands(subparsers)
     return parser
 
 
@@ -68,9 +360,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     Returns:
         The process exit code.
     """
-    argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser(argv[0] if argv else None)
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     try:
         return int(args.func(args) or 0)
     except (CommandError, ValueError, FileNotFoundError) as error:

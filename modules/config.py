@@ -66,6 +66,12 @@ DEFAULT_CANVAS = 0
 #: A pixel belongs to the cell when any channel exceeds this value (background is black).
 BACKGROUND_THRESHOLD = 4
 
+#: Choices the command line offers without importing the stage that uses them.
+SYNTHETIC_SCALES = ("tiny", "small")
+POLICIES = ("auto", "float32", "mixed_bfloat16", "mixed_float16")
+STRATEGIES = ("auto", "default", "mirrored", "tpu")
+EVALUATION_SPLITS = ("validation", "train", "test-labeled")
+
 # Training defaults.
 DEFAULT_SEED = 42
 DEFAULT_EPOCHS = 30

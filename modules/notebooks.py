@@ -10,7 +10,6 @@
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import os
@@ -410,56 +409,3 @@ def demo(output_dir: str | os.PathLike | None = None, data: str | os.PathLike | 
         print("real data found: a short demo run (few epochs at 64 px); train longer with "
               "`python -m modules train` or run-notebooks -p EPOCHS 30", flush=True)
     return run_notebooks(data, parameters, output_dir, progress=progress)
-
-
-# ----------------------------------------------------------------------------- command line
-def _run_demo(args: argparse.Namespace) -> int:
-    try:
-        demo(args.out, args.data, progress=not args.no_progress)
-    except NotebookError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    return 0
-
-
-def _run_notebooks(args: argparse.Namespace) -> int:
-    parameters = {name: parse_value(value) for name, value in args.parameters}
-    try:
-        run_notebooks(args.data, parameters, args.out, notebooks=args.only, progress=not args.no_progress,
-                      log_output=args.log_output)
-    except NotebookError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    return 0
-
-
-def register(subparsers) -> None:
-    """Add the ``demo`` and ``run-notebooks`` commands."""
-    demo_parser = subparsers.add_parser(
-        "demo", help="run the four notebooks headless with small parameters (synthetic data unless "
-                     "input/C-NMC_Leukemia exists)",
-        description="Run notebooks 1.EDA, 2.Image_preprocessing, 3.ANNa and 4.Test in order with papermill, "
-                    "writing the executed notebooks to OUT/notebooks/<timestamp>/ and the charts to OUT/viz/.")
-    demo_parser.add_argument("--data", default=None,
-                             help="C-NMC_Leukemia folder (default: input/C-NMC_Leukemia if present, else a "
-                                  "synthetic set generated under OUT/synthetic)")
-    demo_parser.add_argument("--out", default=None, help="output folder (default: output/)")
-    demo_parser.add_argument("--no-progress", action="store_true", help="hide the per-cell progress bars")
-    demo_parser.set_defaults(func=_run_demo)
-
-    run_parser = subparsers.add_parser(
-        "run-notebooks", help="run the notebook series headless with any parameters",
-        description="Execute the notebooks with papermill. Parameters are the names in each notebook's "
-                    "`parameters` cell: DATA_DIR, OUTPUT_DIR, IMAGE_SIZE, EPOCHS, BATCH_SIZE, SEED, "
-                    "MODEL_PATH, SAMPLE_LIMIT, BASE_FILTERS, DEPTH, SPLIT, THRESHOLD, SYNTHETIC_SCALE.")
-    run_parser.add_argument("--data", default=None,
-                            help="C-NMC_Leukemia folder (default: input/C-NMC_Leukemia if present, else synthetic)")
-    run_parser.add_argument("-p", "--parameter", dest="parameters", nargs=2, action="append", default=[],
-                            metavar=("NAME", "VALUE"), help="set a notebook parameter, e.g. -p EPOCHS 5 (repeatable)")
-    run_parser.add_argument("--out", default=None, help="output folder (OUTPUT_DIR; default: output/)")
-    run_parser.add_argument("--only", nargs="+", default=None, metavar="NOTEBOOK",
-                            help="run only these notebooks, e.g. --only 4 (4.Test on the newest run)")
-    run_parser.add_argument("--log-output", action="store_true",
-                            help="stream the notebooks' output (e.g. training epochs) to the terminal")
-    run_parser.add_argument("--no-progress", action="store_true", help="hide the per-cell progress bars")
-    run_parser.set_defaults(func=_run_notebooks)

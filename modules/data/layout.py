@@ -7,7 +7,6 @@ the images by file name (``new_names``), never by position.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import re
 import warnings
@@ -527,35 +526,3 @@ def write_manifest(table: pd.DataFrame, path: Path) -> Path:
     from modules.files import write_csv_atomic
 
     return write_csv_atomic(table, path)
-
-
-def _run_scan(args: argparse.Namespace) -> int:
-    table = scan_dataset(args.data)
-    if table.attrs.get("synthetic"):
-        from modules.data.synthetic import SYNTHETIC_BANNER
-        print(SYNTHETIC_BANNER)
-    print(f"{table.attrs['dataset']}: {len(table)} cells from {table.attrs['source']}")
-    with pd.option_context("display.width", 120, "display.max_rows", 200):
-        print("\nper split and class:\n" + summarize(table, "label").to_string(index=False))
-        if table["fold"].notna().any():
-            print("\nper fold:\n" + summarize(table, "fold").to_string(index=False))
-        patients = summarize(table, "patient_id")
-        patients = patients[patients["patient_id"] != ""]
-        print(f"\npatients ({len(patients)}):\n" + patients.to_string(index=False))
-    out = Path(args.out) / config.CSV_SUBDIR / f"{table.attrs['dataset']}_manifest.csv"
-    print(write_manifest(table, out))
-    return 0
-
-
-def register(subparsers) -> None:
-    """Add the ``scan`` command."""
-    parser = subparsers.add_parser(
-        "scan", help="list the images of a C-NMC dataset and count them",
-        description="Scan a C-NMC_Leukemia folder (or any folder inside it), print the cells per split, "
-                    "class, fold and patient, and write OUT/csv/<dataset>_manifest.csv (its path is the last line).",
-    )
-    parser.add_argument("--data", type=Path, required=True,
-                        help="the C-NMC_Leukemia root or a folder inside it (training_data, fold_0, …)")
-    parser.add_argument("--out", type=Path, default=config.OUTPUT_DIR,
-                        help="output root; the manifest goes to OUT/csv/ (default: %(default)s)")
-    parser.set_defaults(func=_run_scan)

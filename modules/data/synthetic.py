@@ -15,7 +15,6 @@ cells must say it is synthetic (``is_synthetic`` finds the marker file at the ro
 """
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import tempfile
@@ -34,7 +33,7 @@ IMAGE_SIDE = 450
 GENERATOR_VERSION = 2
 #: Share of cells drawn with the other class's morphology (real smears have such cells too).
 ATYPICAL_FRACTION = 0.12
-SCALES = ("tiny", "small")
+SCALES = config.SYNTHETIC_SCALES
 SYNTHETIC_BANNER = (
     "SYNTHETIC DATA: these cells are drawn procedurally by modules.synth, not taken from "
     "patients; results on them say nothing about real leukemia images."
@@ -304,29 +303,3 @@ def is_synthetic(path: str | os.PathLike) -> bool:
         if (folder / config.SYNTHETIC_MARKER).is_file():
             return True
     return False
-
-
-def _run_synth(args: argparse.Namespace) -> int:
-    print(SYNTHETIC_BANNER)
-    root = make_synthetic_dataset(args.out, seed=args.seed, scale=args.scale)
-    counts = {part: sum(1 for _ in (root / part).rglob("*.bmp"))
-              for part in (config.TRAINING_DIR, config.VALIDATION_DIR, config.TESTING_DIR)}
-    print(", ".join(f"{part}: {n} cells" for part, n in counts.items()))
-    print(root)
-    return 0
-
-
-def register(subparsers) -> None:
-    """Add the ``synth`` command."""
-    parser = subparsers.add_parser(
-        "synth", help="write a synthetic C-NMC_Leukemia dataset (Kaggle layout)",
-        description="Draw a synthetic stand-in for C-NMC 2019 in the Kaggle layout "
-                    "(training folds, renamed validation cells with their labels CSV, testing cells). "
-                    "The last line printed is the dataset root.",
-    )
-    parser.add_argument("--out", type=Path, default=config.SYNTHETIC_DATA_DIR.parent,
-                        help="folder that will hold C-NMC_Leukemia/ (default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed; same seed, same files (default: 0)")
-    parser.add_argument("--scale", choices=SCALES, default="small",
-                        help="tiny: ~90 cells for tests; small: ~470 cells for the demo (default: small)")
-    parser.set_defaults(func=_run_synth)

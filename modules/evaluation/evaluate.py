@@ -7,7 +7,6 @@
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -27,7 +26,7 @@ from modules.files import make_public, write_csv_atomic
 
 #: Metrics with bootstrap intervals.
 CI_METRICS = ("roc_auc", "balanced_accuracy", "sensitivity", "specificity")
-SPLITS = ("validation", "train", "test-labeled")
+SPLITS = config.EVALUATION_SPLITS
 PREDICTION_COLUMNS = ("path", "name", "original_name", "patient_id", "label", "p_leukemia", "prediction")
 CHUNK = 256  # images decoded and predicted at a time: memory stays bounded on any dataset size
 
@@ -824,98 +823,3 @@ def submission_table(predictions: pd.DataFrame) -> pd.DataFrame:
 
 
 # ----------------------------------------------------------------------------- command line
-
-SPLIT_HELP = (
-    "which labeled cells of DIR to score. 'validation' (default): the Kaggle validation_data cells "
-    "(labels joined by file name from its CSV). 'train': training_data cells; they may be the very cells the "
-    "model learned from, so the report says how many belong to the run's training and validation patients. "
-    "'test-labeled': every labeled cell in DIR, for a labeled folder of OTHER patients; refused when any of "
-    "its patients trained or validated the run (add --patients unseen to keep only the others)."
-)
-
-
-def _evaluate_command(args: argparse.Namespace) -> int:
-    folder = evaluate_run(args.model, args.data, split=args.split, threshold=args.threshold, output_dir=args.out,
-                          patients=args.patients, skip_bad=args.skip_bad, n_boot=args.bootstrap, seed=args.seed,
-                          publish=not args.no_viz)
-    metrics = json.loads((folder / "metrics.json").read_text())
-    print(f"{metrics['n']} cells ({metrics['n_positive']} all, {metrics['n_negative']} hem), "
-          f"threshold {metrics['threshold']:.3f} ({metrics['threshold_source']})")
-    for name in ("roc_auc", "balanced_accuracy", "sensitivity", "specificity", "weighted_f1"):
-        value, interval = metrics[name], (metrics.get("ci") or {}).get(name)
-        ci = f"  [{interval[0]:.3f}, {interval[1]:.3f}]" if interval else ""
-        print(f"  {name:18s} {'n/a' if value is None else f'{value:.3f}'}{ci}")
-    if metrics.get("ci"):
-        print(f"  95 % intervals resample {metrics['ci_resampling']}")
-    for item in metrics["skipped"]:
-        print(f"skipped {item['path']}: {item['error']}")
-    if metrics["preprocessing_check"]["matches"] is False:
-        print(f"WARNING: {metrics['preprocessing_check']['note']}")
-    if metrics["synthetic_data"] or metrics["synthetic_model"]:
-        print("NOTE: SYNTHETIC cells involved; these numbers say nothing about real leukemia cells")
-    print(folder)
-    return 0
-
-
-def _predict_command(args: argparse.Namespace) -> int:
-    table = predict_images(args.model, args.images, threshold=args.threshold, skip_bad=args.skip_bad)
-    counts = table["label_name"].value_counts()
-    print(f"{len(table)} images: {counts.get('all', 0)} called all (leukemic), {counts.get('hem', 0)} called hem "
-          f"(normal); threshold {table.attrs['threshold']:.3f} ({table.attrs['threshold_source']})")
-    for item in table.attrs["skipped"]:
-        print(f"skipped {item['path']}: {item['error']}")
-    csv = args.csv
-    if csv is None and not table["testing"].any() and len(table) <= 50:
-        print(table[["name", "p_leukemia", "label_name"]].to_string(index=False))
-        return 0
-    if csv is None:  # many cells or a testing folder: keep them in a file rather than the terminal
-        csv = default_predictions_path(args.model, args.images, args.out)
-    write_predictions(table, csv)
-    if "submission" in table.attrs:
-        print(f"C-NMC challenge submission (new_names, labels): {table.attrs['submission']}")
-    print(Path(csv).resolve())
-    return 0
-
-
-def register(subparsers) -> None:
-    """Add the ``evaluate`` and ``predict`` commands."""
-    evaluate = subparsers.add_parser(
-        "evaluate", help="score a saved run on labeled cells: metrics, charts, report",
-        description="Predict every labeled cell of the chosen split with the run's preprocessing and write "
-                    "OUT/evaluations/<run_id>__<dataset>_<split>[_N]/ (metrics.json, predictions.csv, "
-                    "per_patient.csv, charts as PNG+CSV, report.md, report.html). Prints that folder last. "
-                    "Held-out patients of a cross-validation run: --split test-labeled --patients unseen.")
-    evaluate.add_argument("--model", required=True, help="run folder (output/models/<run_id>) or its model.keras")
-    evaluate.add_argument("--data", required=True, metavar="DIR",
-                          help="dataset folder in the Kaggle layout (root or any part)")
-    evaluate.add_argument("--split", choices=SPLITS, default="validation", help=SPLIT_HELP)
-    evaluate.add_argument("--threshold", default="auto",
-                          help="'auto' (default): the threshold stored in the run, chosen on its own patient-held-"
-                               "out validation predictions; a number in [0,1] overrides it. Never tuned on DIR.")
-    evaluate.add_argument("--patients", default=None,
-                          help="'unseen': keep only patients the run neither trained nor validated on (e.g. the "
-                               "held-out patients of a cross-validation fold); or a comma list of patient ids")
-    evaluate.add_argument("--out", default=None, help=f"output root (default {config.OUTPUT_DIR})")
-    evaluate.add_argument("--skip-bad", action="store_true",
-                          help="list images that fail to decode and go on (default: stop at the first)")
-    evaluate.add_argument("--bootstrap", type=int, default=1000, help="bootstrap replicates for the 95%% intervals")
-    evaluate.add_argument("--seed", type=int, default=0, help="seed for the bootstrap and the image samples")
-    evaluate.add_argument("--no-viz", action="store_true", help="do not copy the charts to OUT/viz")
-    evaluate.set_defaults(func=_evaluate_command)
-
-    predict = subparsers.add_parser(
-        "predict", help="P(leukemia) and the label for any cell images",
-        description="Predict cell images (files or folders, searched recursively) with the run's preprocessing "
-                    "and threshold. For cells of a C-NMC testing folder (testing_data or "
-                    "C-NMC_test_final_phase_data) the challenge submission (new_names, labels) is written beside "
-                    "the predictions CSV as <stem>_submission.csv; both paths are printed, the CSV last.")
-    predict.add_argument("--model", required=True, help="run folder (output/models/<run_id>) or its model.keras")
-    predict.add_argument("images", nargs="+", metavar="IMAGE_OR_DIR", help="image files or folders")
-    predict.add_argument("--csv", default=None,
-                         help="write path, name, p_leukemia, prediction, label_name, testing here; by default up "
-                              "to 50 cells are printed and more (or any testing cells) go to "
-                              "OUT/predictions/<run_id>__<dataset>[_N].csv")
-    predict.add_argument("--out", default=None, help=f"output root for the default CSV (default {config.OUTPUT_DIR})")
-    predict.add_argument("--threshold", default="auto", help="'auto' (the run's stored threshold) or a number")
-    predict.add_argument("--skip-bad", action="store_true", help="list images that fail to decode and go on")
-    predict.set_defaults(func=_predict_command)

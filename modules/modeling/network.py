@@ -18,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
+from modules import config
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import keras  # noqa: E402
@@ -27,8 +29,8 @@ from keras import layers  # noqa: E402
 MODEL_FILENAME = "model.keras"
 PROB_OUTPUT = "p_leukemia"
 MASK_OUTPUT = "cell_mask"
-POLICIES = ("auto", "float32", "mixed_bfloat16", "mixed_float16")
-STRATEGIES = ("auto", "default", "mirrored", "tpu")
+POLICIES = config.POLICIES
+STRATEGIES = config.STRATEGIES
 #: CPU flags that make bfloat16 matmuls/convolutions fast (without them bf16 is emulated, slower).
 BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
 

@@ -13,7 +13,6 @@ validation predictions. ``resume=RUN_DIR`` continues an interrupted run from its
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -748,49 +747,3 @@ def train_model(
 
 
 # --------------------------------------------------------------------------- command line
-def _run_train(args: argparse.Namespace) -> int:
-    val_patients = [p for p in (args.val_patients or "").split(",") if p.strip()] or None
-    run_dir = train_model(
-        args.data, image_size=args.size, epochs=args.epochs, batch_size=args.batch_size,
-        val_patients=val_patients, val_fold=args.val_fold, seed=args.seed, output_dir=args.out,
-        base_filters=args.base_filters, depth=args.depth, segmentation=not args.no_segmentation,
-        policy=args.policy, resume=args.resume, skip_bad=args.skip_bad,
-        **({"canvas": args.canvas} if args.canvas is not None else {}),
-    )
-    print(run_dir)
-    return 0
-
-
-def register(subparsers) -> None:
-    """Add ``train`` to the command line."""
-    parser = subparsers.add_parser(
-        "train", help="train ANNa on patient-disjoint splits; prints the run folder last",
-        description="Train ANNa (U-Net + classification head). Validation is always patient-disjoint: by "
-                    "C-NMC fold when the data has several folds, otherwise whole patients of each class are "
-                    "held out. Writes OUT/models/<run_id>/ and prints that folder as the last line.")
-    parser.add_argument("--data", help="C-NMC_Leukemia folder (or any folder inside it); prepared first "
-                                        "when its arrays are missing (optional with --resume)")
-    parser.add_argument("--size", type=int, default=None,
-                        help=f"image side in pixels (default {config.DEFAULT_IMAGE_SIZE})")
-    parser.add_argument("--epochs", type=int, default=None,
-                        help=f"maximum epochs; early stopping may end sooner (default {config.DEFAULT_EPOCHS})")
-    parser.add_argument("--batch-size", type=int, default=config.DEFAULT_BATCH_SIZE, help="cells per batch")
-    group = parser.add_mutually_exclusive_group()
-    group.add_argument("--val-patients", help="comma-separated patient ids to validate on, e.g. 11,H10")
-    group.add_argument("--val-fold", type=int, default=None,
-                       help="C-NMC fold to validate on (default: the last fold when there are several)")
-    parser.add_argument("--seed", type=int, default=config.DEFAULT_SEED, help="random seed (recorded)")
-    parser.add_argument("--out", default=None, help="output folder (default output/)")
-    parser.add_argument("--policy", default="auto", choices=anna_model.POLICIES,
-                        help="precision: auto = mixed_float16 on CUDA, mixed_bfloat16 on a CPU with AMX/AVX512-BF16, "
-                             "float32 otherwise")
-    parser.add_argument("--base-filters", type=int, default=8, help="U-Net filters at the first level")
-    parser.add_argument("--depth", type=int, default=4, help="U-Net down-sampling steps")
-    parser.add_argument("--no-segmentation", action="store_true", help="train the classifier only, no cell_mask")
-    parser.add_argument("--skip-bad", action="store_true", help="skip unreadable images when preparing (listed)")
-    parser.add_argument("--canvas", type=int, default=None,
-                        help="smallest side of the square around each cell in source pixels, as for prepare; "
-                             f"0 crops tightly (default {config.DEFAULT_CANVAS}; the run's own on --resume)")
-    parser.add_argument("--resume", default=None, metavar="RUN_DIR",
-                        help="continue an interrupted run from its last finished epoch")
-    parser.set_defaults(func=_run_train)

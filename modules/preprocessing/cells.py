@@ -10,7 +10,6 @@ unchanged files returns the cached folder.
 """
 from __future__ import annotations
 
-import argparse
 import concurrent.futures as futures
 import contextlib
 import ctypes
@@ -780,56 +779,3 @@ def load_arrays(arrays_dir: str | os.PathLike) -> PreparedArrays:
     if lengths != {meta.get("count")}:
         raise ValueError(f"{folder}: arrays, manifest and meta.json disagree on the row count; prepare it again")
     return PreparedArrays(manifest=manifest, meta=meta, path=folder, **arrays)
-
-
-def _run_prepare(args: argparse.Namespace) -> int:
-    from modules.data.layout import scan_dataset
-    from modules.data.synthetic import SYNTHETIC_BANNER
-
-    manifest = scan_dataset(args.data)
-    if manifest.attrs.get("synthetic"):
-        print(SYNTHETIC_BANNER)
-    folder = prepare_arrays(manifest, size=args.size, output_dir=args.out, skip_bad=args.skip_bad,
-                            workers=args.workers, progress=not args.no_progress, margin=args.margin,
-                            canvas=args.canvas)
-    meta = json.loads((folder / "meta.json").read_text())
-    counts = meta["counts"]
-    print(f"{meta['count']} cells at {meta['size']}x{meta['size']} px: {counts['all']} all, {counts['hem']} hem, "
-          f"{counts['unlabeled']} unlabeled (prepared {meta['created']})")
-    if meta["skipped"]:
-        print(f"skipped {len(meta['skipped'])} unusable image(s):")
-        for entry in meta["skipped"]:
-            print(f"  {entry['error']}")
-    print(folder)
-    return 0
-
-
-def register(subparsers) -> None:
-    """Add the ``prepare`` command."""
-    parser = subparsers.add_parser(
-        "prepare", help="crop, mask and resize the cells into cached .npy arrays",
-        description="Decode every cell, crop it to its bounding box plus a margin, make it square (tightly by "
-                    "default, so each cell fills the frame; with --canvas C on a black square of at least C source "
-                    "pixels, so cells keep their relative size), resize it and derive its mask; write "
-                    "OUT/arrays/<dataset>_<size>/ (reused while the files are unchanged). "
-                    "The last line printed is that folder.",
-    )
-    parser.add_argument("--data", type=Path, required=True,
-                        help="the C-NMC_Leukemia root or a folder inside it (training_data, fold_0, …)")
-    parser.add_argument("--size", type=int, default=config.DEFAULT_IMAGE_SIZE,
-                        help="side of the square images in pixels (default: %(default)s)")
-    parser.add_argument("--out", type=Path, default=config.OUTPUT_DIR,
-                        help="output root; arrays go to OUT/arrays/ (default: %(default)s)")
-    parser.add_argument("--skip-bad", action="store_true",
-                        help="leave out unreadable images (listed in the summary and meta.json) instead of stopping")
-    parser.add_argument("--workers", type=int, default=None,
-                        help=f"parallel workers (default: one per core, at most {MAX_DEFAULT_WORKERS}; "
-                             f"under {MIN_IMAGES_FOR_POOL} images, one)")
-    parser.add_argument("--margin", type=int, default=config.DEFAULT_MARGIN,
-                        help="background pixels kept around each cell, at the source resolution (default: %(default)s)")
-    parser.add_argument("--canvas", type=int, default=config.DEFAULT_CANVAS,
-                        help="smallest side of the square around each cell, in source pixels, so that cells keep "
-                             "their relative size; 0 crops tightly (each cell fills the frame; its size is lost) "
-                             "(default: %(default)s)")
-    parser.add_argument("--no-progress", action="store_true", help="do not show the progress bar")
-    parser.set_defaults(func=_run_prepare)
