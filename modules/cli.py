@@ -148,6 +148,20 @@ def _run_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_cv(args: argparse.Namespace) -> int:
+    from modules.evaluation import cv
+
+    if args.merge_only:
+        summary = cv.merge(args.out)
+    else:
+        folds = [int(f) for f in args.folds.split(",")] if args.folds else None
+        summary = cv.run_cv(args.data, args.out, folds=folds, models=tuple(args.models.split(",")),
+                            seed=args.seed, image_size=args.size, epochs=args.epochs, policy=args.policy)
+    print(cv.format_summary(summary))
+    print(Path(args.out).resolve() / "summary.csv")
+    return 0
+
+
 # ----------------------------------------------------------------------------- notebooks
 def _run_demo(args: argparse.Namespace) -> int:
     from modules import notebooks
@@ -303,6 +317,27 @@ def _add_evaluation_commands(subparsers) -> None:
     predict.add_argument("--threshold", default="auto", help="'auto' (the run's stored threshold) or a number")
     predict.add_argument("--skip-bad", action="store_true", help="list images that fail to decode and go on")
     predict.set_defaults(func=_run_predict)
+
+    cv = subparsers.add_parser(
+        "cv", help="patient-grouped cross-validation with subject-level figures (the README's table)",
+        description="Hold out each fold's subjects in turn, train on the others (inner validation by patient "
+                    "picks the epoch and the threshold), and report per fold ROC AUC, balanced accuracy, "
+                    "sensitivity, specificity and, per held-out subject, the share of its cells called right "
+                    "(mean and worst over healthy subjects). Each (fold, model) job writes OUT/fold<k>_<model>/; "
+                    "jobs may run as separate processes into one OUT (--folds) and be merged (--merge-only).")
+    cv.add_argument("--data", type=Path, default=config.SHARED_DATA_DIR / "cnmc",
+                    help="a C-NMC training folder (default: %(default)s)")
+    cv.add_argument("--out", type=Path, default=config.OUTPUT_DIR / "cv",
+                    help="folder of the jobs and merged tables (default: %(default)s)")
+    cv.add_argument("--folds", default=None, help="comma-separated folds to run, e.g. 1 (default: all)")
+    cv.add_argument("--models", default="anna,cell_area",
+                    help="comma-separated: anna, cell_area (cell size alone), legacy (default: %(default)s)")
+    cv.add_argument("--seed", type=int, default=config.DEFAULT_SEED, help="base seed; fold k uses seed + k")
+    cv.add_argument("--size", type=int, default=config.DEFAULT_IMAGE_SIZE, help="ANNa image side in pixels")
+    cv.add_argument("--epochs", type=int, default=None, help="ANNa maximum epochs (default: the training default)")
+    cv.add_argument("--policy", default="auto", choices=config.POLICIES, help="precision policy for training")
+    cv.add_argument("--merge-only", action="store_true", help="only merge the finished jobs in --out")
+    cv.set_defaults(func=_run_cv)
 
 
 def _add_notebook_commands(subparsers) -> None:
