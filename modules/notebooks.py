@@ -1,18 +1,15 @@
-"""Run the notebook series headless (papermill) and the helpers the notebooks share.
+"""The notebook series: run it headless (papermill) and the helpers its cells call.
 
-- ``run_notebooks(data, parameters, output_dir)``: execute ``1.EDA`` … ``4.Test`` in order with
-  papermill, on the kernel of the current interpreter, writing the executed copies under
-  ``<output_dir>/notebooks/<timestamp>/``.
-- ``demo()``: the README's first command; small parameters on a synthetic set generated on the
-  spot, or on the real data when ``input/C-NMC_Leukemia`` is present.
-- ``resolve_data_dir``, ``show_data_banner``, ``find_model``, ``show_evaluation``: what the
-  notebooks call so that their cells stay short.
+``run_notebooks`` executes ``1.EDA`` … ``4.Test`` in order on the kernel of this interpreter;
+``demo`` is the README's first command. The other functions keep the notebooks' cells short.
 """
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -30,6 +27,8 @@ if TYPE_CHECKING:  # pandas loads lazily: the CLI's --help stays fast
 NOTEBOOK_NAMES = ("1.EDA.ipynb", "2.Image_preprocessing.ipynb", "3.ANNa.ipynb", "4.Test.ipynb")
 #: The kernel name written in the notebooks (resolved to the current interpreter when run).
 KERNEL_NAME = "python3"
+#: What the notebooks import; ``setup_session`` installs requirements.txt when one is missing.
+REQUIRED_IMPORTS = ("cv2", "keras", "matplotlib", "pandas", "sklearn", "tensorflow", "tqdm")
 #: Demo settings on the synthetic stand-in: small enough for a 2-core CPU in a few minutes.
 DEMO_SYNTHETIC_PARAMETERS = {"IMAGE_SIZE": 64, "EPOCHS": 12, "BATCH_SIZE": 32, "BASE_FILTERS": 8,
                              "DEPTH": 3, "SAMPLE_LIMIT": 0, "SYNTHETIC_SCALE": "small"}
@@ -43,20 +42,31 @@ class NotebookError(RuntimeError):
     """A notebook of the series failed; the message names it and its executed copy."""
 
 
-# ----------------------------------------------------------------------------- data and models
+# ----------------------------------------------------------------------------- session and data
+def setup_session(drive_data_dir: str = "") -> None:
+    """Work from the repository root, install requirements.txt if an import is missing, mount Drive if asked.
+
+    Uses the standard library only, so the setup cell can call it before anything is installed.
+    """
+    os.chdir(config.PROJECT_ROOT)
+    missing = [name for name in REQUIRED_IMPORTS if importlib.util.find_spec(name) is None]
+    if missing:
+        print(f"installing requirements.txt (missing: {', '.join(missing)})", flush=True)
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-r",
+                        str(config.PROJECT_ROOT / "requirements.txt")], check=True)
+    in_colab = "google.colab" in sys.modules
+    if in_colab and drive_data_dir:
+        from google.colab import drive
+
+        drive.mount("/content/drive")
+    print(f"ANNa repository: {config.PROJECT_ROOT} (Colab: {in_colab})")
+
+
 def resolve_data_dir(data: str | os.PathLike | None = None, output_dir: str | os.PathLike | None = None,
                      scale: str = "small", seed: int = SYNTHETIC_SEED) -> Path:
-    """The dataset to use: ``data`` if given, else the real data, else a synthetic stand-in.
+    """The dataset to use: ``data`` if given, else ``input/C-NMC_Leukemia``, else a synthetic stand-in.
 
-    Args:
-        data: A C-NMC_Leukemia root (or a folder inside one); empty/None to choose.
-        output_dir: Root of the outputs; the synthetic set goes to ``<output_dir>/synthetic``
-            (``config.SYNTHETIC_DATA_DIR``'s parent by default).
-        scale: Size of the synthetic set (``synth.SCALES``).
-        seed: Seed of the synthetic set.
-
-    Returns:
-        The absolute dataset path. A synthetic set is reused when already generated.
+    The synthetic set goes to ``<output_dir>/synthetic`` and is reused once drawn.
 
     Raises:
         FileNotFoundError: ``data`` was given but does not exist.
@@ -69,56 +79,50 @@ def resolve_data_dir(data: str | os.PathLike | None = None, output_dir: str | os
         return path
     if config.REAL_DATA_DIR.is_dir():
         return config.REAL_DATA_DIR.resolve()
-    from modules.data import synthetic as synth
+    from modules.data import synthetic
 
     parent = Path(output_dir) / "synthetic" if output_dir else config.SYNTHETIC_DATA_DIR.parent
-    return synth.make_synthetic_dataset(parent, seed=seed, scale=scale)
-
-
-def is_synthetic(path: str | os.PathLike) -> bool:
-    """Whether ``path`` lies in a synthetic dataset (see ``synth.is_synthetic``)."""
-    from modules.data import synthetic as synth
-
-    return synth.is_synthetic(path)
+    return synthetic.make_synthetic_dataset(parent, seed=seed, scale=scale)
 
 
 def data_banner_html(data_dir: str | os.PathLike) -> str:
     """HTML banner saying which data the numbers come from (red and loud when synthetic)."""
     import html
 
-    from modules.data import synthetic as synth
+    from modules.data import synthetic
 
-    if synth.is_synthetic(data_dir):
+    if synthetic.is_synthetic(data_dir):
         return ("<div style='border:3px solid #c0392b;background:#fdecea;color:#922b21;padding:10px;"
-                "font-size:1.1em;font-weight:bold'>&#9888; " + html.escape(synth.SYNTHETIC_BANNER)
+                "font-size:1.1em;font-weight:bold'>&#9888; " + html.escape(synthetic.SYNTHETIC_BANNER)
                 + f"<br><span style='font-weight:normal'>data: {html.escape(str(data_dir))}</span></div>")
     return ("<div style='border:1px solid #aaa;background:#f4f6f7;padding:6px'>Data: real C-NMC 2019 cells "
             f"from <code>{html.escape(str(data_dir))}</code></div>")
 
 
 def show_data_banner(data_dir: str | os.PathLike) -> None:
-    """Display ``data_banner_html`` in the notebook (and print it on a terminal)."""
+    """Display ``data_banner_html`` in the notebook (and print the synthetic banner for the terminal)."""
     from IPython.display import HTML, display
 
-    from modules.data import synthetic as synth
+    from modules.data import synthetic
 
     display(HTML(data_banner_html(data_dir)))
-    if synth.is_synthetic(data_dir):
-        print(synth.SYNTHETIC_BANNER)
+    if synthetic.is_synthetic(data_dir):
+        print(synthetic.SYNTHETIC_BANNER)
+
+
+def _run_config(run: Path) -> dict:
+    """A run's config.json, or {} when unreadable (such a run is never picked as the newest)."""
+    try:
+        return json.loads((run / "config.json").read_text())
+    except (OSError, ValueError):
+        return {"status": "unreadable"}
 
 
 def find_model(model_path: str | os.PathLike | None = None, output_dir: str | os.PathLike | None = None) -> Path:
-    """The run folder (or ``.keras`` file) to evaluate: ``model_path``, else the newest run.
-
-    Args:
-        model_path: A run folder or a ``.keras`` file; empty/None for the newest run.
-        output_dir: Root of the outputs (``config.OUTPUT_DIR`` by default); runs are in ``models/``.
-
-    Returns:
-        The path.
+    """The run folder (or ``.keras`` file) to evaluate: ``model_path``, else the newest finished run.
 
     Raises:
-        FileNotFoundError: The path does not exist, or there is no finished run yet.
+        FileNotFoundError: The path does not exist, or ``<output_dir>/models`` holds no finished run.
     """
     if model_path:
         path = Path(model_path).expanduser().resolve()
@@ -127,52 +131,26 @@ def find_model(model_path: str | os.PathLike | None = None, output_dir: str | os
                                     "output/models or its model.keras")
         return path
     models_dir = Path(output_dir or config.OUTPUT_DIR) / config.MODELS_SUBDIR
-    runs = [run for run in models_dir.glob("*/") if (run / "model.keras").is_file()
-            and _run_status(run) == "complete"]
-    if not runs:
+    runs = {run: _run_config(run) for run in models_dir.glob("*/") if (run / "model.keras").is_file()}
+    finished = [run for run, conf in runs.items() if conf.get("status", "complete") == "complete"]
+    if not finished:
         raise FileNotFoundError(f"no trained run in {models_dir}: run notebooks/3.ANNa.ipynb or "
                                 "`python -m modules train` first, or set MODEL_PATH")
-    return max(runs, key=_run_created)
-
-
-def _run_status(run: Path) -> str:
-    """``complete`` for a finished run (older runs without a status count as finished)."""
-    try:
-        return str(json.loads((run / "config.json").read_text()).get("status", "complete"))
-    except (OSError, ValueError):
-        return "unreadable"
-
-
-def _run_created(run: Path) -> tuple[str, float]:
-    """Sort key: the run's ``created`` time from config.json, then the folder's mtime."""
-    try:
-        created = str(json.loads((run / "config.json").read_text()).get("created", ""))
-    except (OSError, ValueError):
-        created = ""
-    return created, run.stat().st_mtime
+    return max(finished, key=lambda run: (str(runs[run].get("created", "")), run.stat().st_mtime))
 
 
 def evaluation_split(data_dir: str | os.PathLike, run: Mapping, split: str = "auto"
                      ) -> tuple[str, list[str] | None, str]:
-    """Which labeled cells 4.Test scores: the validation_data cells when the data has them.
+    """Which labeled cells 4.Test scores: ``(split, patients, note)`` for ``evaluate_run``.
 
-    Without labeled validation_data (e.g. training folds only), the run's own held-out
-    validation patients are scored instead; their cells steered early stopping and the
-    threshold, so those numbers lean optimistic, and the note says so.
-
-    Args:
-        data_dir: The dataset.
-        run: The run's config.json (``train.load_run``).
-        split: ``auto`` or an ``evaluate.SPLITS`` value to force.
-
-    Returns:
-        ``(split, patients, note)`` for ``evaluate.evaluate_run``.
+    The labeled validation_data cells when the data has them; otherwise the run's own held-out
+    validation patients, whose cells chose the best epoch and the threshold (the note says so).
     """
-    from modules.data import layout as data
+    from modules.data import layout
 
     if split != "auto":
         return split, None, f"split {split!r} as requested"
-    manifest = data.scan_dataset(data_dir)
+    manifest = layout.scan_dataset(data_dir)
     if ((manifest["split"] == "validation") & manifest["label"].notna()).any():
         return "validation", None, "the labeled C-NMC validation cells (patients the run never trained on)"
     patients = [str(p) for p in run.get("val_patients") or []]
@@ -200,15 +178,7 @@ def metrics_table(metrics: Mapping) -> pandas.DataFrame:
 
 
 def show_charts(folder: str | os.PathLike, names: Sequence[str] | None = None) -> list[Path]:
-    """Display the charts of a folder (PNG + caption), in the order they were saved.
-
-    Args:
-        folder: A folder written with ``viz.save_chart`` (an evaluation, ``charts/<notebook>``).
-        names: Chart stems to show; all by default. Missing names are skipped.
-
-    Returns:
-        The PNGs shown.
-    """
+    """Display the charts of a folder (PNG + caption) in the order saved, or only ``names``; returns those shown."""
     from IPython.display import Image, Markdown, display
 
     from modules.reporting import charts as viz
@@ -227,15 +197,7 @@ def show_charts(folder: str | os.PathLike, names: Sequence[str] | None = None) -
 
 
 def show_evaluation(evaluation_dir: str | os.PathLike, max_rows: int = 40) -> dict:
-    """Show an evaluation folder inline: metrics, every chart with its caption, per-patient table.
-
-    Args:
-        evaluation_dir: A folder written by ``evaluate.evaluate_run``.
-        max_rows: Rows of the per-patient table shown.
-
-    Returns:
-        The metrics (``metrics.json``).
-    """
+    """Show an evaluation folder inline (metrics, charts, per-patient table); returns its metrics."""
     import pandas as pd
     from IPython.display import Markdown, display
 
@@ -264,14 +226,13 @@ def parse_value(text: str):
 
 @contextlib.contextmanager
 def _kernel_environment() -> Iterator[None]:
-    """Point the ``python3`` kernel at this interpreter and give the kernel sane settings.
+    """A temporary ``python3`` kernelspec (first on ``JUPYTER_PATH``) that runs ``sys.executable``.
 
-    A temporary kernelspec on ``JUPYTER_PATH`` (searched before the user's) runs
-    ``sys.executable``, so the notebooks use this virtual environment whatever other
-    kernels are installed; matplotlib draws inline even when ``MPLBACKEND=Agg`` is set.
+    So the notebooks use this virtual environment whatever other kernels are installed; matplotlib
+    draws inline even when ``MPLBACKEND=Agg`` is set.
     """
-    saved = {k: os.environ.get(k) for k in ("JUPYTER_PATH", "MPLBACKEND", "TF_CPP_MIN_LOG_LEVEL",
-                                             "PYTHONPATH", "PYDEVD_DISABLE_FILE_VALIDATION")}
+    settings = {"MPLBACKEND": "module://matplotlib_inline.backend_inline", "PYDEVD_DISABLE_FILE_VALIDATION": "1"}
+    saved = {key: os.environ.get(key) for key in ("JUPYTER_PATH", "PYTHONPATH", *settings)}
     with tempfile.TemporaryDirectory(prefix="anna-kernel-") as folder:
         spec_dir = Path(folder) / "kernels" / KERNEL_NAME
         spec_dir.mkdir(parents=True)
@@ -281,11 +242,9 @@ def _kernel_environment() -> Iterator[None]:
                          "-f", "{connection_file}", "--IPKernelApp.log_level=ERROR"],
                 "display_name": "Python 3 (ANNa)", "language": "python"}
         (spec_dir / "kernel.json").write_text(json.dumps(spec))
+        os.environ.update(settings)
         os.environ["JUPYTER_PATH"] = os.pathsep.join(filter(None, [folder, saved["JUPYTER_PATH"]]))
-        os.environ["MPLBACKEND"] = "module://matplotlib_inline.backend_inline"
-        os.environ["TF_CPP_MIN_LOG_LEVEL"] = saved["TF_CPP_MIN_LOG_LEVEL"] or "2"
         os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(config.PROJECT_ROOT), saved["PYTHONPATH"]]))
-        os.environ["PYDEVD_DISABLE_FILE_VALIDATION"] = "1"
         try:
             yield
         finally:
@@ -294,6 +253,16 @@ def _kernel_environment() -> Iterator[None]:
                     os.environ.pop(key, None)
                 else:
                     os.environ[key] = value
+
+
+def _new_folder(parent: Path) -> Path:
+    """``parent/<UTC timestamp>``, suffixed so that two runs in the same second never share it."""
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    for name in (stamp, *(f"{stamp}-{n}" for n in range(1, 100))):
+        with contextlib.suppress(FileExistsError):
+            (parent / name).mkdir(parents=True)
+            return parent / name
+    raise FileExistsError(f"100 notebook folders named {stamp}* in {parent}: remove some")
 
 
 def run_notebooks(data: str | os.PathLike | None, parameters: Mapping[str, object] | None = None,
@@ -318,6 +287,8 @@ def run_notebooks(data: str | os.PathLike | None, parameters: Mapping[str, objec
     """
     import papermill
 
+    from modules.data import synthetic
+
     params = dict(parameters or {})
     selected = select_notebooks(notebooks)
     known = set(papermill.inspect_notebook(str(config.NOTEBOOKS_DIR / selected[0])))
@@ -327,25 +298,16 @@ def run_notebooks(data: str | os.PathLike | None, parameters: Mapping[str, objec
                          f"{', '.join(sorted(known))}")
     # DATA_DIR / OUTPUT_DIR given as parameters count like the arguments.
     data = data or params.pop("DATA_DIR", None) or None
-    output_dir = output_dir or params.pop("OUTPUT_DIR", None) or None
-    output_dir = Path(output_dir or config.OUTPUT_DIR).expanduser().resolve()
+    output_dir = Path(output_dir or params.pop("OUTPUT_DIR", None) or config.OUTPUT_DIR).expanduser().resolve()
     params["OUTPUT_DIR"] = str(output_dir)
     scale = str(params.get("SYNTHETIC_SCALE") or "small")
     params["DATA_DIR"] = str(resolve_data_dir(data, output_dir if not data else None, scale=scale))
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
-    target = output_dir / config.NOTEBOOKS_SUBDIR / stamp
-    for suffix in range(1, 100):  # two runs in the same second never share a folder
-        if not target.exists():
-            break
-        target = output_dir / config.NOTEBOOKS_SUBDIR / f"{stamp}-{suffix}"
-    target.mkdir(parents=True)
+    target = _new_folder(output_dir / config.NOTEBOOKS_SUBDIR)
     shown = ", ".join(f"{k}={v}" for k, v in params.items() if k not in ("DATA_DIR", "OUTPUT_DIR"))
     print(f"data: {params['DATA_DIR']}\noutputs: {output_dir}\nparameters: {shown or '(notebook defaults)'}",
           flush=True)
-    if is_synthetic(params["DATA_DIR"]):
-        from modules.data import synthetic as synth
-
-        print(synth.SYNTHETIC_BANNER, flush=True)
+    if synthetic.is_synthetic(params["DATA_DIR"]):
+        print(synthetic.SYNTHETIC_BANNER, flush=True)
     executed = []
     started = time.perf_counter()
     with _kernel_environment():
@@ -370,14 +332,7 @@ def run_notebooks(data: str | os.PathLike | None, parameters: Mapping[str, objec
 
 
 def select_notebooks(notebooks: Sequence[str] | None = None) -> list[str]:
-    """Names of the notebooks to run, in series order.
-
-    Args:
-        notebooks: Names or prefixes (``"1"``, ``"4.Test"``); None for all four.
-
-    Returns:
-        File names from ``NOTEBOOK_NAMES``.
-    """
+    """File names from ``NOTEBOOK_NAMES`` for names or prefixes (``"1"``, ``"4.Test"``), in series order."""
     if not notebooks:
         return list(NOTEBOOK_NAMES)
     chosen = []
@@ -394,16 +349,11 @@ def demo(output_dir: str | os.PathLike | None = None, data: str | os.PathLike | 
          progress: bool = True) -> list[Path]:
     """Run the four notebooks with small parameters: the README's first command.
 
-    Args:
-        output_dir: Root of the outputs; ``config.OUTPUT_DIR`` by default.
-        data: Dataset root; by default the real data when ``input/C-NMC_Leukemia`` exists,
-            else a synthetic set generated (once) under the outputs.
-        progress: Show papermill's progress bars.
-
-    Returns:
-        The executed notebooks.
+    On ``data``, else ``input/C-NMC_Leukemia`` when present, else a synthetic set drawn (once) under the outputs.
     """
-    real = (not is_synthetic(data)) if data else config.REAL_DATA_DIR.is_dir()
+    from modules.data import synthetic
+
+    real = (not synthetic.is_synthetic(data)) if data else config.REAL_DATA_DIR.is_dir()
     parameters = DEMO_REAL_PARAMETERS if real else DEMO_SYNTHETIC_PARAMETERS
     if real:
         print("real data found: a short demo run (few epochs at 64 px); train longer with "

@@ -10,6 +10,7 @@ import papermill
 import pytest
 
 from modules import cli, config, notebooks
+from modules.data import synthetic
 
 NOTEBOOK_PATHS = [config.NOTEBOOKS_DIR / name for name in notebooks.NOTEBOOK_NAMES]
 REQUIRED_PARAMETERS = {"DATA_DIR", "OUTPUT_DIR", "IMAGE_SIZE", "EPOCHS", "BATCH_SIZE", "SEED", "MODEL_PATH",
@@ -96,7 +97,7 @@ def test_resolve_data_dir(tmp_path, monkeypatch, synthetic_root):
     monkeypatch.setattr(config, "REAL_DATA_DIR", tmp_path / "no_real_data")
     made = notebooks.resolve_data_dir(None, output_dir=tmp_path / "out", scale="tiny")
     assert made == (tmp_path / "out" / "synthetic" / config.DATASET_FOLDER_NAME).resolve()
-    assert notebooks.is_synthetic(made)
+    assert synthetic.is_synthetic(made)
     marker = made / config.SYNTHETIC_MARKER
     stamp = marker.stat().st_mtime_ns
     assert notebooks.resolve_data_dir("", output_dir=tmp_path / "out", scale="tiny") == made
