@@ -12,7 +12,7 @@ from PIL import Image
 
 from modules import config
 from modules.data.layout import scan_dataset
-from modules.preprocessing.cells import ImageError, load_arrays, load_rgb, prepare_arrays, preprocess_image
+from modules.preprocessing import ImageError, cell_square, load_arrays, load_rgb, prepare_arrays, preprocess_image
 
 
 def _bmp_cells(shared_cnmc_bmp: Path) -> list[Path]:
@@ -93,6 +93,35 @@ def test_canvas_keeps_cell_size_and_tight_crop_does_not():
     assert big.mean() > 0.7  # a disc filling its square covers pi/4 of it
 
 
+def _all_cell(image: np.ndarray) -> np.ndarray:
+    """An image whose every pixel is cell (above the threshold): its square is the whole image."""
+    assert image.min() > config.BACKGROUND_THRESHOLD
+    return image
+
+
+def test_area_shrink_of_2x2_blocks_is_the_block_mean():
+    rng = np.random.default_rng(0)
+    image = _all_cell(rng.integers(5, 256, (64, 64, 3), dtype=np.uint8))
+    out, mask = preprocess_image(image, 32, margin=0, canvas=0)
+    block_mean = image.reshape(32, 2, 32, 2, 3).mean(axis=(1, 3))
+    assert np.abs(out - block_mean).max() <= 0.5 and mask.all()  # the mean, rounded
+
+
+def test_checkerboard_shrinks_to_grey_without_aliasing():
+    board = np.where((np.indices((90, 90)).sum(axis=0) % 2)[..., None], 250, 10).astype(np.uint8).repeat(3, axis=2)
+    out, _ = preprocess_image(_all_cell(board), 32, margin=0, canvas=0)  # 2.8 pixels to one: not an integer
+    assert np.abs(out.astype(int) - 130).max() < 40  # every pixel near the board's mean
+    aliased = cv2.resize(board, (32, 32), interpolation=cv2.INTER_NEAREST)  # what sampling without averaging does
+    assert np.abs(aliased.astype(int) - 130).max() == 120
+
+
+def test_shrinking_uses_inter_area_and_enlarging_inter_linear():
+    image = _all_cell(np.random.default_rng(1).integers(5, 256, (40, 40, 3), dtype=np.uint8))
+    for size, interpolation in ((24, cv2.INTER_AREA), (40, cv2.INTER_LINEAR), (64, cv2.INTER_LINEAR)):
+        expected = cv2.resize(image, (size, size), interpolation=interpolation)
+        np.testing.assert_array_equal(preprocess_image(image, size, margin=0, canvas=0)[0], expected)
+
+
 def test_preprocess_all_black_and_wrong_input():
     with pytest.raises(ImageError, match="no cell pixels"):
         preprocess_image(np.zeros((30, 30, 3), np.uint8), 16)
@@ -115,7 +144,8 @@ def test_preprocess_real_cell_mask_matches_image(shared_cnmc_bmp):
     np.testing.assert_array_equal(mask, (image > config.BACKGROUND_THRESHOLD).any(2))
 
 
-@pytest.mark.parametrize("case", ["zero_byte", "truncated", "truncated_png", "corrupt", "grayscale", "rgba_transparent", "16bit"])
+@pytest.mark.parametrize("case", ["zero_byte", "truncated", "truncated_png", "corrupt", "grayscale", "rgba_transparent",
+                                  "16bit"])
 def test_bad_image_files_are_named(tmp_path, case):
     cell = np.zeros((40, 40, 3), np.uint8)
     cell[10:30, 10:30] = (90, 40, 100)
@@ -192,14 +222,9 @@ def test_prepare_real_bmp_cells(shared_cnmc_bmp, tmp_path):
 
 
 @pytest.mark.shared_data
-# 24 and 128 px shrink the cells (area resampling, several taps a side); 256 px enlarges most of
-# them (bilinear). BMP files go through the C reader, PNG files through OpenCV's decoder.
-@pytest.mark.parametrize("executor,size", [("thread", 24), ("process", 24), ("thread", 128), ("thread", 256)])
-def test_png_and_bmp_give_the_same_arrays_and_pool_equals_serial(shared_cnmc, shared_cnmc_bmp, tmp_path,
-                                                                 monkeypatch, executor, size):
-    from modules.preprocessing import cells as preprocess
-
-    monkeypatch.setattr(preprocess, "EXECUTOR", executor)
+# 24 and 128 px shrink the cells (INTER_AREA); 256 px enlarges most of them (INTER_LINEAR).
+@pytest.mark.parametrize("size", [24, 128, 256])
+def test_png_and_bmp_give_the_same_arrays_and_pool_equals_serial(shared_cnmc, shared_cnmc_bmp, tmp_path, size):
     bmp = scan_dataset(shared_cnmc_bmp)
     png = scan_dataset(shared_cnmc)
     png = png[png["name"].str.replace(".png", ".bmp").isin(set(bmp["name"]))]
@@ -307,7 +332,7 @@ def test_load_arrays_incomplete_folder(tmp_path):
 
 
 @pytest.mark.parametrize("width", [23, 24])
-def test_bmp_fast_path_matches_opencv(tmp_path, width):
+def test_bmp_rows_stored_either_way_are_read_right(tmp_path, width):
     rng = np.random.default_rng(width)
     bgr = rng.integers(0, 255, (17, width, 3), dtype=np.uint8)
     bottom_up = tmp_path / "bottom_up.bmp"
@@ -326,8 +351,6 @@ def test_bmp_fast_path_matches_opencv(tmp_path, width):
 
 
 def test_bounding_box_matches_a_full_mask():
-    from modules.preprocessing.cells import _bounding_box
-
     rng = np.random.default_rng(3)
     checked = 0
     for _ in range(400):
@@ -340,10 +363,10 @@ def test_bounding_box_matches_a_full_mask():
         cell = (image > 4).any(axis=2)
         if not cell.any():
             with pytest.raises(ImageError, match="black"):
-                _bounding_box(image, 4)
+                cell_square(image, threshold=4)
             continue
         rows, cols = np.flatnonzero(cell.any(axis=1)), np.flatnonzero(cell.any(axis=0))
         expected = (rows[0], cols[0], rows[-1] - rows[0] + 1, cols[-1] - cols[0] + 1)
-        assert _bounding_box(image, 4) == expected
+        assert cell_square(image, margin=0, threshold=4, canvas=0)[0] == expected
         checked += 1
     assert checked > 200
