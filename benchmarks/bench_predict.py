@@ -8,10 +8,10 @@ Builds ``model.build_anna`` with its default widths (depth 4, 8 base filters; un
 weights: speed does not depend on them) and times, on the same real C-NMC cells
 (``../shared/data/cnmc``, preprocessed once before timing; random pixels when absent):
 
-- batched: ``model.predict_outputs(model, images, batch_size)`` (what ``evaluate`` uses);
+- batched: ``saving.predict_outputs(model, images, batch_size)`` (what ``evaluate`` uses);
 - one at a time: ``predict_outputs`` called per image (``predict_on_batch`` of one);
 - one at a time with ``model.predict`` per image, as the older project's notebooks did;
-- end to end: ``evaluate.predict_images`` on the image files (decode, crop, resize, predict),
+- end to end: ``predict.predict_images`` on the image files (decode, crop, resize, predict),
   through a saved run folder.
 
 Prints images/second side by side (best of ``--repeats`` rounds, the paths timed round-robin so
@@ -32,10 +32,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np  # noqa: E402
 
-from modules import config
-from modules.evaluation import evaluate
-from modules.preprocessing import cells as preprocess  # noqa: E402
-from modules.modeling import network as anna_model  # noqa: E402
+from modules import config  # noqa: E402
+from modules.evaluation import predict  # noqa: E402
+from modules import preprocessing  # noqa: E402
+from modules.modeling import network, saving  # noqa: E402
 
 
 def best_rates(paths: dict, repeats: int) -> dict:
@@ -75,22 +75,22 @@ def main() -> int:
     size = args.size
     files = sorted(Path(args.data).rglob("*.png"))[:args.images] if Path(args.data).exists() else []
     if files:
-        images = np.stack([preprocess.preprocess_image(preprocess.load_rgb(f), size)[0] for f in files])
+        images = np.stack([preprocessing.preprocess_image(preprocessing.load_rgb(f), size)[0] for f in files])
         source = f"{len(files)} real cells from {args.data}"
     else:
         images = np.random.default_rng(0).integers(0, 120, (args.images, size, size, 3), dtype=np.uint8)
         source = f"{args.images} random images (real cells not found at {args.data})"
-    model = anna_model.build_anna((size, size, 3))
+    model = network.build_anna((size, size, 3))
     count = len(images)
     single = images[:args.single]
 
-    anna_model.predict_outputs(model, images[:args.batch_size], batch_size=args.batch_size)  # warm up
-    anna_model.predict_outputs(model, images[:1], batch_size=1)
+    saving.predict_outputs(model, images[:args.batch_size], batch_size=args.batch_size)  # warm up
+    saving.predict_outputs(model, images[:1], batch_size=1)
     model.predict(images[:1], verbose=0)
     batched = f"batched, predict_outputs (batch {args.batch_size})"
     paths = {
-        batched: (lambda: anna_model.predict_outputs(model, images, batch_size=args.batch_size), count),
-        "one at a time, predict_outputs": (lambda: [anna_model.predict_outputs(model, single[i:i + 1], batch_size=1)
+        batched: (lambda: saving.predict_outputs(model, images, batch_size=args.batch_size), count),
+        "one at a time, predict_outputs": (lambda: [saving.predict_outputs(model, single[i:i + 1], batch_size=1)
                                                     for i in range(len(single))], len(single)),
         "one at a time, model.predict (older project)": (lambda: [model.predict(single[i:i + 1], verbose=0)
                                                                   for i in range(len(single))], len(single)),
@@ -104,9 +104,9 @@ def main() -> int:
                                                          "margin": config.DEFAULT_MARGIN,
                                                          "background_threshold": config.BACKGROUND_THRESHOLD,
                                                          "canvas": config.DEFAULT_CANVAS}))
-            evaluate.predict_images(run, files[:8], progress=False)  # load once, warm the file cache
+            predict.predict_images(run, files[:8], progress=False)  # load once, warm the file cache
             paths["end to end from files, predict_images (decode+crop+predict)"] = (
-                lambda: evaluate.predict_images(run, files, progress=False), count)
+                lambda: predict.predict_images(run, files, progress=False), count)
         rates = best_rates(paths, args.repeats)
 
     print(f"ANNa build_anna(({size},{size},3)) defaults, {model.count_params():,} parameters, untrained; {source}")

@@ -11,7 +11,7 @@ import pytest
 from sklearn import metrics as skm
 
 from modules import cli, config
-from modules.evaluation import evaluate
+from modules.evaluation import evaluate, metrics as scores
 
 EXPECTED_FILES = [
     "metrics.json", "predictions.csv", "per_patient.csv", "report.md", "report.html",
@@ -74,10 +74,11 @@ def test_metrics_json_agrees_with_predictions_csv(evaluation, tiny_run_dir):
     for name, value in recomputed.items():
         assert metrics[name] == pytest.approx(value, abs=1e-9), name
     assert metrics["ci_resampling"] == "patients"
-    for name in evaluate.CI_METRICS:
+    for name in scores.CI_METRICS:
         low, high = metrics["ci"][name]
         assert low <= metrics[name] + 1e-9 and metrics[name] <= high + 1e-9
     assert metrics["synthetic_data"] is True
+    assert metrics["synthetic_model"] is True and metrics["model_trained_on"] == "synthetic"
     assert metrics["preprocessing_check"]["matches"] is True  # same code made the training arrays
 
 
@@ -92,7 +93,8 @@ def test_preprocessing_drift_since_training_is_caught(tiny_run_dir, tmp_path):
                 "canvas": run["canvas"]}
     same = evaluate.check_training_preprocessing(run, settings)
     assert same["matches"] is True and same["checked"] > 0
-    drifted = evaluate.check_training_preprocessing({**run, "data": {**run["data"], "arrays_dir": str(arrays)}}, settings)
+    moved = {**run, "data": {**run["data"], "arrays_dir": str(arrays)}}
+    drifted = evaluate.check_training_preprocessing(moved, settings)
     assert drifted["matches"] is False and drifted["max_pixel_difference"] > 0
     assert "does NOT reproduce" in drifted["note"]
     gone = evaluate.check_training_preprocessing({**run, "data": {"arrays_dir": str(tmp_path / "none")}}, settings)
@@ -125,8 +127,8 @@ def test_report_states_data_run_threshold_and_loads_its_images(evaluation):
 def test_charts_are_published_to_the_gallery(evaluation):
     viz_dir = evaluation.parent.parent / config.VIZ_SUBDIR
     index = (viz_dir / "index.html").read_text()
-    assert f"{evaluation.name}__roc_curve.png" in index
-    assert (viz_dir / f"{evaluation.name}__roc_curve.csv").is_file()
+    assert f"{evaluation.name}/roc_curve.png" in index and "Evaluation of run" in index
+    assert (viz_dir / evaluation.name / "roc_curve.csv").is_file()
 
 
 def test_cli_override_threshold_never_overwrites(evaluation, tiny_run_dir, synthetic_root, capsys):
@@ -141,6 +143,19 @@ def test_cli_override_threshold_never_overwrites(evaluation, tiny_run_dir, synth
     metrics = json.loads((second / "metrics.json").read_text())
     assert metrics["threshold"] == 0.5 and metrics["threshold_source"].startswith("override")
     assert "override" in (second / "report.md").read_text()
+
+
+@pytest.mark.shared_data
+def test_synthetic_model_on_real_cells_says_which_side_is_synthetic(tiny_run_dir, shared_cnmc_bmp, tmp_path):
+    """The demo's case: a model trained on synthetic cells scored on the 40 real BMP cells."""
+    folder = evaluate.evaluate_run(tiny_run_dir, shared_cnmc_bmp, split="train", output_dir=tmp_path, n_boot=0,
+                                   progress=False)
+    metrics = json.loads((folder / "metrics.json").read_text())
+    assert metrics["n"] == 40 and metrics["synthetic_model"] is True and metrics["synthetic_data"] is False
+    words = scores.describe_metrics(metrics)
+    assert "the model was trained on SYNTHETIC cells" in words and "cells scored are SYNTHETIC" not in words
+    index = (tmp_path / config.VIZ_SUBDIR / "index.html").read_text()
+    assert "model trained on SYNTHETIC cells" in index and "[SYNTHETIC cells]" not in index
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -247,9 +262,9 @@ def test_validation_split_warns_about_the_runs_own_patients(tmp_path):
                              "split": "validation", "fold": pd.array([None] * 3, dtype="Int8")})
     run = {"train_patients": ["11"], "val_patients": ["H3"]}
     with pytest.warns(UserWarning, match=r"patients 11, H3 .* were used to train or validate this run"):
-        rows, _ = evaluate._select_cells(manifest, "validation", tmp_path, run, None)
+        rows, _ = evaluate.select_cells(manifest, "validation", tmp_path, run, None)
     assert len(rows) == 3
-    rows, _ = evaluate._select_cells(manifest, "validation", tmp_path, run, "unseen")
+    rows, _ = evaluate.select_cells(manifest, "validation", tmp_path, run, "unseen")
     assert list(rows["patient_id"]) == ["50"]
 
 
@@ -262,38 +277,3 @@ def test_train_split_counts_the_runs_patients(tiny_run_dir, synthetic_root, tmp_
     assert metrics["cells_from_run_training_patients"] > 0
     assert "trained on" in (folder / "report.md").read_text()
     assert np.isfinite(metrics["roc_auc"])
-
-
-# ----------------------------------------------------------------------------- gallery
-
-
-def test_save_chart_and_gallery_newest_run_first(tmp_path):
-    import matplotlib.pyplot as plt
-
-    from modules.reporting import charts as viz
-
-    charts = tmp_path / "charts"
-    pngs = []
-    for name in ("counts", "areas"):
-        fig, ax = plt.subplots()
-        ax.bar(["all", "hem"], [3, 1])
-        pngs.append(viz.save_chart(fig, pd.DataFrame({"class": ["all", "hem"], "cells": [3, 1]}), name,
-                                   f"caption of {name}", charts))
-        plt.close(fig)
-    assert pd.read_csv(charts / "counts.csv")["cells"].tolist() == [3, 1]
-    assert (charts / "counts.png").read_bytes()[:4] == b"\x89PNG"
-    assert viz.chart_captions(charts) == {"counts": "caption of counts", "areas": "caption of areas"}
-    gallery = tmp_path / "viz"
-    viz.publish_to_viz(pngs, gallery, run="older")
-    import time
-
-    time.sleep(1.1)  # publication times have one-second resolution
-    viz.publish_to_viz(pngs[0], gallery, run="newer", caption="override")
-    viz.publish_to_viz(pngs[0], gallery, run="newer")  # same stable name: replaced, not duplicated
-    page = (gallery / "index.html").read_text()
-    assert page.index("<h2>newer</h2>") < page.index("<h2>older</h2>")
-    assert page.count("newer__counts.png'") == 2  # link + img of one entry
-    assert "caption of areas" in page and (gallery / "older__areas.csv").is_file()
-    assert not list(gallery.glob("*.partial*")) and not list(charts.glob("*.partial*"))
-    with pytest.raises(FileNotFoundError, match="save_chart"):
-        viz.publish_to_viz(tmp_path / "missing.png", gallery)

@@ -6,7 +6,8 @@ import pytest
 
 from modules.evaluation import explain
 from modules.modeling import network as model
-from modules.preprocessing import cells as preprocess
+from modules.modeling import saving
+from modules import preprocessing
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +21,7 @@ def anna():
 @pytest.fixture(scope="module")
 def cell(synthetic_root) -> np.ndarray:
     path = sorted((synthetic_root / "training_data" / "fold_0" / "all").iterdir())[0]
-    return preprocess.preprocess_image(preprocess.load_rgb(path), 32)[0]
+    return preprocessing.preprocess_image(preprocessing.load_rgb(path), 32)[0]
 
 
 def test_default_layer_feeds_the_classification_output(anna):
@@ -38,7 +39,7 @@ def test_grad_cam_is_a_non_constant_map_of_the_input_size(anna, cell):
 
 
 def test_grad_cam_on_the_trained_run_and_the_bottleneck(tiny_run_dir, cell):
-    trained = model.load_model(tiny_run_dir)
+    trained = saving.load_model(tiny_run_dir)
     for layer in (None, "up0_conv2"):
         heatmap = explain.grad_cam(trained, cell, layer_name=layer)
         assert heatmap.shape == (32, 32) and heatmap.std() > 0.01

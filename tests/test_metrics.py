@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 from sklearn import metrics as skm
 
-from modules.evaluation import evaluate
+from modules.evaluation import metrics
 
 # Known arrays: 6 leukemic (1), 4 normal (0) cells.
 LABELS = np.array([1, 1, 1, 1, 1, 1, 0, 0, 0, 0])
@@ -14,7 +14,7 @@ P = np.array([0.95, 0.80, 0.62, 0.55, 0.30, 0.10, 0.70, 0.40, 0.20, 0.05])
 
 
 def test_each_metric_matches_scikit_learn_and_hand_counts():
-    result = evaluate.compute_metrics(LABELS, P, threshold=0.5, n_boot=0)
+    result = metrics.compute_metrics(LABELS, P, threshold=0.5, n_boot=0)
     predicted = (P >= 0.5).astype(int)  # 1,1,1,1,0,0,1,0,0,0: TP=4 FN=2 FP=1 TN=3
     assert result["n"] == 10 and result["n_positive"] == 6 and result["n_negative"] == 4
     assert result["threshold"] == 0.5
@@ -41,15 +41,15 @@ def test_each_metric_matches_scikit_learn_and_hand_counts():
 
 
 def test_threshold_is_inclusive_and_moves_the_metrics():
-    at_055 = evaluate.compute_metrics(LABELS, P, threshold=0.55, n_boot=0)
-    at_056 = evaluate.compute_metrics(LABELS, P, threshold=0.56, n_boot=0)
+    at_055 = metrics.compute_metrics(LABELS, P, threshold=0.55, n_boot=0)
+    at_056 = metrics.compute_metrics(LABELS, P, threshold=0.56, n_boot=0)
     assert at_055["sensitivity"] == pytest.approx(4 / 6)  # p == threshold counts as leukemic
     assert at_056["sensitivity"] == pytest.approx(3 / 6)
     assert at_055["roc_auc"] == at_056["roc_auc"]  # threshold-free
 
 
 def test_confusion_table_percentages_use_true_class_totals():
-    table = evaluate.confusion_table(LABELS, (P >= 0.5).astype(int)).set_index(["true", "predicted"])
+    table = metrics.confusion_table(LABELS, (P >= 0.5).astype(int)).set_index(["true", "predicted"])
     assert table.loc[(1, 1), "count"] == 4 and table.loc[(1, 0), "count"] == 2
     assert table.loc[(0, 1), "count"] == 1 and table.loc[(0, 0), "count"] == 3
     assert table.loc[(1, 1), "row_percent"] == pytest.approx(100 * 4 / 6)  # sensitivity
@@ -59,7 +59,7 @@ def test_confusion_table_percentages_use_true_class_totals():
 
 
 def test_one_class_gives_undefined_auc_not_a_crash():
-    result = evaluate.compute_metrics([1, 1, 1], [0.9, 0.4, 0.7], threshold=0.5, n_boot=20)
+    result = metrics.compute_metrics([1, 1, 1], [0.9, 0.4, 0.7], threshold=0.5, n_boot=20)
     assert result["roc_auc"] is None and result["specificity"] is None
     assert result["sensitivity"] == pytest.approx(2 / 3)
 
@@ -71,8 +71,8 @@ def test_one_class_gives_undefined_auc_not_a_crash():
     ([1, 0], [0.1, 1.5], "\\[0, 1\\]"),
 ])
 def test_bad_inputs_are_refused(labels, p, message):
-    with pytest.raises(evaluate.EvaluationError, match=message):
-        evaluate.compute_metrics(pd.array(labels, dtype="Int8"), p, threshold=0.5, n_boot=0)
+    with pytest.raises(metrics.EvaluationError, match=message):
+        metrics.compute_metrics(pd.array(labels, dtype="Int8"), p, threshold=0.5, n_boot=0)
 
 
 def _clustered_cells(seed: int = 3):
@@ -90,10 +90,10 @@ def _clustered_cells(seed: int = 3):
 
 def test_patient_bootstrap_is_wider_than_cell_bootstrap_on_clustered_cells():
     labels, p, patients = _clustered_cells()
-    by_patient, how_p = evaluate.bootstrap_intervals(labels, p, 0.5, patient_ids=patients, n_boot=400, seed=1)
-    by_cell, how_c = evaluate.bootstrap_intervals(labels, p, 0.5, patient_ids=None, n_boot=400, seed=1)
+    by_patient, how_p = metrics.bootstrap_intervals(labels, p, 0.5, patient_ids=patients, n_boot=400, seed=1)
+    by_cell, how_c = metrics.bootstrap_intervals(labels, p, 0.5, patient_ids=None, n_boot=400, seed=1)
     assert (how_p, how_c) == ("patients", "cells")
-    point = evaluate.compute_metrics(labels, p, 0.5, n_boot=0)
+    point = metrics.compute_metrics(labels, p, 0.5, n_boot=0)
     for name in ("roc_auc", "balanced_accuracy", "sensitivity", "specificity"):
         width_patient = by_patient[name][1] - by_patient[name][0]
         width_cell = by_cell[name][1] - by_cell[name][0]
@@ -104,11 +104,11 @@ def test_patient_bootstrap_is_wider_than_cell_bootstrap_on_clustered_cells():
 
 def test_compute_metrics_says_what_it_resampled():
     labels, p, patients = _clustered_cells()
-    with_ids = evaluate.compute_metrics(labels, p, 0.5, patient_ids=patients, n_boot=50)
+    with_ids = metrics.compute_metrics(labels, p, 0.5, patient_ids=patients, n_boot=50)
     assert with_ids["ci_resampling"] == "patients" and with_ids["n_patients"] == 20
     missing_one = list(patients)
     missing_one[0] = ""
-    without = evaluate.compute_metrics(labels, p, 0.5, patient_ids=missing_one, n_boot=50)
+    without = metrics.compute_metrics(labels, p, 0.5, patient_ids=missing_one, n_boot=50)
     assert without["ci_resampling"] == "cells" and without["n_patients"] is None
     assert set(with_ids["ci"]) == {"roc_auc", "balanced_accuracy", "sensitivity", "specificity"}
 
@@ -117,7 +117,7 @@ def test_per_patient_table():
     frame = pd.DataFrame({"name": list("abcde"), "patient_id": ["1", "1", "H2", "H2", "H2"],
                           "label": [1, 1, 0, 0, 0], "p_leukemia": [0.9, 0.3, 0.8, 0.1, 0.2],
                           "prediction": [1, 0, 1, 0, 0]})
-    table = evaluate.per_patient_table(frame).set_index("patient_id")
+    table = metrics.per_patient_table(frame).set_index("patient_id")
     assert table.loc["1", "cells"] == 2 and table.loc["1", "accuracy"] == pytest.approx(0.5)
     assert table.loc["H2", "label"] == 0 and table.loc["H2", "share_called_leukemic"] == pytest.approx(1 / 3)
     assert table.loc["H2", "mean_p_leukemia"] == pytest.approx((0.8 + 0.1 + 0.2) / 3)
@@ -128,11 +128,11 @@ def test_patient_ids_are_grouped_as_the_manifest_spells_them():
     labels = np.array([0] * 10 + [1] * 10)
     p = np.linspace(0.05, 0.95, 20)
     patients = ["h3"] * 5 + [" H3"] * 5 + ["1"] * 10
-    result = evaluate.compute_metrics(labels, p, 0.5, patient_ids=patients, n_boot=20)
+    result = metrics.compute_metrics(labels, p, 0.5, patient_ids=patients, n_boot=20)
     assert result["n_patients"] == 2 and result["ci_resampling"] == "patients"
     frame = pd.DataFrame({"name": [f"{i}.bmp" for i in range(20)], "patient_id": patients, "label": labels,
                           "p_leukemia": p, "prediction": (p >= 0.5).astype(int)})
-    table = evaluate.per_patient_table(frame).set_index("patient_id")
+    table = metrics.per_patient_table(frame).set_index("patient_id")
     assert sorted(table.index) == ["1", "H3"] and table.loc["H3", "cells"] == 10
 
 
@@ -142,7 +142,52 @@ def test_bootstrap_metrics_equal_scikit_learn_on_resamples():
     p = np.round(rng.random(300), 2)  # rounded: many ties, as sklearn must handle them too
     for _ in range(5):
         index = rng.integers(0, 300, 300)
-        fast = evaluate.fast_metrics(labels[index], p[index], 0.5)
-        slow = evaluate.compute_metrics(labels[index], p[index], 0.5, n_boot=0)
+        fast = metrics.fast_metrics(labels[index], p[index], 0.5)
+        slow = metrics.compute_metrics(labels[index], p[index], 0.5, n_boot=0)
         for name in ("roc_auc", "balanced_accuracy", "sensitivity", "specificity"):
             assert fast[name] == pytest.approx(slow[name]), name
+
+
+def test_youden_threshold_is_the_best_cut():
+    labels = np.array([0, 0, 0, 0, 1, 1, 1, 1, 1])
+    scores = np.array([0.1, 0.2, 0.3, 0.6, 0.35, 0.7, 0.8, 0.9, 0.95])
+    assert metrics.youden_threshold(labels, scores) == pytest.approx(0.7)  # J = 0.8 there, 0.75 at 0.35
+    # A constant score has only the "call nothing" point after +inf: never 1.0 from it.
+    assert metrics.youden_threshold(np.array([0, 1]), np.full(2, 0.3)) == pytest.approx(0.3)
+
+
+def _demo_metrics(**extra) -> dict:
+    """40 leukemic cells, 38 called leukemic; 40 normal cells, 11 called normal (the demo's figures)."""
+    labels = np.array([1] * 40 + [0] * 40)
+    p = np.array([0.9] * 38 + [0.1] * 2 + [0.2] * 11 + [0.8] * 29)
+    return {**metrics.compute_metrics(labels, p, 0.5, n_boot=0), **extra}
+
+
+def test_describe_metrics_says_what_the_figures_mean():
+    text = metrics.describe_metrics(_demo_metrics())
+    assert text.startswith("Of 40 leukemic cells 38 were called leukemic (sensitivity 0.95); of 40 normal cells "
+                           "only 11 were called normal (specificity 0.28): most normal cells are called leukemic.")
+    assert "ROC AUC" in text and "SYNTHETIC" not in text
+    model_only = metrics.describe_metrics(_demo_metrics(synthetic_model=True, synthetic_data=False))
+    assert "the model was trained on SYNTHETIC cells" in model_only and "cells scored are SYNTHETIC" not in model_only
+    good = metrics.describe_metrics(metrics.compute_metrics(LABELS, P, 0.5, n_boot=0))
+    assert "only" not in good and "most" not in good  # 4 of 6 and 3 of 4: no verdict
+
+
+def test_metrics_table_shows_counts_as_integers_and_no_nan():
+    from modules import notebooks
+
+    table = notebooks.metrics_table(metrics.compute_metrics(LABELS, P, 0.5, patient_ids=list("aabbcdefgh"),
+                                                            n_boot=50))
+    assert table.loc["n", "value"] == "10" and table.loc["n_positive", "value"] == "6"
+    assert table.loc["n", "ci_low"] == "" and table.loc["roc_auc", "ci_low"] != ""
+    assert not table.isna().any().any() and "nan" not in table.to_string().lower()
+
+
+def test_metrics_need_no_tensorflow():
+    import subprocess
+    import sys
+
+    code = "import sys; import modules.evaluation.metrics; print('tensorflow' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() \
+        == "False"

@@ -10,9 +10,10 @@ import pandas as pd
 import pytest
 
 from modules import cli, config
-from modules.evaluation import evaluate
+from modules.evaluation import predict
 from modules.modeling import network as model
-from modules.preprocessing import cells as preprocess
+from modules.modeling import saving
+from modules import preprocessing
 
 
 def _images(folder: Path) -> list[Path]:
@@ -48,11 +49,12 @@ def test_prediction_matches_the_training_arrays(tiny_run_dir, synthetic_root, tm
     folder = synthetic_root / config.VALIDATION_DIR
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        table = evaluate.predict_images(tiny_run_dir / "model.keras", folder, progress=False)
+        table = predict.predict_images(tiny_run_dir / "model.keras", folder, progress=False)
     # The labels CSV beside the renamed cells is part of the layout: no warning about it.
     assert not [w for w in caught if "not an image" in str(w.message)]
-    arrays = preprocess.load_arrays(preprocess.prepare_arrays(folder, size=32, output_dir=tmp_path, progress=False))
-    reference = model.predict_outputs(model.load_model(tiny_run_dir), arrays.images)["p_leukemia"]
+    arrays_dir = preprocessing.prepare_arrays(folder, size=32, output_dir=tmp_path, progress=False)
+    arrays = preprocessing.load_arrays(arrays_dir)
+    reference = saving.predict_outputs(saving.load_model(tiny_run_dir), arrays.images)["p_leukemia"]
     expected = dict(zip(arrays.manifest["path"].astype(str), reference))
     got = table.set_index("path")["p_leukemia"]
     assert len(got) == len(expected)
@@ -72,7 +74,7 @@ def test_new_cells_in_nested_folders_and_single_files(tiny_run_dir, synthetic_ro
     (new / ".ipynb_checkpoints").mkdir()  # Jupyter's hidden copies are not more cells
     shutil.copy(cells[0], new / ".ipynb_checkpoints" / "a.bmp")
     with pytest.warns(UserWarning, match=r"ignoring 1 file that is not an image \(notes\.txt\)"):
-        table = evaluate.predict_images(tiny_run_dir, [new, cells[2]], progress=False)
+        table = predict.predict_images(tiny_run_dir, [new, cells[2]], progress=False)
     assert sorted(table["name"]) == sorted(["a.bmp", "b.BMP", cells[2].name])
     assert set(table["label_name"]) <= {"all", "hem"}
     assert cli.main(["predict", "--model", str(tiny_run_dir), str(cells[3])]) == 0
@@ -86,19 +88,19 @@ def test_bad_images_and_paths(tiny_run_dir, synthetic_root, tmp_path):
         shutil.copy(cell, folder / cell.name)
     (folder / "broken.png").write_bytes(b"\x89PNG truncated")
     with pytest.raises(ValueError, match="broken.png.*--skip-bad"):
-        evaluate.predict_images(tiny_run_dir, folder, progress=False)
-    table = evaluate.predict_images(tiny_run_dir, folder, skip_bad=True, progress=False)
+        predict.predict_images(tiny_run_dir, folder, progress=False)
+    table = predict.predict_images(tiny_run_dir, folder, skip_bad=True, progress=False)
     assert len(table) == 3
     assert [Path(s["path"]).name for s in table.attrs["skipped"]] == ["broken.png"]
     with pytest.raises(FileNotFoundError, match="nowhere"):
-        evaluate.predict_images(tiny_run_dir, tmp_path / "nowhere", progress=False)
+        predict.predict_images(tiny_run_dir, tmp_path / "nowhere", progress=False)
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="no images"):
-        evaluate.predict_images(tiny_run_dir, tmp_path / "empty", progress=False)
+        predict.predict_images(tiny_run_dir, tmp_path / "empty", progress=False)
     not_a_model = tmp_path / "model.keras"
     not_a_model.write_text("not a zip")
     with pytest.raises(ValueError, match="not a Keras"):
-        evaluate.predict_images(not_a_model, folder, threshold=0.5, progress=False)
+        predict.predict_images(not_a_model, folder, threshold=0.5, progress=False)
 
 
 def test_model_input_size_is_checked_against_the_run(tiny_run_dir, synthetic_root, tmp_path):
@@ -107,7 +109,7 @@ def test_model_input_size_is_checked_against_the_run(tiny_run_dir, synthetic_roo
     shutil.copy(tiny_run_dir / "config.json", run / "config.json")
     model.build_anna((64, 64, 3), depth=2, base_filters=4).save(run / "model.keras")
     with pytest.raises(ValueError, match="image_size 32 but the model takes 64x64"):
-        evaluate.predict_images(run, synthetic_root / config.TESTING_DIR, progress=False)
+        predict.predict_images(run, synthetic_root / config.TESTING_DIR, progress=False)
 
 
 def test_testing_folder_without_csv_goes_to_a_new_file(tiny_run_dir, synthetic_root, tmp_path, capsys):
@@ -128,13 +130,31 @@ def test_testing_folder_without_csv_goes_to_a_new_file(tiny_run_dir, synthetic_r
 def test_preprocessing_follows_the_run_config(synthetic_root):
     anna = model.build_anna((32, 32, 3), depth=2, base_filters=4)
     recorded = {"image_size": 32, "margin": 2, "background_threshold": 6, "canvas": 0}
-    settings = evaluate.preprocessing_settings(anna, recorded, Path("run"))
+    settings = predict.preprocessing_settings(anna, recorded, Path("run"))
     assert settings["recorded"] and settings["canvas"] == 0 and settings["margin"] == 2
     cell = _images(synthetic_root / config.TESTING_DIR)[0]
-    image, mask = evaluate.prepare_cell(str(cell), settings)
-    expected = preprocess.preprocess_image(preprocess.load_rgb(cell), 32, margin=2, threshold=6, canvas=0)
+    image, mask = predict.prepare_cell(str(cell), settings)
+    expected = preprocessing.preprocess_image(preprocessing.load_rgb(cell), 32, margin=2, threshold=6, canvas=0)
     assert (image == expected[0]).all() and (mask == expected[1]).all()
     with pytest.warns(UserWarning, match=r"run: no config.json beside it records margin, "
                                          r"background_threshold, canvas; .*predictions are wrong"):
-        defaults = evaluate.preprocessing_settings(anna, {}, Path("run"))
+        defaults = predict.preprocessing_settings(anna, {}, Path("run"))
     assert not defaults["recorded"] and defaults["canvas"] == config.DEFAULT_CANVAS
+
+
+def test_a_model_trained_on_synthetic_cells_is_flagged(tiny_run_dir, synthetic_root, tmp_path, capsys):
+    """The demo's model is synthetic: the terminal and every CSV row say so; a real run's model is not flagged."""
+    cells = _images(synthetic_root / config.TESTING_DIR)[:3]
+    csv = tmp_path / "synthetic.csv"
+    with pytest.warns(UserWarning, match="trained on SYNTHETIC cells"):
+        assert cli.main(["predict", "--model", str(tiny_run_dir), *map(str, cells), "--csv", str(csv)]) == 0
+    assert set(pd.read_csv(csv)["model_trained_on"]) == {"synthetic"}
+    real = tmp_path / "real_run"
+    shutil.copytree(tiny_run_dir, real)
+    run = json.loads((real / "config.json").read_text())
+    (real / "config.json").write_text(json.dumps({**run, "data": {**run["data"], "synthetic": False}}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        table = predict.predict_images(real, cells, csv=tmp_path / "real.csv", progress=False)
+    assert table.attrs["warning"] is None
+    assert set(pd.read_csv(tmp_path / "real.csv")["model_trained_on"]) == {"real"}

@@ -25,18 +25,11 @@ def _output_tensor(model, output: str):
 def default_layer_name(model, output: str = OUTPUT_NAME) -> str:
     """The deepest convolution that the classification output depends on.
 
-    Among the convolutions feeding the output (segmentation-only layers have zero gradient and
-    are skipped), the last one at the lowest spatial resolution above 1x1: in the U-Net the
-    bottleneck's last convolution, the standard Grad-CAM choice for a classifier. The decoder's
-    full-resolution maps, which the ANNa head also averages, mostly encode the cell outline
-    and gave maps lit on the background on real cells.
-
-    Args:
-        model: A Keras Functional model.
-        output: Name of the output to explain.
-
-    Returns:
-        The layer name.
+    Among the convolutions feeding the output (segmentation-only layers are skipped), the last
+    one at the lowest spatial resolution above 1x1: in the U-Net the bottleneck's last
+    convolution, the standard Grad-CAM choice for a classifier. The decoder's full-resolution
+    maps, which the ANNa head also averages, mostly encode the cell outline and gave maps lit on
+    the background on real cells.
     """
     import keras
 
@@ -55,20 +48,7 @@ def default_layer_name(model, output: str = OUTPUT_NAME) -> str:
 
 def grad_cam(model, image: np.ndarray, layer_name: str | None = None, target: str = "leukemia",
              output: str = OUTPUT_NAME) -> np.ndarray:
-    """Grad-CAM heatmap of one image for the leukemia score.
-
-    Args:
-        model: Keras Functional model (dict outputs with ``p_leukemia``).
-        image: (H,W,3) image as the model takes it (uint8 values).
-        layer_name: Convolution layer to explain; ``default_layer_name`` by default.
-        target: ``leukemia`` (evidence for ALL), ``normal`` (evidence for HEM) or
-            ``predicted`` (evidence for the class the model chose).
-        output: Model output to explain.
-
-    Returns:
-        (H,W) float32 heatmap in [0, 1] at the input's size (all zeros when no region
-        raises the score).
-    """
+    """Grad-CAM heatmap, (H,W) float32 in [0, 1], of one (H,W,3) image (see ``grad_cam_batch``)."""
     image = np.asarray(image)
     if image.ndim != 3:
         raise ValueError(f"grad_cam takes one (H,W,3) image, got shape {image.shape}")
@@ -77,20 +57,12 @@ def grad_cam(model, image: np.ndarray, layer_name: str | None = None, target: st
 
 def grad_cam_batch(model, images: np.ndarray, layer_name: str | None = None, target: str = "leukemia",
                    output: str = OUTPUT_NAME) -> np.ndarray:
-    """Grad-CAM heatmaps of a batch of images (one gradient pass; see ``grad_cam``).
+    """Grad-CAM heatmaps of (N,H,W,3) images in one gradient pass: (N,H,W) float32, each scaled to [0, 1].
 
-    The gradient is taken of the logit (the input of the final sigmoid) when the output layer
-    exposes it, so a saturated probability still gives a usable map.
-
-    Args:
-        model: Keras Functional model (dict outputs with ``p_leukemia``).
-        images: (N,H,W,3) images as the model takes them.
-        layer_name: Convolution layer to explain; ``default_layer_name`` by default.
-        target: ``leukemia``, ``normal`` or ``predicted`` (per image).
-        output: Model output to explain.
-
-    Returns:
-        (N,H,W) float32 heatmaps, each scaled to [0, 1].
+    ``target`` is ``leukemia`` (evidence for ALL), ``normal`` (for HEM) or ``predicted`` (for the class
+    the model chose); a map is all zeros where no region raises the score. The gradient is taken of
+    the logit (the input of the final sigmoid) when the output layer exposes it, so a saturated
+    probability still gives a usable map. ``layer_name`` defaults to ``default_layer_name``.
     """
     import keras
     import tensorflow as tf
@@ -141,13 +113,10 @@ def grad_cam_batch(model, images: np.ndarray, layer_name: str | None = None, tar
 
 
 def overlay_heatmap(image: np.ndarray, heatmap: np.ndarray, alpha: float = 0.6) -> np.ndarray:
-    """Blend a [0,1] heatmap (jet colours) over an RGB uint8 image.
+    """Blend a [0,1] heatmap (jet colours) over an RGB uint8 image: (H,W,3) uint8.
 
     The C-NMC cells are dark (channel maxima around 110), so the image is stretched to its own
     range first to stay visible under the colours.
-
-    Returns:
-        (H,W,3) uint8 RGB.
     """
     import matplotlib
 

@@ -1,0 +1,285 @@
+"""Inference from a saved run: P(leukemia) for any cell images, prepared as the run's arrays were.
+
+``predict_paths`` is the one inference path (decode and preprocess in chunks with the run's
+settings, predict with the model); ``evaluate.evaluate_run`` and ``predict_images`` (the
+``predict`` command) both call it.
+"""
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from modules import config
+from modules.evaluation.metrics import EvaluationError
+from modules.files import write_csv_atomic
+
+CHUNK = 256  # images decoded and predicted at a time: memory stays bounded on any dataset size
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+def trained_on(run_config: dict) -> str:
+    """``synthetic``, ``real`` or ``unknown``: the cells the run's model was trained on."""
+    data = run_config.get("data") or {}
+    if "synthetic" not in data:
+        return "unknown"
+    return "synthetic" if data["synthetic"] else "real"
+
+
+def resolve_threshold(threshold: str | float, run_config: dict, model_path: Path) -> tuple[float, str]:
+    """(threshold, source): ``auto`` = the run's stored validation threshold; a number overrides it."""
+    if isinstance(threshold, str) and threshold.strip().lower() == "auto":
+        if run_config.get("threshold") is None:
+            why = ("the run has not finished, so it has no validation threshold yet; finish it with `python -m "
+                   "modules train --resume RUN_DIR`, or" if run_config.get("status") == "running" else
+                   "no config.json with a 'threshold' beside the model, so --threshold auto has nothing to use;")
+            raise EvaluationError(f"{model_path}: {why} pass --threshold 0.5 (or another value chosen on "
+                                  "validation data)")
+        method = run_config.get("threshold_method", "chosen on the run's validation predictions")
+        return float(run_config["threshold"]), f"auto: stored in the run's config.json ({method})"
+    try:
+        value = float(threshold)
+    except (TypeError, ValueError):
+        raise EvaluationError(f"--threshold must be 'auto' or a number in [0, 1], not {threshold!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise EvaluationError(f"--threshold {value} is outside [0, 1]")
+    return value, "override: given by the user"
+
+
+def preprocessing_settings(model, run_config: dict, model_path: Path) -> dict:
+    """Image size (from the model), margin, background threshold and canvas (from ``config.json``, else the
+    defaults, with a warning and ``recorded`` False) to prepare cells as the run's arrays were."""
+    input_shape = model.input_shape[0] if isinstance(model.input_shape, list) else model.input_shape
+    height, width, channels = input_shape[1:4]
+    if height != width or channels != 3:
+        raise EvaluationError(f"{model_path}: ANNa models take square RGB images, this one takes {input_shape[1:]}")
+    size = int(run_config.get("image_size", height))
+    if size != height:
+        raise EvaluationError(f"{model_path}: config.json records image_size {size} but the model takes "
+                              f"{height}x{width} images; the run folder is inconsistent — retrain or "
+                              "restore the config.json written with this model")
+    defaults = {"margin": config.DEFAULT_MARGIN, "background_threshold": config.BACKGROUND_THRESHOLD,
+                "canvas": config.DEFAULT_CANVAS}
+    guessed = [key for key in defaults if run_config.get(key) is None]
+    settings = {"image_size": size, **{key: int(run_config.get(key) if key not in guessed else value)
+                                       for key, value in defaults.items()},
+                "recorded": not guessed and run_config.get("image_size") is not None}
+    if guessed:
+        source = "the run's config.json does not record" if run_config else "no config.json beside it records"
+        warnings.warn(
+            f"{model_path}: {source} {', '.join(guessed)}; cells are prepared with the current defaults "
+            f"({', '.join(f'{key} {settings[key]}' for key in guessed)}). If the model was trained with other "
+            "settings (e.g. prepare --canvas 320) its predictions are wrong: keep the config.json written by "
+            "`train` beside model.keras", stacklevel=2)
+    return settings
+
+
+# ----------------------------------------------------------------------------- images to probabilities
+
+
+def prepare_cell(path: str, settings: dict) -> tuple[np.ndarray, np.ndarray]:
+    """Decode one image and preprocess it as the run did: (image (S,S,3) uint8, mask (S,S) uint8)."""
+    from modules import preprocessing
+
+    try:
+        return preprocessing.preprocess_image(preprocessing.load_rgb(path), settings["image_size"],
+                                              margin=settings["margin"], threshold=settings["background_threshold"],
+                                              canvas=settings["canvas"])
+    except preprocessing.ImageError as error:
+        message = str(error)
+        raise preprocessing.ImageError(message if str(path) in message else f"{path}: {message}") from error
+
+
+def iter_prepared(paths: Sequence[str], settings: dict, skip_bad: bool = False,
+                  chunk: int = CHUNK) -> Iterator[tuple[int, list]]:
+    """(start, [(image, mask) or the error]) per chunk, decoded in threads (OpenCV releases the GIL)."""
+    from modules import preprocessing
+
+    def prepare(path):
+        try:
+            return prepare_cell(path, settings)
+        except (preprocessing.ImageError, OSError) as error:
+            if not skip_bad:
+                raise preprocessing.ImageError(f"{error}. Remove or replace the file, or pass --skip-bad to "
+                                               "list it and go on without it") from error
+            return error
+
+    with ThreadPoolExecutor(min(8, preprocessing.default_workers())) as pool:
+        def submit(start: int) -> list:
+            return [pool.submit(prepare, path) for path in paths[start:start + chunk]]
+
+        pending = submit(0)
+        for start in range(0, len(paths), chunk):
+            results = [future.result() for future in pending]
+            pending = submit(start + chunk)  # decoded while the caller predicts this chunk
+            yield start, results
+
+
+def mask_dice(predicted: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """Dice overlap per cell of predicted masks (>= 0.5) and reference masks (> 0); 1 where both are empty."""
+    predicted, reference = predicted >= 0.5, reference > 0
+    overlap = (predicted & reference).sum(axis=(1, 2))
+    total = predicted.sum(axis=(1, 2)) + reference.sum(axis=(1, 2))
+    return np.where(total > 0, 2 * overlap / np.maximum(total, 1), 1.0)
+
+
+def predict_paths(model, paths: Sequence[str], settings: dict, skip_bad: bool = False, batch_size: int = 64,
+                  progress: bool = True) -> dict:
+    """P(leukemia), and the mask's agreement with preprocessing when the model segments, for image files.
+
+    Returns:
+        ``{"index": kept row indices, "p_leukemia": (n,), "mask_dice": (n,) or None, "skipped": [{path, error}]}``.
+    """
+    from tqdm.auto import tqdm
+
+    from modules.modeling import saving
+
+    kept, probabilities, dices, skipped = [], [], [], []
+    with tqdm(total=len(paths), desc="predicting", unit="img", disable=not progress) as bar:
+        for start, results in iter_prepared(paths, settings, skip_bad):
+            good = [i for i, r in enumerate(results) if not isinstance(r, Exception)]
+            skipped += [{"path": str(paths[start + i]), "error": str(r)} for i, r in enumerate(results)
+                        if isinstance(r, Exception)]
+            if good:
+                outputs = saving.predict_outputs(model, np.stack([results[i][0] for i in good]),
+                                                 batch_size=batch_size)
+                probabilities.append(np.asarray(outputs["p_leukemia"], dtype="float32").reshape(-1))
+                if "cell_mask" in outputs:
+                    dices.append(mask_dice(np.asarray(outputs["cell_mask"]), np.stack([results[i][1] for i in good])))
+                kept.append(np.asarray(good, dtype="int64") + start)
+            bar.update(len(results))
+    return {"index": np.concatenate(kept) if kept else np.zeros(0, "int64"),
+            "p_leukemia": np.concatenate(probabilities) if probabilities else np.zeros(0, "float32"),
+            "mask_dice": np.concatenate(dices) if dices else None, "skipped": skipped}
+
+
+# ----------------------------------------------------------------------------- the predict command
+
+
+def _is_testing_folder(path: Path) -> bool:
+    return path.name in (config.TESTING_DIR, config.TESTING_IMAGES_DIR)
+
+
+def _folder_images(folder: Path) -> list[Path]:
+    """Images found recursively in ``folder``; other files are named in a warning, hidden and junk ones skipped."""
+    from modules.data.layout import JUNK_FILES, warn_ignored
+
+    # The validation labels CSV belongs to the Kaggle layout: expected, not worth a warning.
+    expected = JUNK_FILES | {config.VALIDATION_LABELS_CSV.lower()}
+    files, others = [], []
+    for p in sorted(folder.rglob("*")):
+        # Hidden files and folders (.ipynb_checkpoints copies, .DS_Store) are not cells.
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts) \
+                and p.name.lower() not in expected:
+            (files if p.suffix.lower() in config.IMAGE_EXTENSIONS else others).append(p)
+    if others:
+        warn_ignored(folder, [str(p.relative_to(folder)) for p in others], "not an image",
+                     f"; images must end in {', '.join(config.IMAGE_EXTENSIONS)}", noun=("file", "files"), stacklevel=5)
+    return files
+
+
+def list_images(paths_or_dirs: Iterable[str | Path] | str | Path) -> pd.DataFrame:
+    """Image files given directly or found recursively in folders: columns ``path`` and ``testing``.
+
+    ``testing`` is True for cells of a C-NMC testing folder.
+    """
+    items = [paths_or_dirs] if isinstance(paths_or_dirs, (str, Path)) else list(paths_or_dirs)
+    rows = []
+    for item in items:
+        path = Path(item).expanduser()
+        if path.is_dir():
+            rows += [{"path": str(p.resolve()), "testing": _is_testing_folder(path) or _is_testing_folder(p.parent)}
+                     for p in _folder_images(path)]
+        elif path.is_file():
+            if path.suffix.lower() not in config.IMAGE_EXTENSIONS:
+                raise EvaluationError(f"{path} is not an image ({', '.join(config.IMAGE_EXTENSIONS)})")
+            rows.append({"path": str(path.resolve()), "testing": _is_testing_folder(path.parent)})
+        else:
+            raise FileNotFoundError(f"{path} not found: pass image files or folders of cell images")
+    if not rows:
+        raise FileNotFoundError(f"no images ({', '.join(config.IMAGE_EXTENSIONS)}) in {', '.join(map(str, items))}")
+    return pd.DataFrame(rows).drop_duplicates("path").reset_index(drop=True)
+
+
+def predict_images(model_path: str | Path, paths_or_dirs: Iterable[str | Path] | str | Path,
+                   csv: str | Path | None = None, threshold: str | float = "auto", skip_bad: bool = False,
+                   progress: bool = True) -> pd.DataFrame:
+    """P(leukemia) and the label for image files and folders (searched recursively), with the run's preprocessing.
+
+    Returns:
+        Columns ``path, name, p_leukemia, prediction, label_name, testing, model_trained_on``; ``attrs``
+        ``threshold``, ``threshold_source``, ``skipped`` (with ``skip_bad``), ``model``, ``warning`` (a model
+        trained on synthetic cells, also warned about; else None) and, once ``csv`` is written, ``submission``.
+    """
+    from modules.modeling import saving
+
+    model_file = saving.model_path(model_path)
+    run_config = saving.load_run(model_file, required=False)  # {} for a model copied alone
+    model = saving.load_model(model_file)
+    threshold_value, threshold_source = resolve_threshold(threshold, run_config, model_file)
+    files = list_images(paths_or_dirs)
+    settings = preprocessing_settings(model, run_config, model_file)
+    result = predict_paths(model, files["path"].tolist(), settings, skip_bad=skip_bad, progress=progress)
+    kept = files.iloc[result["index"]].reset_index(drop=True)
+    table = pd.DataFrame({"path": kept["path"], "name": kept["path"].map(lambda p: Path(p).name),
+                          "p_leukemia": result["p_leukemia"].astype("float64")})
+    table["prediction"] = (table["p_leukemia"] >= threshold_value).astype("int64")
+    table["label_name"] = table["prediction"].map(config.CLASS_NAMES)
+    table["testing"] = kept["testing"].astype(bool)
+    table["model_trained_on"] = trained_on(run_config)
+    warning = None if trained_on(run_config) != "synthetic" else (
+        f"{model_file} was trained on SYNTHETIC cells, so its labels for real cells mean nothing (a demo model); "
+        "train on the real C-NMC cells for real predictions (python -m modules train --data input/C-NMC_Leukemia)")
+    if warning:
+        warnings.warn(warning, stacklevel=2)
+    table.attrs.update({"threshold": threshold_value, "threshold_source": threshold_source,
+                        "skipped": result["skipped"], "model": str(model_file), "warning": warning})
+    if csv is not None:
+        write_predictions(table, csv)
+    return table
+
+
+def write_predictions(table: pd.DataFrame, csv: str | Path) -> Path:
+    """Write a ``predict_images`` table (atomically) and, for C-NMC testing cells, the challenge submission
+    (``new_names, labels``) beside it as ``<csv stem>_submission.csv`` (``table.attrs["submission"]``)."""
+    csv = Path(csv).expanduser()
+    write_csv_atomic(table, csv)
+    if table["testing"].any():
+        submission_path = csv.with_name(f"{csv.stem}_submission.csv")
+        write_csv_atomic(submission_table(table), submission_path)
+        table.attrs["submission"] = str(submission_path)
+    return csv
+
+
+def default_predictions_path(model_path: str | Path, images: Sequence[str | Path],
+                             output_dir: str | Path | None = None) -> Path:
+    """``<output>/predictions/<run_id>__<dataset>[_N].csv``: a new name, never an existing file."""
+    from modules.data import layout
+    from modules.modeling import saving
+
+    model_file = saving.model_path(model_path)
+    run_id = str(saving.load_run(model_file, required=False).get("run_id") or model_file.parent.name)
+    try:
+        dataset = layout.dataset_name(images[0]) if len(images) == 1 else "images"
+    except (ValueError, FileNotFoundError):
+        dataset = Path(images[0]).stem.lower()
+    folder = Path(output_dir or config.OUTPUT_DIR) / config.PREDICTIONS_SUBDIR
+    for n in range(1, 10_000):
+        path = folder / (f"{run_id}__{dataset}.csv" if n == 1 else f"{run_id}__{dataset}_{n}.csv")
+        if not path.exists() and not path.with_name(f"{path.stem}_submission.csv").exists():
+            return path
+    raise EvaluationError(f"too many prediction files for {run_id} in {folder}")
+
+
+def submission_table(predictions: pd.DataFrame) -> pd.DataFrame:
+    """C-NMC challenge submission (``new_names, labels``) for the testing-folder cells, in numeric name order."""
+    rows = predictions[predictions["testing"]] if "testing" in predictions else predictions
+    table = pd.DataFrame({"new_names": rows["name"].astype(str), "labels": rows["prediction"].astype("int64")})
+    order = table["new_names"].map(lambda n: (int(Path(n).stem) if Path(n).stem.isdigit() else 10**9, n))
+    return table.iloc[np.argsort(order.to_numpy(), kind="stable")].reset_index(drop=True)
