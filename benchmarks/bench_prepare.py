@@ -1,15 +1,18 @@
 """Benchmark ``prepare_arrays`` against a plain ``cv2.imread`` + ``cv2.resize`` loop on the same cells.
 
 The 3,526 shared real cells (``../shared/data/cnmc``, PNG) are converted once to BMP copies in
-the Kaggle layout (not timed; BMP is what the Kaggle download holds), and the page cache is
-warmed by reading every file. Then, in one run, best of ``--repeats``:
+the Kaggle layout (not timed; BMP is what the Kaggle download holds); before each method the
+page cache is warmed by reading every file. Then, in one run, best of ``--repeats``:
 
 - ``floor``: read every file's bytes, nothing else;
 - ``cv2_loop``: ``cv2.imread`` + ``cv2.resize`` to the size (bilinear, no crop, no mask), stacked;
+- ``cv2_area_loop``: the same with ``INTER_AREA``, the alias-free resize ``prepare`` uses when shrinking;
 - ``prepare``: ``preprocessing.prepare_arrays`` end to end (scan, digest, decode, crop, resize,
   mask, memory-mapped .npy, manifest, meta) into an empty output folder, with its thread pool;
 - ``prepare_cached``: the same call again (the cache is reused).
 
+Each measurement runs in a fresh process (imports done before the clock), so its peak memory
+(``ru_maxrss``; for ``prepare`` it includes the pages of the memory-mapped arrays) is its own.
 Wall time is what the target is about (prepare at least as fast as the loop); CPU time (user +
 system, all threads) is printed beside it because it stays meaningful when other jobs share the cores.
 Usage::
@@ -19,9 +22,10 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import resource
-import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -60,20 +64,33 @@ def make_bmp_copies(source_root: Path, bmp_root: Path) -> Path:
     return dataset
 
 
-def cpu_seconds() -> float:
-    """User + system CPU time of this process (all threads)."""
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
-
-
 def read_bytes(paths: list[str]) -> None:
     for path in paths:
         with open(path, "rb") as handle:
             handle.read()
 
 
-def cv2_loop(paths: list[str], size: int) -> np.ndarray:
-    return np.stack([cv2.resize(cv2.imread(path), (size, size)) for path in paths])
+def cv2_loop(paths: list[str], size: int, interpolation: int = cv2.INTER_LINEAR) -> np.ndarray:
+    return np.stack([cv2.resize(cv2.imread(path), (size, size), interpolation=interpolation) for path in paths])
+
+
+METHODS = ("floor", "cv2_loop", "cv2_area_loop", "prepare", "prepare_cached")
+
+
+def measure(method: str, dataset: Path, size: int, workers: int, output: Path) -> dict:
+    """Time one method in this (fresh) process; libraries are imported and the page cache warmed first."""
+    paths = sorted(str(p) for p in dataset.glob("training_data/fold_*/*/*.bmp"))
+    runs = {"floor": lambda: read_bytes(paths), "cv2_loop": lambda: cv2_loop(paths, size),
+            "cv2_area_loop": lambda: cv2_loop(paths, size, cv2.INTER_AREA),
+            "prepare": lambda: preprocessing.prepare_arrays(dataset, size=size, output_dir=output, workers=workers,
+                                                            progress=False)}
+    read_bytes(paths)  # other jobs may have pushed some files out of the page cache meanwhile
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    start = time.perf_counter()
+    runs[method.removesuffix("_cached")]()
+    seconds, after = time.perf_counter() - start, resource.getrusage(resource.RUSAGE_SELF)
+    return {"images": len(paths), "seconds": seconds, "peak_mb": after.ru_maxrss / 1024,
+            "cpu": after.ru_utime + after.ru_stime - usage.ru_utime - usage.ru_stime}
 
 
 def main() -> None:
@@ -83,40 +100,35 @@ def main() -> None:
     parser.add_argument("--bmp-dir", type=Path, default=Path(tempfile.gettempdir()) / "anna_bench_bmp",
                         help="where the BMP copies are made once and kept (default: %(default)s)")
     parser.add_argument("--workers", type=int, default=None, help="prepare_arrays threads (default: one per core)")
+    parser.add_argument("--measure", choices=METHODS, help=argparse.SUPPRESS)  # in a child process: one method
+    parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    workers = args.workers or preprocessing.default_workers()
+    if args.measure:
+        dataset = args.bmp_dir / config.DATASET_FOLDER_NAME
+        print(json.dumps(measure(args.measure, dataset, args.size, workers, args.out)))
+        return
 
     dataset = make_bmp_copies(config.SHARED_DATA_DIR / "cnmc", args.bmp_dir)
-    paths = sorted(str(p) for p in dataset.glob("training_data/fold_*/*/*.bmp"))
-    read_bytes(paths)  # warm the page cache: every method reads from memory
-    workers = args.workers or preprocessing.default_workers()
-    print(f"{len(paths)} BMP cells, {args.size} px, {workers} prepare threads, {os.cpu_count()} CPUs, "
-          f"load average {os.getloadavg()[0]:.2f}", flush=True)
-    output = Path(tempfile.mkdtemp(prefix="anna_bench_out_"))
-    methods = {
-        "floor": lambda: read_bytes(paths),
-        "cv2_loop": lambda: cv2_loop(paths, args.size),
-        "prepare": lambda: preprocessing.prepare_arrays(dataset, size=args.size, output_dir=output, workers=workers,
-                                                        progress=False),
-        "prepare_cached": lambda: preprocessing.prepare_arrays(dataset, size=args.size, output_dir=output,
-                                                               workers=workers, progress=False),
-    }
-    best: dict[str, tuple[float, float]] = {}
-    try:
-        for repeat in range(args.repeats):
-            shutil.rmtree(output / config.ARRAYS_SUBDIR, ignore_errors=True)  # prepare starts from nothing
-            for method, run in methods.items():
-                start, cpu_start = time.perf_counter(), cpu_seconds()
-                run()
-                seconds, cpu = time.perf_counter() - start, cpu_seconds() - cpu_start
-                print(f"  run {repeat + 1} {method:15s} {seconds:6.2f} s  {len(paths) / seconds:7.0f} img/s  "
-                      f"cpu {cpu:6.2f} s", flush=True)
-                best[method] = min(best.get(method, (seconds, cpu)), (seconds, cpu))
-    finally:
-        shutil.rmtree(output, ignore_errors=True)
-    print(f"\nbest of {args.repeats}:\n{'method':15s} {'seconds':>8s} {'img/s':>8s} {'cpu s':>8s}")
-    for method, (seconds, cpu) in best.items():
-        print(f"{method:15s} {seconds:8.2f} {len(paths) / seconds:8.0f} {cpu:8.2f}")
-    prepare, loop, floor = best["prepare"][0], best["cv2_loop"][0], best["floor"][0]
+    print(f"{args.size} px, {workers} prepare threads, {os.cpu_count()} CPUs, load average "
+          f"{os.getloadavg()[0]:.2f}; each method in a fresh process", flush=True)
+    best: dict[str, dict] = {}
+    for repeat in range(args.repeats):
+        with tempfile.TemporaryDirectory(prefix="anna_bench_out_") as output:  # prepare starts from nothing
+            for method in METHODS:
+                command = [sys.executable, __file__, "--measure", method, "--size", str(args.size), "--workers",
+                           str(workers), "--bmp-dir", str(args.bmp_dir), "--out", output]
+                result = json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout)
+                print(f"  run {repeat + 1} {method:15s} {result['seconds']:6.2f} s  cpu {result['cpu']:6.2f} s  "
+                      f"peak {result['peak_mb']:5.0f} MB", flush=True)
+                if result["seconds"] < best.get(method, {"seconds": float("inf")})["seconds"]:
+                    best[method] = result
+    print(f"\n{best['floor']['images']} BMP cells, best of {args.repeats}:")
+    print(f"{'method':15s} {'seconds':>8s} {'img/s':>8s} {'cpu s':>8s} {'peak MB':>8s}")
+    for method, result in best.items():
+        print(f"{method:15s} {result['seconds']:8.2f} {result['images'] / result['seconds']:8.0f} "
+              f"{result['cpu']:8.2f} {result['peak_mb']:8.0f}")
+    prepare, loop, floor = (best[m]["seconds"] for m in ("prepare", "cv2_loop", "floor"))
     print(f"\nprepare vs cv2 loop: {loop / prepare:.2f}x as fast ({'OK' if prepare <= loop else 'SLOWER'}); "
           f"{prepare / floor:.1f}x the read-bytes floor; load average after {os.getloadavg()[0]:.2f}")
 

@@ -324,6 +324,19 @@ def test_prepare_synthetic_marks_it(synthetic_root, tmp_path):
     assert not arrays.images.flags.writeable  # memory-mapped read-only
 
 
+def test_arrays_of_older_preprocessing_code_are_rebuilt(synthetic_root, tmp_path, monkeypatch):
+    from modules.preprocessing import arrays
+
+    folder = prepare_arrays(synthetic_root, size=16, output_dir=tmp_path, progress=False)
+    first = load_arrays(folder).meta
+    assert first["meta_version"] == arrays.META_VERSION and "kernel" not in first
+    monkeypatch.setattr(arrays, "META_VERSION", arrays.META_VERSION + 1)  # as the next change to the pixels will
+    assert prepare_arrays(synthetic_root, size=16, output_dir=tmp_path, progress=False) == folder
+    second = load_arrays(folder).meta
+    assert second["meta_version"] == first["meta_version"] + 1 and second["digest"] != first["digest"]
+    assert _no_leftovers(tmp_path)
+
+
 def test_load_arrays_incomplete_folder(tmp_path):
     (tmp_path / "x_32").mkdir()
     (tmp_path / "x_32" / "images.npy").write_bytes(b"")

@@ -21,8 +21,11 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pandas as pd
+from tqdm.auto import tqdm
 
 from modules import config
+from modules.data.layout import MANIFEST_DTYPES, DatasetError, read_manifest, scan_dataset, write_manifest
+from modules.data.synthetic import is_synthetic
 from modules.files import make_public, write_json_atomic
 from modules.preprocessing.cells import ImageError, check_settings, preprocess_image, quiet_opencv, read_bgr
 
@@ -107,8 +110,6 @@ def _prepare_chunk(start: int, paths: list[str], images: np.ndarray, masks: np.n
 def _fill(paths: list[str], images: np.ndarray, masks: np.ndarray, settings: tuple[int, int, int, int],
           workers: int, skip_bad: bool, progress: bool, desc: str) -> list[tuple[int, str, str]]:
     """Prepare every path on a thread pool; stops at the first chunk with a bad image unless ``skip_bad``."""
-    from tqdm.auto import tqdm
-
     errors = []
     # OpenCV's log level is process-wide: silenced once around the whole run.
     with quiet_opencv(), futures.ThreadPoolExecutor(workers) as pool, \
@@ -141,8 +142,6 @@ def _compact(folder: Path, keep: np.ndarray) -> None:
 
 def _as_manifest(data) -> pd.DataFrame:
     """A dataset folder scanned, or a manifest table checked."""
-    from modules.data.layout import DatasetError, scan_dataset
-
     if isinstance(data, pd.DataFrame):
         missing = [c for c in config.MANIFEST_COLUMNS if c not in data.columns]
         if missing:
@@ -159,8 +158,6 @@ def _as_manifest(data) -> pd.DataFrame:
 def _write_arrays(folder: Path, manifest: pd.DataFrame, settings: tuple[int, int, int, int], workers: int,
                   skip_bad: bool, progress: bool, desc: str) -> tuple[pd.DataFrame, list[dict]]:
     """images/masks/labels.npy and manifest.csv into ``folder``; returns the manifest kept and the files skipped."""
-    from modules.data.layout import MANIFEST_DTYPES, write_manifest
-
     n, size = len(manifest), settings[0]
     images = np.lib.format.open_memmap(folder / "images.npy", "w+", np.uint8, (n, size, size, 3))
     masks = np.lib.format.open_memmap(folder / "masks.npy", "w+", np.uint8, (n, size, size))
@@ -211,8 +208,6 @@ def prepare_arrays(data, size: int = config.DEFAULT_IMAGE_SIZE, output_dir: str 
             named), or every image was skipped.
         DatasetError, FileNotFoundError: From scanning ``data``.
     """
-    from modules.data.synthetic import is_synthetic
-
     manifest, threshold = _as_manifest(data), config.BACKGROUND_THRESHOLD
     check_settings(size, margin, threshold, canvas)
     settings = (int(size), int(margin), threshold, int(canvas))
@@ -253,8 +248,6 @@ def load_arrays(arrays_dir: str | os.PathLike) -> PreparedArrays:
         FileNotFoundError: The folder or one of its files is missing (prepare it again).
         ValueError: Its arrays, manifest and meta.json disagree on the row count.
     """
-    from modules.data.layout import read_manifest
-
     folder = Path(arrays_dir)
     missing = [name for name in (*(f"{n}.npy" for n in ARRAYS), "manifest.csv", "meta.json")
                if not (folder / name).is_file()]

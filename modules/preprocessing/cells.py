@@ -97,16 +97,12 @@ def cell_mask(image: np.ndarray, threshold: int = config.BACKGROUND_THRESHOLD) -
 def cell_square(rgb: np.ndarray, margin: int = config.DEFAULT_MARGIN,
                 threshold: int = config.BACKGROUND_THRESHOLD,
                 canvas: int = config.DEFAULT_CANVAS) -> tuple[tuple[int, int, int, int], tuple[int, int, int]]:
-    """The cell's bounding box and the square ``preprocess_image`` keeps around it.
-
-    The square's side is the box's longer side plus ``2 * margin``, and at least ``canvas``.
+    """The box of the pixels with a channel above ``threshold``, and the square ``preprocess_image`` keeps.
 
     Returns:
-        ``((y, x, height, width), (top, left, side))`` in input pixels; the square may reach
-        past the image's edges (that part is black padding).
-
-    Raises:
-        ImageError: No pixel is above the threshold.
+        ``((y, x, height, width), (top, left, side))`` in input pixels: the square, centred on the
+        box, has the box's longer side plus ``2 * margin`` (at least ``canvas``) and may reach past
+        the image's edges. Raises ImageError when no pixel is above the threshold.
     """
     flat = rgb.reshape(rgb.shape[0], -1)  # one row of bytes per pixel row: two cheap passes, no full mask
     rows = np.flatnonzero(flat.max(axis=1) > threshold)
@@ -121,19 +117,18 @@ def cell_square(rgb: np.ndarray, margin: int = config.DEFAULT_MARGIN,
 def preprocess_image(rgb: np.ndarray, size: int, margin: int = config.DEFAULT_MARGIN,
                      threshold: int = config.BACKGROUND_THRESHOLD,
                      canvas: int = config.DEFAULT_CANVAS) -> tuple[np.ndarray, np.ndarray]:
-    """Crop a cell to its square (``cell_square``), pad it black where the square leaves the image, resize it.
+    """Crop a cell to its square (``cell_square``), black where the square leaves the image, and resize it.
 
-    Shrinking uses ``cv2.INTER_AREA`` (each output pixel averages the input it covers: no
-    aliasing), enlarging ``cv2.INTER_LINEAR``. The mask marks the output pixels with a channel
-    above ``threshold``: exactly the cell the model sees. Works on either channel order and keeps it.
+    Shrinking uses ``cv2.INTER_AREA`` (each output pixel averages the input it covers: no aliasing),
+    enlarging ``cv2.INTER_LINEAR``. The mask marks the output pixels with a channel above
+    ``threshold``: exactly the cell the model sees. Either channel order works and is kept.
 
     Args:
         rgb: (H, W, 3) uint8 image.
         size: Side of the output square in pixels.
         margin: Background pixels kept around the cell's bounding box, at the input scale.
         threshold: Background threshold (``config.BACKGROUND_THRESHOLD``).
-        canvas: Smallest side of the square, in input pixels, so that cells keep a common scale
-            (``config.DEFAULT_CANVAS``); 0 crops tightly to each cell.
+        canvas: Smallest side of the square in input pixels, so that cells keep a common scale; 0 crops tightly.
 
     Returns:
         ``(image, mask)``: (size, size, 3) uint8 and (size, size) uint8 with 1 on the cell.
