@@ -13,19 +13,12 @@ import contextlib
 import json
 import os
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import pandas as pd
-
-try:  # OS file locks (Linux, macOS); None on Windows, where the existence lock is used
-    import fcntl as _flock
-except ImportError:  # pragma: no cover
-    _flock = None
-
 
 def _read_umask() -> int:
     mask = os.umask(0o022)  # the only portable way to read it is to set it, then put it back
@@ -87,84 +80,3 @@ def write_csv_atomic(table: pd.DataFrame, path: str | os.PathLike) -> Path:
     with atomic_path(path) as tmp:
         table.to_csv(tmp, index=False)
     return Path(path)
-
-
-@contextlib.contextmanager
-def exclusive_lock(path: str | os.PathLike, timeout: float = 60.0, stale_after: float = 300.0) -> Iterator[Path]:
-    """Hold the lock file ``path`` for a read-modify-write of a shared file.
-
-    Where the operating system offers ``flock`` (Linux, macOS) the lock is an OS lock on that
-    file: the kernel releases it when its holder exits or is killed, so a crashed run never
-    leaves a lock behind, and the file itself stays in place. Elsewhere the lock is a file's
-    existence (``os.open(O_CREAT | O_EXCL)``: ``path`` on Windows, ``path`` + ``.held`` on a
-    file system without ``flock``); such a lock older than ``stale_after`` seconds is taken to
-    be left by a killed process and removed.
-
-    Args:
-        path: The lock file, e.g. ``output/viz/.index.lock``.
-        timeout: Seconds to wait for another holder before giving up.
-        stale_after: Age in seconds after which an existence lock is considered abandoned.
-
-    Yields:
-        ``path``.
-
-    Raises:
-        TimeoutError: The lock stayed held for ``timeout`` seconds; the message names the file.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    deadline = time.monotonic() + timeout
-    if _flock is not None:
-        handle = os.open(path, os.O_CREAT | os.O_RDWR)
-        try:
-            if _acquire_flock(handle, path, deadline, timeout):
-                try:
-                    yield path
-                finally:
-                    _flock.flock(handle, _flock.LOCK_UN)
-                return
-        finally:
-            os.close(handle)
-        # This file system has no flock (some network mounts): an existence lock beside it.
-        yield from _existence_lock(path.with_name(path.name + ".held"), deadline, timeout, stale_after)
-        return
-    yield from _existence_lock(path, deadline, timeout, stale_after)
-
-
-def _acquire_flock(handle: int, path: Path, deadline: float, timeout: float) -> bool:
-    """Take the flock on ``handle``, waiting until ``deadline``; False where flock is unsupported."""
-    while True:
-        try:
-            _flock.flock(handle, _flock.LOCK_EX | _flock.LOCK_NB)
-            return True
-        except BlockingIOError:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{path} has been locked for {timeout:.0f} s by another run; wait for it to "
-                                   "finish and try again") from None
-            time.sleep(0.02)
-        except OSError:
-            return False
-
-
-def _existence_lock(path: Path, deadline: float, timeout: float, stale_after: float) -> Iterator[Path]:
-    """The lock as the existence of ``path`` (created exclusively), for systems without flock."""
-    while True:
-        try:
-            handle = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            break
-        except FileExistsError:
-            with contextlib.suppress(FileNotFoundError):
-                if time.time() - path.stat().st_mtime > stale_after:
-                    path.unlink()
-                    continue
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{path} has been held for {timeout:.0f} s by another run; if no other "
-                                   "ANNa run is writing there, delete the file and try again") from None
-            time.sleep(0.02)
-    try:
-        os.write(handle, str(os.getpid()).encode())
-        os.close(handle)
-        yield path
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()

@@ -1,6 +1,7 @@
 """EDA and preprocessing illustrations: real numbers on real cells, duplicates found, charts saved."""
 from __future__ import annotations
 
+import json
 import shutil
 
 import numpy as np
@@ -10,7 +11,7 @@ import pytest
 from modules import config
 from modules.data import layout as data
 from modules.reporting import eda
-from modules.preprocessing import cells as preprocess
+from modules import preprocessing
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +29,7 @@ def test_measure_images_on_real_cells(real_manifest):
     assert stats["cell_area_fraction"].between(0.05, 0.35).all()
     # Recompute one row by hand: mean of the non-background pixels.
     row = stats.iloc[0]
-    rgb = preprocess.load_rgb(row["path"])
+    rgb = preprocessing.load_rgb(row["path"])
     cell = (rgb > config.BACKGROUND_THRESHOLD).any(axis=2)
     assert row["cell_area_px"] == cell.sum()
     assert row["cell_mean_r"] == pytest.approx(rgb[cell][:, 0].mean(), rel=1e-6)
@@ -77,12 +78,13 @@ def test_charts_are_saved_published_and_marked_synthetic(synthetic_root, tmp_pat
     fig, steps = eda.plot_preprocessing_steps(manifest, n=2, size=32, output_dir=tmp_path)
     for run, name in (("1.EDA", "patient_counts"), ("2.Image_preprocessing", "preprocessing_steps")):
         staged = tmp_path / config.CHARTS_SUBDIR / run / f"{name}.png"
-        published = tmp_path / config.VIZ_SUBDIR / f"{run}__{name}.png"
+        published = tmp_path / config.VIZ_SUBDIR / run / f"{name}.png"
         assert staged.is_file() and staged.with_suffix(".csv").is_file()
         assert published.read_bytes() == staged.read_bytes()
         assert pd.read_csv(published.with_suffix(".csv")).shape[0] > 0
     index = (tmp_path / config.VIZ_SUBDIR / "index.html").read_text()
-    assert "1.EDA__patient_counts.png" in index and "SYNTHETIC cells" in index
+    assert "1.EDA/patient_counts.png" in index and "SYNTHETIC cells" in index
+    assert "1.EDA — the cells of the data set" in index  # a heading a person reads, not a folder id
     assert "SYNTHETIC" in fig.get_suptitle()
     # The square kept is the box plus margins, at least the canvas, and fits the drawn cell.
     assert (steps["square_side"] >= np.maximum(steps[["box_width", "box_height"]].max(axis=1) + 2 * steps["margin"],
@@ -96,5 +98,37 @@ def test_resolution_comparison_uses_the_model_preprocessing(synthetic_root, tmp_
     assert sorted(table["size"].unique()) == [32, 96] and len(table) == 4
     assert set(table["bytes_per_image"]) == {96 * 96 * 3, 32 * 32 * 3}
     row = table[table["size"] == 32].iloc[0]
-    _, mask = preprocess.preprocess_image(preprocess.load_rgb(row["path"]), 32)
+    _, mask = preprocessing.preprocess_image(preprocessing.load_rgb(row["path"]), 32)
     assert row["mask_fraction"] == pytest.approx(mask.mean())
+
+
+def test_class_counts_list_splits_in_pipeline_order_without_zero_labels(synthetic_root, tmp_path):
+    manifest = data.scan_dataset(synthetic_root)  # the testing cells are unlabeled: empty all/hem bars there
+    fig, table = eda.plot_class_counts(manifest, output_dir=tmp_path)
+    ax = fig.axes[0]
+    assert [label.get_text() for label in ax.get_xticklabels()] == ["train", "validation", "test"]
+    labels = [text.get_text() for text in ax.texts]
+    assert labels and "0" not in labels and "" in labels
+
+
+def test_patients_are_listed_in_numeric_order():
+    manifest = pd.DataFrame({"path": [f"p{i}" for i in range(6)], "label": pd.array([1, 1, 1, 0, 0, 1], "Int8"),
+                             "patient_id": ["11", "3", "1", "H11", "H6", "35"], "split": "train", "fold": 0})
+    summary = data.summarize(manifest, by="patient_id")
+    assert summary["patient_id"].tolist() == ["1", "3", "11", "35", "H6", "H11"]
+
+
+def test_model_diagram_draws_pools_between_blocks_and_every_level_into_the_head(tmp_path):
+    from modules.modeling import network
+
+    model = network.build_anna((32, 32, 3), depth=2, base_filters=4)
+    fig, blocks = eda.plot_model_diagram(model, output_dir=tmp_path, synthetic=True)
+    order = blocks["block"].tolist()
+    assert order.index("down0") < order.index("down0_pool") < order.index("down1") < order.index("down1_pool")
+    shapes = blocks.set_index("block")["output_shape"]
+    assert shapes["down0"] == "32x32x4" and shapes["down0_pool"] == "16x16x4"  # the pool is not inside its block
+    head = next(text.get_text() for text in fig.axes[0].texts if text.get_text().startswith("head"))
+    for level in ("down0", "down1", "bottleneck", "up0"):
+        assert level in head
+    caption = json.loads((tmp_path / config.CHARTS_SUBDIR / "3.ANNa" / "charts.json").read_text())["model_diagram"]
+    assert "reads every level" in caption
