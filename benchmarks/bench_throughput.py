@@ -17,16 +17,15 @@ import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from modules import config  # noqa: E402
+from modules.modeling import hardware, training  # noqa: E402  (modules.modeling starts TensorFlow quietly)
+from modules.modeling.inputs import make_dataset  # noqa: E402
 
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import tensorflow as tf  # noqa: E402
-
-from modules import config  # noqa: E402
-from modules.modeling import network as anna_model  # noqa: E402
-from modules.modeling.training import _compile, make_dataset  # noqa: E402
 
 #: (image size, depth, base filters) configurations measured.
 CONFIGS = {64: (3, 8), 96: (4, 8), 128: (4, 8)}
@@ -35,14 +34,15 @@ CONFIGS = {64: (3, 8), 96: (4, 8), 128: (4, 8)}
 def measure(policy: str, size: int, batch_size: int, batches: int, warmup: int = 2) -> float:
     """Images/second of ``model.fit`` under one policy, after ``warmup`` batches."""
     depth, filters = CONFIGS[size]
+    settings = {**training.default_settings(), "image_size": size, "depth": depth, "base_filters": filters}
     rng = np.random.default_rng(0)
     count = batch_size * (warmup + batches)
     images = rng.integers(0, 120, (count, size, size, 3), dtype=np.uint8)
     masks = (images.max(axis=-1) > 4).astype(np.uint8)
     labels = rng.integers(0, 2, count).astype(np.int8)
-    with anna_model.dtype_policy(policy):
-        model = anna_model.build_anna((size, size, 3), depth=depth, base_filters=filters)
-        _compile(model, "anna", 1e-3, True, 0.25)
+    with hardware.dtype_policy(policy):
+        model = training.build_model(settings)
+        training.compile_model(model, settings)
         warm = make_dataset(images, masks, labels, np.arange(batch_size * warmup), batch_size, True)
         timed = make_dataset(images, masks, labels, np.arange(batch_size * warmup, count), batch_size, True)
         model.fit(warm, epochs=1, verbose=0)  # traces the train step
@@ -61,10 +61,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(config.OUTPUT_DIR / "benchmarks" / "throughput"))
     args = parser.parse_args(argv)
     policies = ["float32", "mixed_bfloat16"] + (["mixed_float16"] if tf.config.list_physical_devices("GPU") else [])
-    auto = anna_model.select_policy("auto")
-    flags = anna_model.cpu_flags() & set(anna_model.BF16_CPU_FLAGS)
-    print(f"auto policy here: {auto} (native bf16 CPU flags: {sorted(flags) or 'none'}; "
-          f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs)", flush=True)
+    auto = hardware.select_policy("auto")
+    flags = hardware.cpu_flags() & set(hardware.BF16_CPU_FLAGS)
+    print(f"auto policy here: {hardware.describe_policy(auto)} "
+          f"(load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs)", flush=True)
     rows = []
     for size in [int(s) for s in args.sizes.split(",")]:
         best: dict[str, float] = {}

@@ -6,6 +6,7 @@ read these names instead of re-declaring constants.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 #: Root of the repository (the folder holding ``modules/``).
@@ -72,12 +73,43 @@ POLICIES = ("auto", "float32", "mixed_bfloat16", "mixed_float16")
 STRATEGIES = ("auto", "default", "mirrored", "tpu")
 EVALUATION_SPLITS = ("validation", "train", "test-labeled")
 
-# Training defaults.
-DEFAULT_SEED = 42
-DEFAULT_EPOCHS = 30
-DEFAULT_BATCH_SIZE = 16
-DEFAULT_LEARNING_RATE = 1e-3
-DEFAULT_VAL_FRACTION = 0.2
+
+@dataclass(frozen=True)
+class ModelSettings:
+    """Defaults of the ANNa network (``modeling.network.build_anna``); the CLI and notebooks read them."""
+
+    image_size: int = DEFAULT_IMAGE_SIZE
+    depth: int = 4  # down-sampling steps; image_size must be divisible by 2**depth
+    base_filters: int = 8  # filters of the first level, doubled at each level down
+    batch_norm: bool | str = True  # True, "instance" or False
+    dropout: float = 0.1
+    segmentation: bool = True  # the cell_mask output
+    head_units: int = 64
+    standardize_input: bool = False
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """Defaults of a training run (``modeling.training.train_model``)."""
+
+    epochs: int = 30  # the most; early stopping may end sooner
+    batch_size: int = 16
+    learning_rate: float = 1e-3
+    mask_loss_weight: float = 0.25
+    patience: int = 8  # early stopping, epochs without a better validation AUC
+    lr_patience: int = 3  # epochs without improvement before the learning rate is halved
+    val_fraction: float = 0.2  # share of each class's patients held out when there is one fold
+    seed: int = 42
+    augment: bool = True
+    class_weighting: bool = True
+    policy: str = "auto"  # see POLICIES
+    strategy: str = "auto"  # see STRATEGIES
+
+
+#: Single values of the settings above, for the stages that need one (never restated elsewhere).
+DEFAULT_SEED = TrainSettings.seed
+DEFAULT_EPOCHS = TrainSettings.epochs
+DEFAULT_BATCH_SIZE = TrainSettings.batch_size
 
 
 def arrays_dir(dataset: str, size: int, output_dir: Path | None = None, canvas: int = DEFAULT_CANVAS,

@@ -1,4 +1,4 @@
-"""The ANNa and legacy builders, safe loading, prediction, precision policy and strategy."""
+"""The ANNa and legacy builders, safe loading, prediction, precision policy and strategy (and their words)."""
 from __future__ import annotations
 
 import zipfile
@@ -8,6 +8,7 @@ import pytest
 
 keras = pytest.importorskip("keras")
 
+from modules.modeling import hardware, saving  # noqa: E402
 from modules.modeling import network as anna_model  # noqa: E402
 
 
@@ -51,6 +52,17 @@ def test_build_anna_options_change_the_network():
         anna_model.build_anna((36, 36, 3), depth=3)
 
 
+def test_build_anna_defaults_are_the_model_settings():
+    from modules import config
+
+    defaults = config.ModelSettings()
+    model = anna_model.build_anna()
+    assert tuple(model.input_shape[1:]) == (defaults.image_size, defaults.image_size, 3)
+    assert model.get_layer("down0_conv1").filters == defaults.base_filters
+    assert model.get_layer("bottleneck_conv1").filters == defaults.base_filters * 2 ** defaults.depth
+    assert model.get_layer("head_dense").units == defaults.head_units
+
+
 def test_build_legacy_is_the_old_architecture():
     legacy = anna_model.build_legacy((128, 128, 3))
     assert list(legacy.output_names) == ["p_leukemia"]
@@ -69,31 +81,31 @@ def test_build_legacy_is_the_old_architecture():
 def test_saved_model_loads_in_safe_mode_and_predicts_the_same(tiny_anna, tmp_path):
     path = tmp_path / "model.keras"
     tiny_anna.save(path)
-    loaded = anna_model.load_model(tmp_path)  # a run folder works as well as the file
+    loaded = saving.load_model(tmp_path)  # a run folder works as well as the file
     images = np.random.default_rng(1).integers(0, 256, (5, 32, 32, 3)).astype("uint8")
-    before = anna_model.predict_outputs(tiny_anna, images)
-    after = anna_model.predict_outputs(loaded, images)
+    before = saving.predict_outputs(tiny_anna, images)
+    after = saving.predict_outputs(loaded, images)
     np.testing.assert_allclose(before["p_leukemia"], after["p_leukemia"], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(before["cell_mask"], after["cell_mask"], rtol=1e-5, atol=1e-6)
 
 
 def test_load_model_rejects_files_that_are_not_keras_archives(tmp_path):
     with pytest.raises(FileNotFoundError, match="not found"):
-        anna_model.load_model(tmp_path / "missing.keras")
+        saving.load_model(tmp_path / "missing.keras")
     text = tmp_path / "model.keras"
     text.write_text("not a model")
-    with pytest.raises(anna_model.ModelFileError, match="model.keras"):
-        anna_model.load_model(text)
+    with pytest.raises(saving.ModelFileError, match="model.keras"):
+        saving.load_model(text)
     h5 = tmp_path / "weights.h5"
     h5.write_bytes(b"\x89HDF\r\n\x1a\n")
-    with pytest.raises(anna_model.ModelFileError, match="weights.h5"):
-        anna_model.load_model(h5)
+    with pytest.raises(saving.ModelFileError, match="weights.h5"):
+        saving.load_model(h5)
     other_zip = tmp_path / "other.keras"
     with zipfile.ZipFile(other_zip, "w") as archive:
         archive.writestr("readme.txt", "hello")
-    with pytest.raises(anna_model.ModelFileError, match="not a Keras archive"):
-        anna_model.load_model(other_zip)
-    assert issubclass(anna_model.ModelFileError, ValueError)
+    with pytest.raises(saving.ModelFileError, match="not a Keras archive"):
+        saving.load_model(other_zip)
+    assert issubclass(saving.ModelFileError, ValueError)
 
 
 def test_predict_outputs_reads_uint8_memmaps_in_batches(tiny_anna, tmp_path):
@@ -101,22 +113,22 @@ def test_predict_outputs_reads_uint8_memmaps_in_batches(tiny_anna, tmp_path):
     path = tmp_path / "images.npy"
     np.save(path, rng.integers(0, 256, (11, 32, 32, 3)).astype("uint8"))
     images = np.load(path, mmap_mode="r", allow_pickle=False)
-    batched = anna_model.predict_outputs(tiny_anna, images, batch_size=4)
+    batched = saving.predict_outputs(tiny_anna, images, batch_size=4)
     assert batched["p_leukemia"].shape == (11,) and batched["p_leukemia"].dtype == np.float32
     assert batched["cell_mask"].shape == (11, 32, 32)
     whole = tiny_anna(np.asarray(images, "float32"), training=False)
     np.testing.assert_allclose(batched["p_leukemia"], np.asarray(whole["p_leukemia"])[:, 0], rtol=1e-4, atol=1e-5)
-    empty = anna_model.predict_outputs(tiny_anna, images[:0])
+    empty = saving.predict_outputs(tiny_anna, images[:0])
     assert empty["p_leukemia"].shape == (0,)
 
 
 def test_predict_outputs_refuses_images_of_another_size(tiny_anna):
-    with pytest.raises(anna_model.ModelFileError, match="--size 32"):
-        anna_model.predict_outputs(tiny_anna, np.zeros((2, 48, 48, 3), "uint8"))
+    with pytest.raises(saving.ModelFileError, match="--size 32"):
+        saving.predict_outputs(tiny_anna, np.zeros((2, 48, 48, 3), "uint8"))
 
 
 def test_mixed_precision_keeps_outputs_float32():
-    with anna_model.dtype_policy("mixed_bfloat16"):
+    with hardware.dtype_policy("mixed_bfloat16"):
         model = anna_model.build_anna((32, 32, 3), depth=2, base_filters=4)
     assert keras.mixed_precision.global_policy().name == "float32"  # restored after the block
     assert model.get_layer("down0_conv1").compute_dtype == "bfloat16"
@@ -134,53 +146,68 @@ def test_select_policy_follows_the_hardware(tmp_path):
     import tensorflow as tf
 
     if tf.config.list_physical_devices("GPU"):
-        assert anna_model.select_policy("auto") == "mixed_float16"
+        assert hardware.select_policy("auto") == "mixed_float16"
     else:
-        assert anna_model.select_policy("auto", cpuinfo=plain_cpu) == "float32"
-        assert anna_model.select_policy("auto", cpuinfo=bf16_cpu) == "mixed_bfloat16"
+        assert hardware.select_policy("auto", cpuinfo=plain_cpu) == "float32"
+        assert hardware.select_policy("auto", cpuinfo=bf16_cpu) == "mixed_bfloat16"
         # This machine: bf16 only where the CPU has native bf16 units.
-        native = anna_model.cpu_flags() & set(anna_model.BF16_CPU_FLAGS)
-        assert anna_model.select_policy("auto") == ("mixed_bfloat16" if native else "float32")
-    assert anna_model.select_policy("mixed_bfloat16") == "mixed_bfloat16"
-    assert anna_model.select_policy("float32", cpuinfo=bf16_cpu) == "float32"
+        native = hardware.cpu_flags() & set(hardware.BF16_CPU_FLAGS)
+        assert hardware.select_policy("auto") == ("mixed_bfloat16" if native else "float32")
+    assert hardware.select_policy("mixed_bfloat16") == "mixed_bfloat16"
+    assert hardware.select_policy("float32", cpuinfo=bf16_cpu) == "float32"
     with pytest.raises(ValueError, match="precision policy"):
-        anna_model.select_policy("float64")
+        hardware.select_policy("float64")
 
 
 def test_select_strategy_defaults_to_one_device():
     import tensorflow as tf
 
-    strategy = anna_model.select_strategy("default")
+    strategy = hardware.select_strategy("default")
     assert strategy.num_replicas_in_sync == 1
     if len(tf.config.list_logical_devices("GPU")) < 2:
-        assert anna_model.select_strategy("auto").num_replicas_in_sync == 1
+        assert hardware.select_strategy("auto").num_replicas_in_sync == 1
     given = tf.distribute.get_strategy()
-    assert anna_model.select_strategy(given) is given
+    assert hardware.select_strategy(given) is given
     with pytest.raises(ValueError, match="strategy"):
-        anna_model.select_strategy("horovod")
+        hardware.select_strategy("horovod")
+
+
+def test_hardware_is_described_in_words_a_user_reads(tmp_path):
+    import tensorflow as tf
+
+    bf16_cpu = tmp_path / "cpuinfo_bf16"
+    bf16_cpu.write_text("processor\t: 0\nflags\t\t: fpu avx512f avx512_bf16\n")
+    assert hardware.describe_policy("mixed_bfloat16", cpuinfo=bf16_cpu) == "mixed_bfloat16 (this CPU has AVX512-BF16)"
+    assert hardware.describe_policy("float32") == "float32"
+    if not tf.config.list_logical_devices("GPU"):
+        assert hardware.describe_strategy(hardware.select_strategy("default")) == "one device (CPU)"
+    words = hardware.describe_hardware("float32", hardware.select_strategy("default"))
+    assert words.startswith("precision float32; one device (") and "Strategy" not in words
+    mirrored = tf.distribute.MirroredStrategy([tf.config.list_logical_devices("CPU")[0].name])
+    assert hardware.describe_strategy(mirrored) == "mirrored over 1 device (CPU:0)"
 
 
 # --------------------------------------------------------------------------- test-time augmentation
 def test_dihedral_views_are_the_8_symmetries_and_each_is_undone():
     image = np.arange(4 * 5 * 5 * 2, dtype="float32").reshape(4, 5, 5, 2)
-    views = [anna_model._dihedral(image, turns, mirrored) for turns, mirrored in anna_model.DIHEDRAL]
+    views = [saving.dihedral(image, turns, mirrored) for turns, mirrored in saving.DIHEDRAL]
     assert len({view.tobytes() for view in views}) == 8  # all different
-    for (turns, mirrored), view in zip(anna_model.DIHEDRAL, views):
-        np.testing.assert_array_equal(anna_model._undo_dihedral(view, turns, mirrored), image)
+    for (turns, mirrored), view in zip(saving.DIHEDRAL, views):
+        np.testing.assert_array_equal(saving.undo_dihedral(view, turns, mirrored), image)
 
 
 def test_tta_averages_the_model_over_the_8_views(tiny_anna):
     images = np.random.default_rng(4).integers(0, 256, (5, 32, 32, 3)).astype("uint8")
-    tta = anna_model.predict_outputs(tiny_anna, images, batch_size=2, tta=True)
+    tta = saving.predict_outputs(tiny_anna, images, batch_size=2, tta=True)
     p_views, mask_views = [], []
-    for turns, mirrored in anna_model.DIHEDRAL:
-        view = np.ascontiguousarray(anna_model._dihedral(images, turns, mirrored))
-        outputs = anna_model.predict_outputs(tiny_anna, view)
+    for turns, mirrored in saving.DIHEDRAL:
+        view = np.ascontiguousarray(saving.dihedral(images, turns, mirrored))
+        outputs = saving.predict_outputs(tiny_anna, view)
         p_views.append(outputs["p_leukemia"])
-        mask_views.append(anna_model._undo_dihedral(outputs["cell_mask"], turns, mirrored))
+        mask_views.append(saving.undo_dihedral(outputs["cell_mask"], turns, mirrored))
     np.testing.assert_allclose(tta["p_leukemia"], np.mean(p_views, axis=0), atol=1e-6)
     np.testing.assert_allclose(tta["cell_mask"], np.mean(mask_views, axis=0), atol=1e-6)
-    plain = anna_model.predict_outputs(tiny_anna, images)["p_leukemia"]
+    plain = saving.predict_outputs(tiny_anna, images)["p_leukemia"]
     assert not np.allclose(plain, tta["p_leukemia"], atol=1e-6)  # the views do differ for this net
 
 
@@ -189,10 +216,10 @@ def test_instance_normalization_uses_builtin_layers_and_reloads_safely(tmp_path)
     names = {type(layer).__name__ for layer in model.layers}
     assert "GroupNormalization" in names and "BatchNormalization" not in names
     model.save(tmp_path / "model.keras")
-    loaded = anna_model.load_model(tmp_path)
+    loaded = saving.load_model(tmp_path)
     images = np.random.default_rng(5).integers(0, 256, (3, 32, 32, 3)).astype("uint8")
-    np.testing.assert_allclose(anna_model.predict_outputs(loaded, images)["p_leukemia"],
-                               anna_model.predict_outputs(model, images)["p_leukemia"], atol=1e-6)
+    np.testing.assert_allclose(saving.predict_outputs(loaded, images)["p_leukemia"],
+                               saving.predict_outputs(model, images)["p_leukemia"], atol=1e-6)
 
 
 def test_standardized_input_ignores_a_brightness_gain_and_reloads_safely(tmp_path):
@@ -203,7 +230,7 @@ def test_standardized_input_ignores_a_brightness_gain_and_reloads_safely(tmp_pat
     np.testing.assert_allclose(bright, dim, atol=0.05)  # only epsilon separates them
     assert abs(float(bright.mean())) < 1e-3 and abs(float(bright.std()) - 1) < 0.01
     model.save(tmp_path / "model.keras")
-    loaded = anna_model.load_model(tmp_path)
+    loaded = saving.load_model(tmp_path)
     uint8 = images.astype("uint8")
-    np.testing.assert_allclose(anna_model.predict_outputs(loaded, uint8)["p_leukemia"],
-                               anna_model.predict_outputs(model, uint8)["p_leukemia"], atol=1e-6)
+    np.testing.assert_allclose(saving.predict_outputs(loaded, uint8)["p_leukemia"],
+                               saving.predict_outputs(model, uint8)["p_leukemia"], atol=1e-6)

@@ -1,7 +1,6 @@
-"""Patient-disjoint training runs: run folder, safe reload, splits, bad input, resume, CLI, MirroredStrategy."""
+"""Training runs: run folder, safe reload, patient splits, bad input, settings, resume, CLI, MirroredStrategy."""
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
@@ -17,7 +16,9 @@ import pytest
 pytest.importorskip("tensorflow")
 
 from modules import cli, config  # noqa: E402
-from modules.modeling import network as anna_model  # noqa: E402
+from modules.data import splits  # noqa: E402
+from modules.evaluation.metrics import youden_threshold  # noqa: E402
+from modules.modeling import saving  # noqa: E402
 from modules.modeling import training as train  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -49,8 +50,8 @@ def test_run_folder_holds_model_config_history_and_val_predictions(tiny_run_dir)
     assert run.parent.name == config.MODELS_SUBDIR
     for name in ("model.keras", "config.json", "history.csv", "val_predictions.csv"):
         assert (run / name).is_file(), name
-    assert not list(run.glob("*.partial*"))
-    cfg = train.load_run(run)
+    assert not list(run.glob("*.partial*")) and not (run / "backup").exists()  # backup: only while unfinished
+    cfg = saving.load_run(run)
     for key in ("run_id", "created", "image_size", "margin", "background_threshold", "threshold",
                 "threshold_method", "val_patients", "train_patients", "split_method", "seed", "policy",
                 "strategy", "model", "training", "data", "versions", "architecture"):
@@ -60,11 +61,16 @@ def test_run_folder_holds_model_config_history_and_val_predictions(tiny_run_dir)
     assert cfg["model"]["base_filters"] == 4 and cfg["model"]["depth"] == 2
     assert cfg["data"]["synthetic"] is True and cfg["data"]["manifest_digest"]
     assert cfg["versions"]["keras"].startswith("3.")
+    # The hardware in words, never a class repr such as _DefaultDistributionStrategy(1 replicas).
+    assert cfg["strategy"].startswith("one device (") and cfg["hardware"].startswith(f"precision {cfg['policy']}")
     assert set(cfg["val_patients"]).isdisjoint(cfg["train_patients"])
     assert cfg["split_method"] == "fold"  # the synthetic set has three folds
     assert 0.0 <= cfg["threshold"] <= 1.0
     history = pd.read_csv(run / "history.csv")
-    assert {"epoch", "loss", "val_loss"} <= set(history.columns) and len(history) == 1
+    assert {"epoch", "loss", "val_loss", "learning_rate"} <= set(history.columns) and len(history) == 1
+    # Epochs from 1, as Keras prints them: the one epoch is epoch 1, and its weights were kept.
+    assert history["epoch"].tolist() == [1] and cfg["training"]["best_epoch"] == 1
+    assert cfg["training"]["epochs_trained"] == 1
     predictions = pd.read_csv(run / "val_predictions.csv", dtype={"patient_id": str})
     assert list(predictions.columns) == ["path", "name", "patient_id", "label", "p_leukemia"]
     assert set(predictions["patient_id"]) == set(cfg["val_patients"])
@@ -74,17 +80,17 @@ def test_run_folder_holds_model_config_history_and_val_predictions(tiny_run_dir)
     suffix = predictions["name"].str.extract(r"_(all|hem)\.\w+$", expand=False).map({"all": 1, "hem": 0})
     assert (suffix == predictions["label"]).all()
     # The threshold is Youden's J on exactly these predictions.
-    assert cfg["threshold"] == pytest.approx(train.youden_threshold(predictions["label"], predictions["p_leukemia"]))
+    assert cfg["threshold"] == pytest.approx(youden_threshold(predictions["label"], predictions["p_leukemia"]))
 
 
 def test_saved_model_reproduces_val_predictions_in_a_fresh_process(tiny_run_dir):
     result = _run_python(f"""
         import json, keras, numpy as np, pandas as pd
-        from modules.preprocessing import cells as preprocess
+        from modules import preprocessing
         run = {str(tiny_run_dir)!r}
         model = keras.saving.load_model(run + "/model.keras", safe_mode=True)
         cfg = json.load(open(run + "/config.json"))
-        arrays = preprocess.load_arrays(cfg["data"]["arrays_dir"])
+        arrays = preprocessing.load_arrays(cfg["data"]["arrays_dir"])
         expected = pd.read_csv(run + "/val_predictions.csv")
         row_of = {{p: i for i, p in enumerate(arrays.manifest["path"].astype(str))}}
         rows = [row_of[p] for p in expected["path"]]
@@ -98,73 +104,73 @@ def test_saved_model_reproduces_val_predictions_in_a_fresh_process(tiny_run_dir)
 
 # --------------------------------------------------------------------------- splits
 def test_split_by_fold_defaults_to_the_last_fold(synthetic_root, session_output):
-    from modules.preprocessing import cells as preprocess
+    from modules import preprocessing
 
-    arrays = preprocess.load_arrays(preprocess.prepare_arrays(synthetic_root, size=32, output_dir=session_output,
-                                                              progress=False))
+    arrays = preprocessing.load_arrays(preprocessing.prepare_arrays(synthetic_root, size=32, output_dir=session_output,
+                                                                    progress=False))
     labels = np.asarray(arrays.labels).astype(int)
-    split = train.split_patients(arrays.manifest, labels)
+    split = splits.split_patients(arrays.manifest, labels)
     folds = arrays.manifest["fold"].to_numpy()
     assert split.method == "fold" and split.val_fold == int(np.nanmax(folds.astype(float)))
     assert set(folds[split.val_index]) == {split.val_fold}
     assert (arrays.manifest["split"].iloc[split.train_index] == "train").all()
-    other = train.split_patients(arrays.manifest, labels, val_fold=0)
+    other = splits.split_patients(arrays.manifest, labels, val_fold=0)
     assert set(folds[other.val_index]) == {0}
-    with pytest.raises(train.SplitError, match="fold 7"):
-        train.split_patients(arrays.manifest, labels, val_fold=7)
+    with pytest.raises(splits.SplitError, match="fold 7"):
+        splits.split_patients(arrays.manifest, labels, val_fold=7)
 
 
 def test_split_by_patients_is_stratified_and_never_by_image():
     manifest, labels = _manifest({"1": 1, "2": 1, "3": 1, "4": 1, "5": 1, "H1": 0, "H2": 0, "H3": 0})
     for seed in range(5):
-        split = train.split_patients(manifest, labels, seed=seed)
+        split = splits.split_patients(manifest, labels, seed=seed)
         assert split.method == "patients_stratified"
         val_classes = {int(labels[i]) for i in split.val_index}
         assert val_classes == {0, 1}
         patients = manifest["patient_id"].to_numpy()
         assert set(patients[split.val_index]).isdisjoint(patients[split.train_index])
         assert len(split.val_index) + len(split.train_index) == len(manifest)
-    named = train.split_patients(manifest, labels, val_patients=["h2", "4"])
+    named = splits.split_patients(manifest, labels, val_patients=["h2", "4"])
     assert named.val_patients == ["4", "H2"] and named.method == "patients"
-    with pytest.raises(train.SplitError, match="not among"):
-        train.split_patients(manifest, labels, val_patients=["99"])
+    with pytest.raises(splits.SplitError, match="not among"):
+        splits.split_patients(manifest, labels, val_patients=["99"])
 
 
 def test_split_errors_name_the_missing_class():
     manifest, labels = _manifest({"1": 1, "2": 1, "H1": 0, "H2": 0})
-    with pytest.raises(train.SplitError, match="no hem"):
-        train.split_patients(manifest, labels, val_patients=["1"])
-    with pytest.raises(train.TrainingDataError, match="one class only"):
-        train.split_patients(manifest, labels, val_patients=["H1", "H2"])
+    with pytest.raises(splits.SplitError, match="no hem"):
+        splits.split_patients(manifest, labels, val_patients=["1"])
+    with pytest.raises(splits.SplitError, match="one class only"):
+        splits.split_patients(manifest, labels, val_patients=["H1", "H2"])
     one_hem, one_labels = _manifest({"1": 1, "2": 1, "H1": 0})
-    with pytest.raises(train.SplitError, match="only 1 hem patient"):
-        train.split_patients(one_hem, one_labels)
+    with pytest.raises(splits.SplitError, match="only 1 hem patient"):
+        splits.split_patients(one_hem, one_labels)
     all_only, all_labels = _manifest({"1": 1, "2": 1, "3": 1})
-    with pytest.raises(train.TrainingDataError):
-        train.split_patients(all_only, all_labels)
+    with pytest.raises(splits.SplitError):
+        splits.split_patients(all_only, all_labels)
 
 
 # --------------------------------------------------------------------------- bad input
 def test_bad_splits_fail_before_any_run_folder_is_made(synthetic_root, session_output, tmp_path):
-    from modules.preprocessing import cells as preprocess
+    from modules import preprocessing
 
-    manifest = preprocess.load_arrays(preprocess.prepare_arrays(
+    manifest = preprocessing.load_arrays(preprocessing.prepare_arrays(
         synthetic_root, size=32, output_dir=session_output, progress=False)).manifest
     training = manifest[manifest["split"] == "train"]
     all_patients = sorted(set(training.loc[training["label"] == 1, "patient_id"]))
     hem_patients = sorted(set(training.loc[training["label"] == 0, "patient_id"]))
     runs = tmp_path / "runs"
-    with pytest.raises(train.SplitError, match="--val-patients"):
+    with pytest.raises(splits.SplitError, match="--val-patients"):
         train.train_model(synthetic_root, val_patients=all_patients[:1], output_dir=session_output,
                           runs_dir=runs, **TINY)
-    with pytest.raises(train.TrainingDataError, match="one class only"):
+    with pytest.raises(splits.SplitError, match="one class only"):
         train.train_model(synthetic_root, val_patients=hem_patients, output_dir=session_output,
                           runs_dir=runs, **TINY)
     assert not runs.exists() or not any(runs.iterdir())
 
 
 def test_arrays_and_manifest_of_different_lengths_are_refused(tiny_run_dir, tmp_path):
-    arrays_dir = Path(train.load_run(tiny_run_dir)["data"]["arrays_dir"])
+    arrays_dir = Path(saving.load_run(tiny_run_dir)["data"]["arrays_dir"])
     broken = tmp_path / "arrays_broken"
     shutil.copytree(arrays_dir, broken)
     manifest = pd.read_csv(broken / "manifest.csv", dtype=str)
@@ -175,7 +181,7 @@ def test_arrays_and_manifest_of_different_lengths_are_refused(tiny_run_dir, tmp_
 
 
 def test_arrays_prepared_with_another_canvas_are_refused(tiny_run_dir, tmp_path):
-    arrays_dir = Path(train.load_run(tiny_run_dir)["data"]["arrays_dir"])
+    arrays_dir = Path(saving.load_run(tiny_run_dir)["data"]["arrays_dir"])
     with pytest.raises(train.TrainingDataError, match="canvas"):
         train.train_model(arrays_dir, output_dir=tmp_path / "out", canvas=320, **TINY)
     assert not (tmp_path / "out" / "models").exists()
@@ -188,7 +194,68 @@ def test_cli_reports_bad_input_as_an_error(synthetic_root, tmp_path, capsys):
     assert "error:" in capsys.readouterr().err
 
 
-# --------------------------------------------------------------------------- resume and CLI
+# --------------------------------------------------------------------------- settings
+def test_defaults_come_from_the_settings_dataclasses():
+    settings = train.resolve_settings({"epochs": 2, "depth": None})
+    assert settings["epochs"] == 2  # given
+    assert settings["depth"] == config.ModelSettings.depth and settings["batch_size"] == config.TrainSettings.batch_size
+    legacy = train.resolve_settings({"architecture": "legacy", "patience": 9})
+    assert legacy["patience"] == 2 and legacy["segmentation"] is False  # the older project's own
+    with pytest.raises(TypeError, match="base_filter"):
+        train.resolve_settings({"base_filter": 4})
+    # The CLI's defaults are "not given", so train_model (or the run to resume) decides.
+    args = cli.build_parser().parse_args(["train", "--data", "x"])
+    assert args.batch_size is None and args.depth is None and args.base_filters is None and args.seed is None
+
+
+# --------------------------------------------------------------------------- resume
+def _toy_fit(run_dir: Path, interrupt_at: int | None = None, monkeypatch=None):
+    """fit_model on a toy regression whose validation loss only rises: the LR is halved, then training stops."""
+    import keras
+    import tensorflow as tf
+
+    keras.utils.set_random_seed(0)
+    x = np.linspace(-1, 1, 32, dtype="float32")[:, None]
+    train_data = tf.data.Dataset.from_tensor_slices((x, 2 * x)).batch(8)
+    val_data = tf.data.Dataset.from_tensor_slices((x, -2 * x)).batch(8)  # learning y = 2x makes it worse
+    model = keras.Sequential([keras.Input((1,)), keras.layers.Dense(1)])
+    model.compile(keras.optimizers.SGD(0.05), "mse")
+    if interrupt_at is not None:
+        def interrupt(self, epoch, logs=None):
+            if epoch == interrupt_at:
+                raise KeyboardInterrupt  # as if killed before this epoch
+        monkeypatch.setattr(train.ThroughputTimer, "on_epoch_begin", interrupt)
+    settings = {"architecture": "legacy", "patience": 3, "lr_patience": 1, "epochs": 12}
+    state, _ = train.fit_model(model, train_data, val_data, settings, run_dir, verbose=0)
+    return model, state
+
+
+def test_resume_restores_early_stopping_the_lr_schedule_and_the_history(tmp_path, monkeypatch):
+    whole, whole_state = _toy_fit(tmp_path / "whole")
+    expected = pd.read_csv(tmp_path / "whole" / "history.csv")
+    assert expected["epoch"].tolist() == [1, 2, 3, 4]  # best epoch 1, patience 3
+    assert expected["learning_rate"].iloc[-1] < expected["learning_rate"].iloc[0]
+    assert whole_state.callbacks["early_stopping"].best_epoch == 0
+
+    with pytest.raises(KeyboardInterrupt):
+        _toy_fit(tmp_path / "resumed", interrupt_at=2, monkeypatch=monkeypatch)
+    assert pd.read_csv(tmp_path / "resumed" / "history.csv")["epoch"].tolist() == [1, 2]
+    monkeypatch.undo()
+    resumed, resumed_state = _toy_fit(tmp_path / "resumed")
+    history = pd.read_csv(tmp_path / "resumed" / "history.csv")
+    # Same epochs (none twice), losses, learning rates and stop as the uninterrupted run.
+    pd.testing.assert_frame_equal(history, expected, rtol=1e-6)
+    assert resumed_state.callbacks["early_stopping"].best_epoch == 0
+    for left, right in zip(resumed.get_weights(), whole.get_weights()):
+        np.testing.assert_allclose(left, right, rtol=1e-6)  # the best epoch's weights, restored
+
+    # Killed after training stopped but before the run folder was finished: resuming trains no more.
+    again, again_state = _toy_fit(tmp_path / "whole")
+    assert len(again_state.rows) == 4
+    for left, right in zip(again.get_weights(), whole.get_weights()):
+        np.testing.assert_allclose(left, right, rtol=1e-6)
+
+
 def test_interrupted_cli_run_resumes_at_the_next_epoch(synthetic_root, session_output, tmp_path):
     out = tmp_path / "out"
     command = [sys.executable, "-m", "modules", "train", "--data", str(synthetic_root), "--size", "32",
@@ -198,39 +265,37 @@ def test_interrupted_cli_run_resumes_at_the_next_epoch(synthetic_root, session_o
     process = subprocess.Popen(command, cwd=ROOT, env=ENV, stdout=log, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 240
-        state_files: list[Path] = []
+        backups: list[Path] = []
         while time.monotonic() < deadline and process.poll() is None:
-            state_files = list(out.glob("models/*/state.json"))
-            if state_files and list(state_files[0].parent.glob("last-epoch-*.keras")):
+            backups = list(out.glob("models/*/backup/keras/training_metadata.json"))
+            if backups:  # Keras' backup of the first epoch is written after ANNa's state
                 break
             time.sleep(0.5)
     finally:
         process.kill()
         process.wait()
         log.close()
-    assert state_files, "the run never finished an epoch"
-    run = state_files[0].parent
-    assert train.load_run(run)["status"] == "running"
-    state = json.loads((run / "state.json").read_text())
-    last_epoch = state["last_epoch"]
-    # state.json names the checkpoint written with it (older ones are removed after it is written).
-    assert state["last_checkpoint"] == train.last_checkpoint_name(last_epoch)
-    assert (run / state["last_checkpoint"]).is_file()
+    assert backups, "the run never finished an epoch"
+    run = backups[0].parents[2]
+    assert saving.load_run(run)["status"] == "running"
+    done = max(map(int, train.read_state(run)))
+    assert pd.read_csv(run / "history.csv")["epoch"].max() == done  # epochs from 1
 
-    # A model of another size than the arrays is refused before training.
-    with pytest.raises(anna_model.ModelFileError, match="32x32"):
+    # A resumed run keeps its settings: another image size is refused before training.
+    with pytest.raises(train.TrainingDataError, match="image_size=32"):
         train.train_model(synthetic_root, image_size=48, resume=run, output_dir=session_output, verbose=0)
 
     result = subprocess.run([sys.executable, "-m", "modules", "train", "--resume", str(run),
-                             "--epochs", str(last_epoch + 2)], cwd=ROOT, env=ENV, capture_output=True, text=True,
+                             "--epochs", str(done + 1)], cwd=ROOT, env=ENV, capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip().splitlines()[-1] == str(run)  # the run folder is the last line
-    cfg = train.load_run(run)
+    cfg = saving.load_run(run)
     assert cfg["status"] == "complete" and cfg["seed"] == 3
     history = pd.read_csv(run / "history.csv")
-    assert history["epoch"].tolist() == list(range(last_epoch + 2))
-    assert not list(run.glob("last*.keras"))  # only needed while the run was unfinished
+    assert history["epoch"].tolist() == list(range(1, done + 2))  # each epoch once, from 1
+    assert 1 <= cfg["training"]["best_epoch"] <= done + 1 and cfg["training"]["epochs_trained"] == done + 1
+    assert not (run / "backup").exists()  # only needed while the run was unfinished
     with pytest.raises(train.TrainingDataError, match="finished already"):
         train.train_model(resume=run)
 
@@ -251,9 +316,5 @@ def test_one_epoch_under_mirrored_strategy_on_two_logical_cpus(synthetic_root, s
     """)
     assert result.returncode == 0, result.stderr[-3000:]
     line = result.stdout.strip().splitlines()[-1]
-    assert line == "STRATEGY MirroredStrategy(2 replicas) EPOCHS 1 STATUS complete"
+    assert line == "STRATEGY mirrored over 2 devices (CPU:0, CPU:1) EPOCHS 1 STATUS complete"
 
-
-def test_youden_threshold_never_comes_from_the_infinite_first_point():
-    # roc_curve's first threshold is +inf; a constant (untrained) model must not store 1.0.
-    assert train.youden_threshold(np.array([0, 1, 0, 1]), np.full(4, 0.7, dtype="float32")) == pytest.approx(0.7)

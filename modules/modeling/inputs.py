@@ -1,0 +1,128 @@
+"""Training input: batches streamed from the memory-mapped arrays through ``tf.data``, augmented on the fly."""
+from __future__ import annotations
+
+import numpy as np
+import tensorflow as tf
+
+from modules import config
+from modules.modeling.network import MASK_OUTPUT, PROB_OUTPUT
+
+
+def balanced_class_weights(labels: np.ndarray) -> dict[int, float]:
+    """Weights n / (2 n_c) so that both classes weigh the same in the loss."""
+    counts = np.bincount(labels.astype(int), minlength=2)
+    return {c: float(len(labels) / (2 * counts[c])) for c in (0, 1)}
+
+
+_RGB_TO_YIQ = np.array([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]], "float32")
+_YIQ_TO_RGB = np.linalg.inv(_RGB_TO_YIQ).astype("float32")
+
+
+def augment_batch(images: tf.Tensor, masks: tf.Tensor, colour: bool = True) -> tuple[tf.Tensor, tf.Tensor]:
+    """Randomly flip and rotate (by 90°) each image with its mask; jitter the cell's colour.
+
+    The colour jitter (gain, contrast, saturation, hue rotation in YIQ space) mimics stain
+    and lighting differences between patients and touches only the cell: the black
+    background stays as it was.
+
+    Args:
+        images: (B, S, S, 3) float32, 0-255.
+        masks: (B, S, S, 1) float32, 0/1.
+        colour: Apply the colour jitter.
+
+    Returns:
+        The augmented images and masks.
+    """
+    batch = tf.shape(images)[0]
+    stacked = tf.concat([images, masks], axis=-1)
+    # A transpose and two flips, each drawn per cell, give all 8 flips/90° rotations of a square.
+    for flip in (lambda t: tf.transpose(t, [0, 2, 1, 3]), lambda t: tf.reverse(t, axis=[1]),
+                 lambda t: tf.reverse(t, axis=[2])):
+        stacked = tf.where(tf.random.uniform([batch, 1, 1, 1]) < 0.5, flip(stacked), stacked)
+    images, masks = stacked[..., :3], stacked[..., 3:]
+    if not colour:
+        return images, masks
+    angle = tf.random.uniform([batch], -0.15, 0.15)
+    saturation = tf.random.uniform([batch], 0.8, 1.2)
+    zeros, ones = tf.zeros([batch]), tf.ones([batch])
+    rotate = tf.stack([
+        tf.stack([ones, zeros, zeros], -1),
+        tf.stack([zeros, saturation * tf.cos(angle), -saturation * tf.sin(angle)], -1),
+        tf.stack([zeros, saturation * tf.sin(angle), saturation * tf.cos(angle)], -1),
+    ], axis=1)  # (B, 3, 3)
+    matrix = tf.einsum("ij,bjk,kl->bil", _YIQ_TO_RGB, rotate, _RGB_TO_YIQ)
+    jittered = tf.einsum("bhwc,bdc->bhwd", images, matrix)
+    cell = masks > 0.5
+    area = tf.maximum(tf.reduce_sum(tf.cast(cell, tf.float32), axis=[1, 2, 3], keepdims=True), 1.0)
+    mean = tf.reduce_sum(tf.where(cell, jittered, 0.0), axis=[1, 2], keepdims=True) / area
+    contrast = tf.random.uniform([batch, 1, 1, 1], 0.8, 1.2)
+    gain = tf.random.uniform([batch, 1, 1, 1], 0.8, 1.2)
+    jittered = ((jittered - mean) * contrast + mean) * gain
+    images = tf.where(cell, tf.clip_by_value(jittered, 0.0, 255.0), images)
+    return images, masks
+
+
+def make_dataset(
+    images: np.ndarray,
+    masks: np.ndarray,
+    labels: np.ndarray,
+    indices: np.ndarray,
+    batch_size: int,
+    training: bool,
+    seed: int = config.DEFAULT_SEED,
+    class_weights: dict[int, float] | None = None,
+    segmentation: bool = True,
+    augment: bool = True,
+) -> tf.data.Dataset:
+    """Stream ``(image, targets, sample_weights)`` batches from the (memory-mapped) arrays.
+
+    Class weights travel as per-cell sample weights on ``p_leukemia``: Keras'
+    ``class_weight`` does not apply to models with dict outputs.
+
+    Args:
+        images: (N, S, S, 3) uint8 array or memory map.
+        masks: (N, S, S) uint8 0/1.
+        labels: (N,) int8.
+        indices: Rows to use.
+        batch_size: Cells per batch (global, across replicas).
+        training: Shuffle each epoch and augment.
+        seed: Shuffle seed.
+        class_weights: {0: w0, 1: w1}; all ones when None.
+        segmentation: Include the ``cell_mask`` target.
+        augment: Augment (only when training).
+
+    Returns:
+        The dataset.
+    """
+    size = int(images.shape[1])
+    weights = class_weights or {0: 1.0, 1: 1.0}
+    weight_table = tf.constant([weights[0], weights[1]], tf.float32)
+
+    def load(rows: np.ndarray):
+        rows = np.sort(rows)  # ascending rows read a memory map sequentially
+        return images[rows], masks[rows], labels[rows].astype("int32")
+
+    def read(rows):
+        image, mask, label = tf.numpy_function(load, [rows], [tf.uint8, tf.uint8, tf.int32])
+        image = tf.ensure_shape(image, [None, size, size, 3])
+        mask = tf.ensure_shape(mask, [None, size, size])
+        return tf.cast(image, tf.float32), tf.cast(mask, tf.float32)[..., None], tf.ensure_shape(label, [None])
+
+    def to_example(image, mask, label):
+        if training and augment:
+            image, mask = augment_batch(image, mask)
+        targets = {PROB_OUTPUT: tf.cast(label, tf.float32)[:, None]}
+        sample_weights = {PROB_OUTPUT: tf.gather(weight_table, label)}
+        if segmentation:
+            targets[MASK_OUTPUT] = mask
+            # (B, 1, 1) broadcasts over the per-pixel mask loss.
+            sample_weights[MASK_OUTPUT] = tf.ones_like(sample_weights[PROB_OUTPUT])[:, None, None]
+        return image, targets, sample_weights
+
+    dataset = tf.data.Dataset.from_tensor_slices(np.asarray(indices, dtype="int64"))
+    if training:
+        dataset = dataset.shuffle(len(indices), seed=seed, reshuffle_each_iteration=True)
+    dataset = dataset.batch(batch_size)
+    dataset = dataset.map(read, num_parallel_calls=tf.data.AUTOTUNE)
+    dataset = dataset.map(to_example, num_parallel_calls=tf.data.AUTOTUNE)
+    return dataset.prefetch(tf.data.AUTOTUNE)
