@@ -108,6 +108,20 @@ def test_load_model_rejects_files_that_are_not_keras_archives(tmp_path):
     assert issubclass(saving.ModelFileError, ValueError)
 
 
+def test_run_files_are_found_from_the_folder_or_the_model_and_checked(tmp_path):
+    with pytest.raises(FileNotFoundError, match="folder without model.keras"):
+        saving.model_path(tmp_path)
+    assert saving.load_run(tmp_path / "model.keras", required=False) == {}  # a model copied alone
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        saving.load_run(tmp_path)
+    (tmp_path / "config.json").write_text('{"run_id": "r1"}')
+    assert saving.load_run(tmp_path / "model.keras") == saving.load_run(tmp_path) == {"run_id": "r1"}
+    for broken in ("[1, 2]", "{not json"):
+        (tmp_path / "config.json").write_text(broken)
+        with pytest.raises(saving.ModelFileError, match="config.json"):
+            saving.load_run(tmp_path)
+
+
 def test_predict_outputs_reads_uint8_memmaps_in_batches(tiny_anna, tmp_path):
     rng = np.random.default_rng(2)
     path = tmp_path / "images.npy"
