@@ -132,3 +132,16 @@ def test_model_diagram_draws_pools_between_blocks_and_every_level_into_the_head(
         assert level in head
     caption = json.loads((tmp_path / config.CHARTS_SUBDIR / "3.ANNa" / "charts.json").read_text())["model_diagram"]
     assert "reads every level" in caption
+
+
+@pytest.mark.shared_data
+def test_testing_predictions_say_the_model_is_synthetic_and_the_cells_real(real_manifest, tmp_path):
+    rows = real_manifest.head(4)
+    predictions = pd.DataFrame({"path": rows["path"], "name": rows["name"], "p_leukemia": [0.2, 0.4, 0.6, 0.8],
+                                "label_name": ["hem", "hem", "all", "all"], "model_trained_on": "synthetic"})
+    predictions.attrs["threshold"] = 0.5
+    fig, table = eda.plot_testing_predictions(predictions, n_examples=2, output_dir=tmp_path)
+    assert "model trained on SYNTHETIC cells, scored on real cells" in fig.axes[0].get_title()
+    assert table["cells"].sum() == 4
+    index = (tmp_path / config.VIZ_SUBDIR / "index.html").read_text()
+    assert "4.Test — predictions on the unlabeled testing cells [model trained on SYNTHETIC cells" in index

@@ -54,17 +54,9 @@ def synthetic_note(model_synthetic: bool | None = None, cells_synthetic: bool | 
 
 def save_chart(fig: matplotlib.figure.Figure, data: pd.DataFrame, name: str, caption: str,
                out_dir: str | Path) -> Path:
-    """Write ``<name>.png`` and ``<name>.csv`` (atomically) and record the caption in ``charts.json``.
+    """Write ``<name>.png`` and its data as ``<name>.csv`` (atomically), record the caption in ``charts.json``.
 
-    Args:
-        fig: The figure (left open: the caller may still display it).
-        data: The numbers drawn.
-        name: File stem, e.g. ``roc_curve``.
-        caption: One or two sentences saying what the chart shows.
-        out_dir: Destination folder (created if needed).
-
-    Returns:
-        Path of the PNG.
+    The figure is left open (the caller may still display it). Returns the PNG's path.
     """
     if not name or "/" in name or name.startswith("."):
         raise ValueError(f"chart name {name!r} must be a plain file stem such as 'roc_curve'")
@@ -94,17 +86,11 @@ def for_display(rgb: np.ndarray) -> np.ndarray:
 
 def metric_charts(predictions: pd.DataFrame, threshold: float, per_patient: pd.DataFrame,
                   note: str = "") -> dict[str, Chart]:
-    """The charts computed from the predictions table alone.
+    """The charts of ``predictions.csv`` (``label``, ``p_leukemia``, ``prediction``) and ``per_patient.csv``.
 
-    Args:
-        predictions: ``predictions.csv`` columns ``label``, ``p_leukemia``, ``prediction``.
-        threshold: The decision threshold used.
-        per_patient: ``per_patient.csv`` (no chart when empty).
-        note: Title suffix from ``synthetic_note``.
-
-    Returns:
-        {name: Chart}: confusion_matrix, roc_curve, precision_recall_curve, calibration_curve (the
-        curves need both classes), probability_histogram, per_patient_accuracy.
+    Returns {name: Chart}: confusion_matrix, roc_curve, precision_recall_curve, calibration_curve (the curves
+    need both classes), probability_histogram, per_patient_accuracy (when patients are known); ``note`` is the
+    titles' ``synthetic_note``.
     """
     labels = predictions["label"].to_numpy("int64")
     p = predictions["p_leukemia"].to_numpy("float64")
@@ -223,12 +209,9 @@ def per_patient_chart(table: pd.DataFrame, note: str = "") -> Chart:
 
 
 def training_chart(run_dir: str | Path, run_config: dict, note: str = "") -> Chart | None:
-    """Learning curves from the run's ``history.csv`` (None without one), epochs from 1, the restored one marked.
+    """Learning curves from the run's ``history.csv`` (None without one), epochs from 1.
 
-    Args:
-        run_dir: The run folder.
-        run_config: Its ``config.json``; ``training.best_epoch`` (1-based) is the epoch whose weights were kept.
-        note: Title suffix from ``synthetic_note``.
+    The epoch whose weights were kept (``training.best_epoch`` of the run's config, 1-based) is marked.
     """
     path = Path(run_dir) / "history.csv"
     history = pd.read_csv(path) if path.is_file() else pd.DataFrame()
@@ -260,16 +243,9 @@ def training_chart(run_dir: str | Path, run_config: dict, note: str = "") -> Cha
 def plot_image_grid(images: Sequence[np.ndarray | None], titles: Sequence[str], ncols: int = 6, title: str = "",
                     cmap: str | None = None, row_labels: Sequence[str] | None = None,
                     colorbar: tuple[str, str] | None = None) -> matplotlib.figure.Figure:
-    """A grid of images with one title each.
+    """A grid of (H,W,3) uint8 or (H,W) [0, 1] images with one title each; None leaves a cell showing its title.
 
-    Args:
-        images: (H,W,3) uint8 or (H,W) images in [0, 1]; None leaves a blank cell showing its title.
-        titles: One title per image.
-        ncols: Images per row.
-        title: Figure title.
-        cmap: Colormap of the 2-D images.
-        row_labels: Optional label left of each row.
-        colorbar: (colormap, label) of one colour bar saying what the values 0-1 mean.
+    ``colorbar`` = (colormap, label) adds one colour bar saying what the values 0-1 mean.
     """
     nrows = max(int(np.ceil(len(images) / ncols)), 1)
     fig, axes = plt.subplots(nrows, ncols, figsize=(1.9 * ncols + (0.8 if colorbar else 0), 2.1 * nrows + 0.5),

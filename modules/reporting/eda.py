@@ -49,8 +49,9 @@ def manifest_is_synthetic(manifest: pd.DataFrame) -> bool:
     return bool(len(manifest)) and synth.is_synthetic(Path(manifest["path"].iloc[0]).parent)
 
 
-def _title(text: str, synthetic: bool) -> str:
-    return text + charts.synthetic_note(cells_synthetic=synthetic)
+def _note(table: pd.DataFrame) -> str:
+    """Title suffix of a chart of the table's cells: `` [SYNTHETIC cells]`` when they are synthetic."""
+    return charts.synthetic_note(cells_synthetic=manifest_is_synthetic(table))
 
 
 def _patients(ids: pd.Series) -> int:
@@ -58,27 +59,18 @@ def _patients(ids: pd.Series) -> int:
 
 
 def save_figure(fig: Figure, table: pd.DataFrame, name: str, caption: str, run: str,
-                output_dir: str | Path | None = None, synthetic: bool = False) -> Path:
-    """Save a chart under ``charts/<run>/`` and publish that folder to the gallery's ``viz/<run>/``.
+                output_dir: str | Path | None = None, note: str = "") -> Path:
+    """Save a chart under ``charts/<run>/``, publish that folder as ``viz/<run>/``; returns the gallery's PNG.
 
-    Args:
-        fig: The figure (closed afterwards; the notebook displays the returned figure once).
-        table: The numbers drawn.
-        name: File stem.
-        caption: What the chart shows.
-        run: The notebook, e.g. ``1.EDA``.
-        output_dir: Root of the outputs; ``config.OUTPUT_DIR`` by default.
-        synthetic: The chart shows synthetic cells (the gallery heading says so).
-
-    Returns:
-        The PNG inside the gallery.
+    The figure is closed (the notebook shows the returned one once); ``note`` (``charts.synthetic_note``)
+    ends the gallery heading too.
     """
     root = Path(output_dir or config.OUTPUT_DIR)
     folder = root / config.CHARTS_SUBDIR / run
     charts.save_chart(fig, table, name, caption, folder)
     plt.close(fig)
-    heading = HEADINGS.get(run, run) + charts.synthetic_note(cells_synthetic=synthetic)
-    return gallery.publish(folder, root / config.VIZ_SUBDIR, run, heading, synthetic) / f"{name}.png"
+    return gallery.publish(folder, root / config.VIZ_SUBDIR, run, HEADINGS.get(run, run) + note,
+                           "SYNTHETIC" in note) / f"{name}.png"
 
 
 def _sample(manifest: pd.DataFrame, limit: int, seed: int) -> pd.DataFrame:
@@ -103,51 +95,51 @@ def _bars(pivot: pd.DataFrame, ax) -> None:
 
 
 # ----------------------------------------------------------------------------- counts
-def count_cells(manifest: pd.DataFrame) -> pd.DataFrame:
-    """Cells and patients per split (train, validation, test), fold and class.
+def count_cells(manifest: pd.DataFrame, by: Sequence[str] = ("split", "fold", "class")) -> pd.DataFrame:
+    """Cells and patients per split (in pipeline order: train, validation, test), fold and class.
 
     Returns:
-        Columns ``split, fold, class, cells, patients``.
+        Columns ``*by, cells, patients``.
     """
     table = manifest.assign(**{"class": class_names(manifest["label"]),
                                "fold": manifest["fold"].astype("string").fillna("")})
-    counts = table.groupby(["split", "fold", "class"], sort=True).agg(
-        cells=("path", "size"), patients=("patient_id", _patients)).reset_index()
+    counts = table.groupby(list(by), sort=True).agg(cells=("path", "size"), patients=("patient_id", _patients))
+    counts = counts.reset_index()
     return counts.sort_values("split", key=lambda s: s.map(SPLIT_ORDER), kind="stable", ignore_index=True)
 
 
 def plot_class_counts(manifest: pd.DataFrame, output_dir: str | Path | None = None) -> tuple[Figure, pd.DataFrame]:
     """Bar chart of cells per split (in pipeline order) and class, training folds merged."""
-    synthetic = manifest_is_synthetic(manifest)
-    table = count_cells(manifest).groupby(["split", "class"], sort=False)["cells"].sum().reset_index()
+    note = _note(manifest)
+    table = count_cells(manifest, ("split", "class"))
     pivot = table.pivot(index="split", columns="class", values="cells").fillna(0).astype(int)
     pivot = pivot.reindex([s for s in SPLIT_ORDER if s in pivot.index])
     fig, ax = plt.subplots(figsize=(6.5, 3.6), layout="constrained")
     _bars(pivot, ax)
-    ax.set(ylabel="cells", xlabel="", title=_title("Cells per split and class", synthetic))
+    ax.set(ylabel="cells", xlabel="", title=f"Cells per split and class{note}")
     save_figure(fig, table, "class_counts", "Cells per split (train, validation, test) and class: all = "
-                "leukemic blast, hem = normal cell.", EDA_RUN, output_dir, synthetic)
+                "leukemic blast, hem = normal cell.", EDA_RUN, output_dir, note)
     return fig, table
 
 
 def plot_fold_counts(manifest: pd.DataFrame, output_dir: str | Path | None = None) -> tuple[Figure, pd.DataFrame]:
     """Cells and patients per training fold and class."""
-    synthetic = manifest_is_synthetic(manifest)
+    note = _note(manifest)
     table = count_cells(manifest[manifest["split"] == "train"])
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), layout="constrained")
     for ax, column in zip(axes, ("cells", "patients")):
         pivot = table.pivot(index="fold", columns="class", values=column).fillna(0).astype(int)
         _bars(pivot.rename(index=lambda fold: f"fold_{fold}"), ax)
         ax.set(ylabel=column, xlabel="", title=f"{column} per training fold")
-    fig.suptitle(_title("Training folds", synthetic))
+    fig.suptitle(f"Training folds{note}")
     save_figure(fig, table, "fold_counts", "Cells and patients per C-NMC training fold and class; each patient "
-                "lies in one fold only.", EDA_RUN, output_dir, synthetic)
+                "lies in one fold only.", EDA_RUN, output_dir, note)
     return fig, table
 
 
 def plot_patient_counts(manifest: pd.DataFrame, output_dir: str | Path | None = None) -> tuple[Figure, pd.DataFrame]:
     """Cells per patient (labeled cells), coloured by class, largest first."""
-    synthetic = manifest_is_synthetic(manifest)
+    note = _note(manifest)
     labeled = manifest[manifest["label"].notna() & (manifest["patient_id"] != "")]
     table = (labeled.assign(**{"class": class_names(labeled["label"])}).groupby(["patient_id", "class"])
              .agg(cells=("path", "size"), splits=("split", lambda s: ",".join(sorted(set(s))))).reset_index()
@@ -156,21 +148,18 @@ def plot_patient_counts(manifest: pd.DataFrame, output_dir: str | Path | None = 
     fig, ax = plt.subplots(figsize=(max(6, 0.22 * len(table) + 2), 3.8), layout="constrained")
     ax.bar(table["patient_id"], table["cells"], color=[COLORS[c] for c in table["class"]])
     ax.set(xlabel="patient (red = ALL patient's blasts, blue = healthy subject's normal cells)", ylabel="cells",
-           title=_title(f"Cells per patient ({len(table)} patients)", synthetic))
+           title=f"Cells per patient ({len(table)} patients){note}")
     ax.tick_params(axis="x", rotation=90, labelsize=7)
     save_figure(fig, table, "patient_counts", "Cells per patient: a few patients contribute many cells, which is "
-                "why splits are by patient.", EDA_RUN, output_dir, synthetic)
+                "why splits are by patient.", EDA_RUN, output_dir, note)
     return fig, table
 
 
 def plot_validation_balance(manifest: pd.DataFrame, output_dir: str | Path | None = None
                             ) -> tuple[Figure, pd.DataFrame]:
     """Class balance (share of labeled cells) of each split, in pipeline order."""
-    synthetic = manifest_is_synthetic(manifest)
-    labeled = manifest[manifest["label"].notna()]
-    table = (labeled.assign(**{"class": class_names(labeled["label"])}).groupby(["split", "class"])
-             .agg(cells=("path", "size"), patients=("patient_id", _patients)).reset_index()
-             .sort_values("split", key=lambda s: s.map(SPLIT_ORDER), kind="stable", ignore_index=True))
+    note = _note(manifest)
+    table = count_cells(manifest[manifest["label"].notna()], ("split", "class"))
     table["share_of_cells"] = table["cells"] / table.groupby("split")["cells"].transform("sum")
     shares = table.pivot(index="split", columns="class", values="share_of_cells").fillna(0)
     shares = shares.reindex([s for s in SPLIT_ORDER if s in shares.index])[[c for c in ("all", "hem") if c in shares]]
@@ -181,13 +170,13 @@ def plot_validation_balance(manifest: pd.DataFrame, output_dir: str | Path | Non
                      label_type="center", color="white")
     ax.invert_yaxis()  # train on top, as in the pipeline
     ax.set(xlim=(0, 1), xlabel="share of labeled cells", ylabel="",
-           title=_title("Class balance: validation vs training", synthetic))
+           title=f"Class balance: validation vs training{note}")
     if "validation" not in shares.index:
         ax.text(0.5, -0.3, "no labeled validation_data in this dataset", transform=ax.transAxes, ha="center",
                 fontsize=8, color="#c0392b")
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1, 1))
     save_figure(fig, table, "validation_balance", "Share of leukemic (all) and normal (hem) cells in the "
-                "validation set beside training.", EDA_RUN, output_dir, synthetic)
+                "validation set beside training.", EDA_RUN, output_dir, note)
     return fig, table
 
 
@@ -210,20 +199,11 @@ def _measure_one(path: str) -> dict:
 
 def measure_images(manifest: pd.DataFrame, limit: int | None = None, seed: int = config.DEFAULT_SEED,
                    workers: int | None = None, progress: bool = True) -> pd.DataFrame:
-    """Decode images and measure size, colour, cell area/intensity and a pixel-content hash.
+    """Size, colour, cell area/intensity and a pixel-content hash of each image (columns ``STAT_COLUMNS``).
 
     A pixel belongs to the cell when any channel exceeds ``config.BACKGROUND_THRESHOLD``, as in preprocessing.
-
-    Args:
-        manifest: ``data.scan_dataset`` table.
-        limit: Measure at most this many images, sampled per class (0/None: all).
-        seed: Sampling seed.
-        workers: Threads (decoding releases the GIL); one per core by default.
-        progress: Show a progress bar.
-
-    Returns:
-        One row per image, columns ``STAT_COLUMNS``. Raises ``preprocessing.ImageError`` naming a file
-        that cannot be decoded.
+    ``limit`` samples that many images per class share (0/None: all); decoding runs in ``workers`` threads.
+    Raises ``preprocessing.ImageError`` naming a file that cannot be decoded.
     """
     rows = _sample(manifest, limit or 0, seed)
     paths = rows["path"].tolist()
@@ -239,52 +219,52 @@ def measure_images(manifest: pd.DataFrame, limit: int | None = None, seed: int =
 
 def plot_image_sizes(stats: pd.DataFrame, output_dir: str | Path | None = None) -> tuple[Figure, pd.DataFrame]:
     """Image dimensions found (C-NMC images are all 450x450 RGB)."""
-    synthetic = manifest_is_synthetic(stats)
+    note = _note(stats)
     table = stats.groupby(["height", "width", "class"]).size().rename("images").reset_index()
     fig, ax = plt.subplots(figsize=(6, 3.2), layout="constrained")
     bars = ax.bar([f"{h}x{w}\n{c}" for h, w, c in zip(table["height"], table["width"], table["class"])],
                   table["images"], color=[COLORS[c] for c in table["class"]])
     ax.bar_label(bars, fontsize=8)
-    ax.set(ylabel="images", title=_title(f"Image sizes (height x width) of {len(stats)} images", synthetic))
+    ax.set(ylabel="images", title=f"Image sizes (height x width) of {len(stats)} images{note}")
     save_figure(fig, table, "image_sizes", "Image sizes in pixels (height x width) per class.", EDA_RUN,
-                output_dir, synthetic)
+                output_dir, note)
     return fig, table
 
 
 def plot_colour_statistics(stats: pd.DataFrame, output_dir: str | Path | None = None
                            ) -> tuple[Figure, pd.DataFrame]:
     """Distributions of the mean red, green and blue value of the cell pixels, by class."""
-    synthetic = manifest_is_synthetic(stats)
+    note = _note(stats)
     fig, axes = plt.subplots(1, 3, figsize=(11, 3.4), sharey=True, layout="constrained")
     for ax, (channel, colour) in zip(axes, {"r": "red", "g": "green", "b": "blue"}.items()):
         sns.histplot(stats, x=f"cell_mean_{channel}", hue="class", palette=COLORS, bins=30, ax=ax,
                      hue_order=[c for c in CLASS_ORDER if (stats["class"] == c).any()], legend=channel == "b")
         ax.set(xlabel=f"mean {colour} of cell pixels (0-255)", ylabel="images")
     sns.move_legend(axes[-1], "upper left", bbox_to_anchor=(1, 1))  # beside the bars, not over them
-    fig.suptitle(_title("Colour of the cells by class", synthetic))
+    fig.suptitle(f"Colour of the cells by class{note}")
     columns = ["cell_mean_r", "cell_mean_g", "cell_mean_b", "image_mean_r", "image_mean_g", "image_mean_b"]
     table = stats.groupby("class")[columns].describe().stack(level=0, future_stack=True)
     table = table.reset_index().rename(columns={"level_1": "statistic"})
     save_figure(fig, table, "colour_statistics", "Mean R, G, B of the cell pixels per image, by class (stain "
-                "differs between patients).", EDA_RUN, output_dir, synthetic)
+                "differs between patients).", EDA_RUN, output_dir, note)
     return fig, table
 
 
 def plot_cell_area_intensity(stats: pd.DataFrame, output_dir: str | Path | None = None
                              ) -> tuple[Figure, pd.DataFrame]:
     """Cell area (pixels) and mean intensity of the cell pixels, by class (box plots)."""
-    synthetic = manifest_is_synthetic(stats)
+    note = _note(stats)
     present = [c for c in CLASS_ORDER if (stats["class"] == c).any()]
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.6), layout="constrained")
     for ax, column, label in ((axes[0], "cell_area_px", "cell area (pixels at 450 px)"),
                               (axes[1], "cell_intensity", "mean intensity of cell pixels")):
         sns.boxplot(stats, x="class", y=column, hue="class", order=present, palette=COLORS, ax=ax)
         ax.set(ylabel=label, xlabel="")
-    fig.suptitle(_title("Cell area and intensity by class", synthetic))
+    fig.suptitle(f"Cell area and intensity by class{note}")
     table = stats.groupby("class")[["cell_area_px", "cell_area_fraction", "cell_intensity"]].describe()
     table.columns = [f"{a}_{b}" for a, b in table.columns]
     save_figure(fig, table.reset_index(), "cell_area_intensity", "Blasts tend to be larger with a higher "
-                "nucleus-to-cytoplasm ratio; classes overlap.", EDA_RUN, output_dir, synthetic)
+                "nucleus-to-cytoplasm ratio; classes overlap.", EDA_RUN, output_dir, note)
     return fig, table.reset_index()
 
 
@@ -312,7 +292,7 @@ def _thumbnail(rgb: np.ndarray, side: int = 150) -> np.ndarray:
 def plot_sample_grid(manifest: pd.DataFrame, per_class: int = 8, seed: int = config.DEFAULT_SEED,
                      output_dir: str | Path | None = None) -> tuple[Figure, pd.DataFrame]:
     """Random cells of each class (one row per class), titled with patient and file name."""
-    synthetic = manifest_is_synthetic(manifest)
+    note = _note(manifest)
     labeled = manifest[manifest["label"].notna()]
     labeled = labeled.assign(**{"class": class_names(labeled["label"])})
     table = pd.concat([group.sample(n=min(per_class, len(group)), random_state=seed)
@@ -320,9 +300,9 @@ def plot_sample_grid(manifest: pd.DataFrame, per_class: int = 8, seed: int = con
     table = table[["path", "name", "patient_id", "class", "split"]].reset_index(drop=True)
     fig = charts.plot_image_grid([_thumbnail(preprocessing.load_rgb(p)) for p in table["path"]],
                                  [f"{c} · patient {pid}" for c, pid in zip(table["class"], table["patient_id"])],
-                                 ncols=per_class, title=_title("Sample cells per class (rows: all, hem)", synthetic))
+                                 ncols=per_class, title=f"Sample cells per class (rows: all, hem){note}")
     save_figure(fig, table, "sample_grid", "Random cells of each class: leukemic blasts (all) and normal B-lymphoid "
-                "precursors (hem); brightness stretched for display.", EDA_RUN, output_dir, synthetic)
+                "precursors (hem); brightness stretched for display.", EDA_RUN, output_dir, note)
     return fig, table
 
 
@@ -334,7 +314,7 @@ def plot_preprocessing_steps(manifest: pd.DataFrame, n: int = 4, size: int = con
 
     Uses ``preprocessing.preprocess_image`` itself, so what is shown is what the model gets.
     """
-    synthetic = manifest_is_synthetic(manifest)
+    note = _note(manifest)
     table = _sample(manifest[manifest["label"].notna()], n, seed)[["path", "name", "patient_id", "label"]]
     table = table.reset_index(drop=True)
     images, titles, rows = [], [], []
@@ -353,12 +333,12 @@ def plot_preprocessing_steps(manifest: pd.DataFrame, n: int = 4, size: int = con
                      "size": size, "margin": margin, "mask_fraction": float(mask.mean())})
     table = table.join(pd.DataFrame(rows))
     fig = charts.plot_image_grid(images, titles, ncols=4, cmap="gray",
-                                 title=_title("Crop to the cell, pad to a square, resize; derive the mask", synthetic))
+                                 title=f"Crop to the cell, pad to a square, resize; derive the mask{note}")
     canvas = f", at least {config.DEFAULT_CANVAS} px" if config.DEFAULT_CANVAS else ", made square"
     save_figure(fig, table, "preprocessing_steps", "Each row: the original cell with its bounding box (yellow) and "
                 f"the square kept (cyan: box + {margin} px margin{canvas}), the square after crop and black padding, "
                 f"the {size} px model input, and the derived cell mask (white = cell). Brightness stretched for "
-                "display.", PREPROCESSING_RUN, output_dir, synthetic)
+                "display.", PREPROCESSING_RUN, output_dir, note)
     return fig, table
 
 
@@ -366,7 +346,7 @@ def plot_resolution_comparison(manifest: pd.DataFrame, sizes: Sequence[int] = (4
                                margin: int = config.DEFAULT_MARGIN, seed: int = config.DEFAULT_SEED,
                                output_dir: str | Path | None = None) -> tuple[Figure, pd.DataFrame]:
     """The same cells preprocessed at several sizes (450, 128, 64 px): how much detail survives."""
-    synthetic = manifest_is_synthetic(manifest)
+    note = _note(manifest)
     table = _sample(manifest[manifest["label"].notna()], n, seed)[["path", "name", "patient_id", "label"]]
     images, titles, rows = [], [], []
     for path, label in zip(table["path"], table["label"]):
@@ -378,10 +358,10 @@ def plot_resolution_comparison(manifest: pd.DataFrame, sizes: Sequence[int] = (4
             rows.append({"path": path, "size": size, "bytes_per_image": int(image.nbytes),
                          "mask_fraction": float(mask.mean())})
     fig = charts.plot_image_grid(images, titles, ncols=len(sizes),
-                                 title=_title("One cell at " + " / ".join(map(str, sizes)) + " px", synthetic))
+                                 title="One cell at " + " / ".join(map(str, sizes)) + f" px{note}")
     result = pd.DataFrame(rows).merge(table, on="path")
     save_figure(fig, result, "resolution_comparison", "The same cells after crop and pad at each size: chromatin "
-                "texture and nucleoli fade at 64 px.", PREPROCESSING_RUN, output_dir, synthetic)
+                "texture and nucleoli fade at 64 px.", PREPROCESSING_RUN, output_dir, note)
     return fig, result
 
 
@@ -389,7 +369,8 @@ def plot_prepared_arrays(arrays_dir: str | Path, n: int = 6, seed: int = config.
                          output_dir: str | Path | None = None) -> tuple[Figure, pd.DataFrame]:
     """Images and masks read back from the cached arrays (what training reads), with labels."""
     arrays = preprocessing.load_arrays(arrays_dir)
-    synthetic = bool(arrays.meta.get("synthetic")) or manifest_is_synthetic(arrays.manifest)
+    note = charts.synthetic_note(cells_synthetic=bool(arrays.meta.get("synthetic"))
+                                or manifest_is_synthetic(arrays.manifest))
     rows = np.sort(np.random.default_rng(seed).choice(len(arrays.labels), size=min(n, len(arrays.labels)),
                                                       replace=False))
     images, titles = [], []
@@ -399,9 +380,9 @@ def plot_prepared_arrays(arrays_dir: str | Path, n: int = 6, seed: int = config.
         titles += [f"row {row}: {name}", f"row {row}: mask"]
     table = arrays.manifest.iloc[rows][["path", "name", "patient_id", "label"]].reset_index(names="row")
     fig = charts.plot_image_grid(images, titles, ncols=4, cmap="gray",
-                                 title=_title(f"Prepared arrays ({Path(arrays_dir).name})", synthetic))
+                                 title=f"Prepared arrays ({Path(arrays_dir).name}){note}")
     save_figure(fig, table, "prepared_arrays", "Rows read back from the cached arrays (images.npy, masks.npy) with "
-                "their labels.", PREPROCESSING_RUN, output_dir, synthetic)
+                "their labels.", PREPROCESSING_RUN, output_dir, note)
     return fig, table
 
 
@@ -490,17 +471,11 @@ def _draw_unet(ax, model, info: pd.DataFrame) -> None:
 
 def plot_model_diagram(model, output_dir: str | Path | None = None, synthetic: bool = False
                        ) -> tuple[Figure, pd.DataFrame]:
-    """A block diagram of the network: ANNa as a U with its head; other models as a chain of blocks.
+    """A block diagram of the network (ANNa as a U with its head, other models as a chain) and ``model_blocks``.
 
-    Args:
-        model: A Keras model (layer names ``<block>_<part>`` as ``network.build_anna`` writes them).
-        output_dir: Root of the outputs.
-        synthetic: Mark the title (the diagram itself does not depend on data).
-
-    Returns:
-        The figure and ``model_blocks(model)``.
+    ``synthetic``: the model is trained on synthetic cells (the title says so).
     """
-    table = model_blocks(model)
+    table, note = model_blocks(model), charts.synthetic_note(model_synthetic=synthetic)
     info = table.set_index("block")
     fig, ax = plt.subplots(figsize=(12, 6.5), layout="constrained")
     if model.name == "anna":
@@ -511,13 +486,13 @@ def plot_model_diagram(model, output_dir: str | Path | None = None, synthetic: b
                     bbox={"boxstyle": "round", "fc": "#e5e7e9", "ec": "#555"})
         ax.set(xlim=(-1.5, 2 * len(info) - 0.5), ylim=(-1, 1))
     ax.axis("off")
-    ax.set_title(_title(f"{model.name}: {int(model.count_params()):,} parameters; skip connections dashed", synthetic),
+    ax.set_title(f"{model.name}: {int(model.count_params()):,} parameters; skip connections dashed{note}",
                  fontsize=10)
     save_figure(fig, table, "model_diagram", "ANNa's blocks with their output shapes: the encoder (down, a 2x2 "
                 "max-pool between two blocks), the bottleneck, the decoder (up) with the skip connections (dashed) "
                 "and the U-Net's cell mask. The classification head reads every level: each encoder block, the "
                 "bottleneck and the last decoder block, globally pooled, then a dense layer gives P(leukemia).",
-                TRAINING_RUN, output_dir, synthetic)
+                TRAINING_RUN, output_dir, note)
     return fig, table
 
 
@@ -526,29 +501,24 @@ def plot_training_history(run_dir: str | Path, output_dir: str | Path | None = N
     from modules.modeling import saving
 
     run = saving.load_run(run_dir)
-    synthetic = bool((run.get("data") or {}).get("synthetic"))
-    chart = charts.training_chart(run_dir, run, charts.synthetic_note(model_synthetic=synthetic))
+    note = charts.synthetic_note(model_synthetic=bool((run.get("data") or {}).get("synthetic")))
+    chart = charts.training_chart(run_dir, run, note)
     if chart is None:
         raise FileNotFoundError(f"{Path(run_dir) / 'history.csv'} is missing or empty: the run trained no epoch")
-    save_figure(chart.figure, chart.data, "training_curves", chart.caption, TRAINING_RUN, output_dir, synthetic)
+    save_figure(chart.figure, chart.data, "training_curves", chart.caption, TRAINING_RUN, output_dir, note)
     return chart.figure, chart.data
 
 
 def plot_testing_predictions(predictions: pd.DataFrame, n_examples: int = 6, seed: int = config.DEFAULT_SEED,
                              output_dir: str | Path | None = None) -> tuple[Figure, pd.DataFrame]:
-    """Predictions on unlabeled cells: P(leukemia) histogram with the threshold, and example cells per call.
+    """``predict.predict_images`` output: P(leukemia) histogram with the threshold, ``n_examples`` cells per call.
 
-    Args:
-        predictions: ``predict.predict_images`` output (``attrs["threshold"]`` set).
-        n_examples: Cells shown per predicted class.
-        seed: Sampling seed for the examples.
-        output_dir: Root of the outputs.
-
-    Returns:
-        The figure and the counts per predicted class.
+    Returns the figure and the counts per predicted class.
     """
     threshold = float(predictions.attrs.get("threshold", 0.5))
-    synthetic = manifest_is_synthetic(predictions)
+    trained_on = predictions.get("model_trained_on", pd.Series(["unknown"]))
+    model_synthetic = None if (trained_on == "unknown").all() else bool((trained_on == "synthetic").any())
+    note = charts.synthetic_note(model_synthetic, manifest_is_synthetic(predictions))
     picks = [group.sample(n=min(n_examples, len(group)), random_state=seed)
              for _, group in predictions.groupby("label_name", sort=True)]
     ncols, nrows = max(n_examples, 1), max(len(picks), 1)
@@ -558,9 +528,8 @@ def plot_testing_predictions(predictions: pd.DataFrame, n_examples: int = 6, see
     ax.hist(predictions["p_leukemia"], bins=np.linspace(0, 1, 26), color="#7d3c98", alpha=0.8)
     ax.axvline(threshold, color="black", ls="--", label=f"threshold {threshold:.3f}")
     counts = predictions["label_name"].value_counts()
-    ax.set(xlabel="predicted P(leukemia)", ylabel="cells", title=_title(
-        f"{len(predictions)} unlabeled cells: {counts.get('all', 0)} called all, {counts.get('hem', 0)} called hem",
-        synthetic))
+    ax.set(xlabel="predicted P(leukemia)", ylabel="cells", title=f"{len(predictions)} unlabeled cells: "
+           f"{counts.get('all', 0)} called all, {counts.get('hem', 0)} called hem{note}")
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1, 1))
     for row, group in enumerate(picks, start=1):
         for col, item in enumerate(group.itertuples()):
@@ -572,5 +541,5 @@ def plot_testing_predictions(predictions: pd.DataFrame, n_examples: int = 6, see
              .reset_index().rename(columns={"label_name": "predicted"}).assign(threshold=threshold))
     save_figure(fig, table, "testing_predictions", "P(leukemia) for the unlabeled testing cells with the run's "
                 "threshold, and example cells of each predicted class (no labels exist for these cells, so no "
-                "accuracy can be computed).", TEST_RUN, output_dir, synthetic)
+                "accuracy can be computed).", TEST_RUN, output_dir, note)
     return fig, table

@@ -35,17 +35,11 @@ def _local_time(stamp: str) -> str:
 
 def publish(source: str | Path, viz_dir: str | Path | None = None, group: str | None = None, heading: str = "",
             synthetic: bool = False) -> Path:
-    """Mirror the charts saved in ``source`` into ``viz_dir/<group>/`` and rewrite ``index.html``.
+    """Mirror the charts ``charts.save_chart`` wrote in ``source`` into ``viz_dir/<group>/``; rewrite ``index.html``.
 
-    Args:
-        source: A folder written with ``charts.save_chart``.
-        viz_dir: The gallery; ``config.VIZ_DIR`` by default.
-        group: Folder name in the gallery (``1.EDA``, an evaluation); ``source``'s name by default.
-        heading: What the index says above the group's charts.
-        synthetic: Whether the charts come from synthetic cells or a model trained on them.
-
-    Returns:
-        The group's folder.
+    ``group`` (``1.EDA``, an evaluation; ``source``'s name by default) is replaced in place, charts it no longer
+    has removed; ``heading`` is what the index says above it; ``synthetic``: the charts come from synthetic cells
+    or a model trained on them. Returns the group's folder.
     """
     source, viz_dir = Path(source), Path(viz_dir or config.VIZ_DIR)
     group = group or source.name

@@ -38,18 +38,9 @@ def write_evaluation_report(folder: str | Path, metrics: dict, predictions: pd.D
                             model, settings: dict, run_config: dict, seed: int = 0) -> tuple[Path, Path]:
     """Draw every chart of an evaluation into ``folder``, then write ``report.md`` and ``report.html``.
 
-    Args:
-        folder: The evaluation folder (``metrics.json``, ``predictions.csv``, ``per_patient.csv``).
-        metrics: Its metrics (``synthetic_model`` / ``synthetic_data`` choose the titles' words).
-        predictions: Its predictions table.
-        per_patient: Its per-patient table.
-        model: The loaded model (Grad-CAM, predicted masks).
-        settings: The run's preprocessing settings (``predict.preprocessing_settings``).
-        run_config: The run's ``config.json``.
-        seed: Seed of the cells sampled for the image charts.
-
-    Returns:
-        (report.md, report.html).
+    ``metrics``' ``synthetic_model`` / ``synthetic_data`` choose the titles' words; ``settings`` are the run's
+    preprocessing settings (``predict.preprocessing_settings``), ``seed`` samples the cells of the image charts.
+    Returns (report.md, report.html).
     """
     note = charts.synthetic_note(metrics.get("synthetic_model"), metrics.get("synthetic_data"))
     drawn = charts.metric_charts(predictions, metrics["threshold"], per_patient, note)
@@ -77,14 +68,8 @@ def image_charts(model, predictions: pd.DataFrame, load_cell: CellLoader, note: 
                  n_errors: int = 6, seed: int = 0) -> dict[str, Chart]:
     """Charts that need the images: confident errors, Grad-CAM, predicted masks (a model with a mask output).
 
-    Args:
-        model: The loaded model.
-        predictions: ``predictions.csv`` table (``path`` of each cell).
-        load_cell: Decodes and preprocesses one cell as the run did.
-        note: Title suffix from ``charts.synthetic_note``.
-        per_group: Grad-CAM cells per group (true class x correct/wrong).
-        n_errors: Most confident errors of each kind.
-        seed: Sampling seed.
+    ``n_errors`` most confident errors of each kind; Grad-CAM on ``per_group`` random cells of each true class,
+    right and wrong; ``load_cell`` prepares a cell as the run did.
     """
     frame = predictions.reset_index(drop=True)
     wrong = frame["prediction"] != frame["label"]
@@ -203,16 +188,7 @@ def report_context(metrics: dict, run_config: dict, captions: dict[str, str],
 
 
 def write_report(folder: str | Path, metrics: dict, run_config: dict | None = None) -> tuple[Path, Path]:
-    """Write ``report.md`` and ``report.html`` into an evaluation folder (atomically), from one context.
-
-    Args:
-        folder: The evaluation folder (its charts saved, captions in ``charts.json``).
-        metrics: The content of ``metrics.json``.
-        run_config: The run's ``config.json`` (``{}`` when absent).
-
-    Returns:
-        (report.md, report.html).
-    """
+    """Write ``report.md`` and ``report.html`` into an evaluation folder whose charts are saved (atomically)."""
     folder = Path(folder)
     path = folder / "per_patient.csv"
     per_patient = pd.read_csv(path, dtype={"patient_id": "string"}) if path.is_file() else None
