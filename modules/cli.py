@@ -55,14 +55,14 @@ def _run_scan(args: argparse.Namespace) -> int:
 
 def _run_prepare(args: argparse.Namespace) -> int:
     from modules.data import layout, synthetic
-    from modules.preprocessing import cells
+    from modules import preprocessing
 
     manifest = layout.scan_dataset(args.data)
     if manifest.attrs.get("synthetic"):
         print(synthetic.SYNTHETIC_BANNER)
-    folder = cells.prepare_arrays(manifest, size=args.size, output_dir=args.out, skip_bad=args.skip_bad,
-                                  workers=args.workers, progress=not args.no_progress, margin=args.margin,
-                                  canvas=args.canvas)
+    folder = preprocessing.prepare_arrays(manifest, size=args.size, output_dir=args.out, skip_bad=args.skip_bad,
+                                          workers=args.workers, progress=not args.no_progress, margin=args.margin,
+                                          canvas=args.canvas)
     meta = json.loads((folder / "meta.json").read_text())
     counts = meta["counts"]
     print(f"{meta['count']} cells at {meta['size']}x{meta['size']} px: {counts['all']} all, {counts['hem']} hem, "
@@ -80,12 +80,13 @@ def _run_train(args: argparse.Namespace) -> int:
     from modules.modeling import training
 
     val_patients = [p for p in (args.val_patients or "").split(",") if p.strip()] or None
+    # None = not given: train_model takes the default (config.ModelSettings / TrainSettings) or, with
+    # --resume, the run's own setting.
     run_dir = training.train_model(
         args.data, image_size=args.size, epochs=args.epochs, batch_size=args.batch_size,
         val_patients=val_patients, val_fold=args.val_fold, seed=args.seed, output_dir=args.out,
-        base_filters=args.base_filters, depth=args.depth, segmentation=not args.no_segmentation,
-        policy=args.policy, resume=args.resume, skip_bad=args.skip_bad,
-        **({"canvas": args.canvas} if args.canvas is not None else {}),
+        base_filters=args.base_filters, depth=args.depth, segmentation=False if args.no_segmentation else None,
+        policy=args.policy, resume=args.resume, skip_bad=args.skip_bad or None, canvas=args.canvas,
     )
     print(run_dir)
     return 0
@@ -102,7 +103,7 @@ SPLIT_HELP = (
 
 
 def _run_evaluate(args: argparse.Namespace) -> int:
-    from modules.evaluation import evaluate
+    from modules.evaluation import evaluate, metrics as scores
 
     folder = evaluate.evaluate_run(args.model, args.data, split=args.split, threshold=args.threshold,
                                    output_dir=args.out, patients=args.patients, skip_bad=args.skip_bad,
@@ -120,16 +121,15 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         print(f"skipped {item['path']}: {item['error']}")
     if metrics["preprocessing_check"]["matches"] is False:
         print(f"WARNING: {metrics['preprocessing_check']['note']}")
-    if metrics["synthetic_data"] or metrics["synthetic_model"]:
-        print("NOTE: SYNTHETIC cells involved; these numbers say nothing about real leukemia cells")
+    print(scores.describe_metrics(metrics))
     print(folder)
     return 0
 
 
 def _run_predict(args: argparse.Namespace) -> int:
-    from modules.evaluation import evaluate
+    from modules.evaluation import predict
 
-    table = evaluate.predict_images(args.model, args.images, threshold=args.threshold, skip_bad=args.skip_bad)
+    table = predict.predict_images(args.model, args.images, threshold=args.threshold, skip_bad=args.skip_bad)
     counts = table["label_name"].value_counts()
     print(f"{len(table)} images: {counts.get('all', 0)} called all (leukemic), {counts.get('hem', 0)} called hem "
           f"(normal); threshold {table.attrs['threshold']:.3f} ({table.attrs['threshold_source']})")
@@ -140,8 +140,8 @@ def _run_predict(args: argparse.Namespace) -> int:
         print(table[["name", "p_leukemia", "label_name"]].to_string(index=False))
         return 0
     if csv is None:  # many cells or a testing folder: keep them in a file rather than the terminal
-        csv = evaluate.default_predictions_path(args.model, args.images, args.out)
-    evaluate.write_predictions(table, csv)
+        csv = predict.default_predictions_path(args.model, args.images, args.out)
+    predict.write_predictions(table, csv)
     if "submission" in table.attrs:
         print(f"C-NMC challenge submission (new_names, labels): {table.attrs['submission']}")
     print(Path(csv).resolve())
@@ -254,25 +254,29 @@ def _add_train_command(subparsers) -> None:
                        help=f"image side in pixels (default {config.DEFAULT_IMAGE_SIZE})")
     train.add_argument("--epochs", type=int, default=None,
                        help=f"maximum epochs; early stopping may end sooner (default {config.DEFAULT_EPOCHS})")
-    train.add_argument("--batch-size", type=int, default=config.DEFAULT_BATCH_SIZE, help="cells per batch")
+    train.add_argument("--batch-size", type=int, default=None,
+                       help=f"cells per batch (default {config.TrainSettings.batch_size})")
     group = train.add_mutually_exclusive_group()
     group.add_argument("--val-patients", help="comma-separated patient ids to validate on, e.g. 11,H10")
     group.add_argument("--val-fold", type=int, default=None,
                        help="C-NMC fold to validate on (default: the last fold when there are several)")
-    train.add_argument("--seed", type=int, default=config.DEFAULT_SEED, help="random seed (recorded)")
+    train.add_argument("--seed", type=int, default=None, help=f"random seed (default {config.TrainSettings.seed})")
     train.add_argument("--out", default=None, help="output folder (default output/)")
-    train.add_argument("--policy", default="auto", choices=config.POLICIES,
+    train.add_argument("--policy", default=None, choices=config.POLICIES,
                        help="precision: auto = mixed_float16 on CUDA, mixed_bfloat16 on a CPU with "
                             "AMX/AVX512-BF16, float32 otherwise")
-    train.add_argument("--base-filters", type=int, default=8, help="U-Net filters at the first level")
-    train.add_argument("--depth", type=int, default=4, help="U-Net down-sampling steps")
+    train.add_argument("--base-filters", type=int, default=None,
+                       help=f"U-Net filters at the first level (default {config.ModelSettings.base_filters})")
+    train.add_argument("--depth", type=int, default=None,
+                       help=f"U-Net down-sampling steps (default {config.ModelSettings.depth})")
     train.add_argument("--no-segmentation", action="store_true", help="train the classifier only, no cell_mask")
     train.add_argument("--skip-bad", action="store_true", help="skip unreadable images when preparing (listed)")
     train.add_argument("--canvas", type=int, default=None,
                        help="smallest side of the square around each cell in source pixels, as for prepare; "
                             f"0 crops tightly (default {config.DEFAULT_CANVAS}; the run's own on --resume)")
     train.add_argument("--resume", default=None, metavar="RUN_DIR",
-                       help="continue an interrupted run from its last finished epoch")
+                       help="continue an interrupted run from its last finished epoch, with its own settings "
+                            "(only --epochs may change)")
     train.set_defaults(func=_run_train)
 
 
@@ -310,8 +314,8 @@ def _add_evaluation_commands(subparsers) -> None:
     predict.add_argument("--model", required=True, help="run folder (output/models/<run_id>) or its model.keras")
     predict.add_argument("images", nargs="+", metavar="IMAGE_OR_DIR", help="image files or folders")
     predict.add_argument("--csv", default=None,
-                         help="write path, name, p_leukemia, prediction, label_name, testing here; by default up "
-                              "to 50 cells are printed and more (or any testing cells) go to "
+                         help="write path, name, p_leukemia, prediction, label_name, testing, model_trained_on here; "
+                              "by default up to 50 cells are printed and more (or any testing cells) go to "
                               "OUT/predictions/<run_id>__<dataset>[_N].csv")
     predict.add_argument("--out", default=None, help=f"output root for the default CSV (default {config.OUTPUT_DIR})")
     predict.add_argument("--threshold", default="auto", help="'auto' (the run's stored threshold) or a number")

@@ -25,8 +25,8 @@ class DatasetError(ValueError):
 CELL_NAME = re.compile(r"^UID_(?P<patient>h?\d+)_(?P<image>\d+)_(?P<cell>\d+)_(?P<cls>all|hem)$", re.IGNORECASE)
 FOLD_NAME = re.compile(r"^fold_(\d+)$", re.IGNORECASE)
 #: Files that operating systems and viewers leave in folders; ignored without a word.
-_JUNK = {"thumbs.db", "desktop.ini"}
-_SPLIT_ORDER = {"train": 0, "validation": 1, "test": 2}
+JUNK_FILES = {"thumbs.db", "desktop.ini"}
+SPLIT_ORDER = {"train": 0, "validation": 1, "test": 2}
 #: Column dtypes of the manifest (patient ids stay strings: "11" is not the number 11).
 MANIFEST_DTYPES = {"path": str, "name": str, "original_name": str, "patient_id": str,
                    "label": "Int8", "split": str, "fold": "Int8"}
@@ -54,7 +54,7 @@ def _list_images(folder: Path) -> list[str]:
     images, others, base = [], [], str(folder)
     with os.scandir(folder) as entries:  # scandir: no stat per file, fast on 10,000-file folders
         for entry in sorted(entries, key=lambda e: e.name):
-            if entry.name.startswith(".") or entry.name.lower() in _JUNK:
+            if entry.name.startswith(".") or entry.name.lower() in JUNK_FILES:
                 continue
             if os.path.splitext(entry.name)[1].lower() in config.IMAGE_EXTENSIONS and entry.is_file():
                 images.append(os.path.join(base, entry.name))
@@ -94,7 +94,7 @@ def _warn_unexpected(folder: Path, belongs, what: str) -> None:
         what: What belongs there, for the message.
     """
     others = sorted(p.name + ("/" if p.is_dir() else "") for p in folder.iterdir()
-                    if not p.name.startswith(".") and p.name.lower() not in _JUNK and not belongs(p))
+                    if not p.name.startswith(".") and p.name.lower() not in JUNK_FILES and not belongs(p))
     if others:
         images = [name for name in others if os.path.splitext(name)[1].lower() in config.IMAGE_EXTENSIONS]
         hint = (f"; {len(images)} of them are images: move each cell into the class folder its name says"
@@ -413,7 +413,7 @@ def _to_frame(rows: list[dict]) -> pd.DataFrame:
         table[column] = table[column].astype(str)
     table["label"] = pd.array(table["label"].tolist(), dtype="Int8")
     table["fold"] = pd.array(table["fold"].tolist(), dtype="Int8")
-    table = table.sort_values(["split", "fold", "path"], key=lambda c: c.map(_SPLIT_ORDER) if c.name == "split" else c,
+    table = table.sort_values(["split", "fold", "path"], key=lambda c: c.map(SPLIT_ORDER) if c.name == "split" else c,
                               na_position="last", kind="stable")
     return table.reset_index(drop=True)
 
@@ -498,9 +498,16 @@ def summarize(table: pd.DataFrame, by: str = "label") -> pd.DataFrame:
         aggregations["patients"] = ("patient_id", lambda ids: ids[ids != ""].nunique())
     summary = frame.groupby(["split", key], dropna=False, sort=False).agg(**aggregations).reset_index()
     summary = summary.rename(columns={"class_name": "class"})
-    order = summary["split"].map(_SPLIT_ORDER)
-    return summary.assign(_order=order).sort_values(["_order", summary.columns[1]], kind="stable").drop(
-        columns="_order").reset_index(drop=True)
+    order = summary["split"].map(SPLIT_ORDER)
+    summary = summary.assign(_order=order).sort_values(
+        ["_order", summary.columns[1]], kind="stable",
+        key=lambda c: patient_sort_key(c) if c.name == "patient_id" else c)
+    return summary.drop(columns="_order").reset_index(drop=True)
+
+
+def patient_sort_key(ids: pd.Series) -> pd.Series:
+    """Key for ``sort_values`` that orders patient ids by number: 1, 3, 11, …, H1, H6, H11."""
+    return ids.astype(str).str.replace(r"\d+", lambda m: m.group().zfill(9), regex=True)
 
 
 def read_manifest(path: str | os.PathLike) -> pd.DataFrame:
@@ -516,7 +523,8 @@ def read_manifest(path: str | os.PathLike) -> pd.DataFrame:
                         keep_default_na=False, na_values={"label": [""], "fold": [""]})
     missing = [c for c in config.MANIFEST_COLUMNS if c not in table.columns]
     if missing:
-        raise DatasetError(f"{path} is not a manifest (missing columns {missing}); write it with `python -m modules scan`")
+        raise DatasetError(f"{path} is not a manifest (missing columns {missing}); "
+                           "write it with `python -m modules scan`")
     table = table[list(config.MANIFEST_COLUMNS)]
     return table.astype({"label": "Int8", "fold": "Int8"})
 

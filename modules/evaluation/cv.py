@@ -108,7 +108,7 @@ def _cell_area(fold: int, subjects: list[str], settings: dict) -> tuple:
     labels = np.asarray(arrays.labels).astype(int)
     split = split_patients(arrays.manifest, labels, val_fraction=CV_VAL_FRACTION, seed=settings["seed"] + fold,
                            exclude_patients=subjects)
-    area = np.asarray(arrays.masks, dtype=np.float32).reshape(len(labels), -1).mean(axis=1) / 255
+    area = (np.asarray(arrays.masks) > 0).reshape(len(labels), -1).mean(axis=1)  # share of the square
     threshold = youden_threshold(labels[split.val_index], area[split.val_index])
     patient_ids, rows = _heldout(arrays.manifest, subjects)
     facts = {"run_dir": "", "val_patients": split.val_patients, "policy": None, "epochs": 0, "best_epoch": 0,
@@ -144,6 +144,16 @@ def run_job(fold: int, model: str, subjects: list[str], settings: dict, out: Pat
     return result
 
 
+def _check_same_settings(results: list[dict], out: Path) -> None:
+    """Refuse jobs of one model trained differently (paths may differ between machines)."""
+    for model in {r["model"] for r in results}:
+        variants = {json.dumps({k: r["settings"][k] for k in COMPARED_SETTINGS}, sort_keys=True)
+                    for r in results if r["model"] == model}
+        if len(variants) > 1:
+            raise CrossValidationError(f"the {model} jobs in {out} ran with different settings; merge only jobs "
+                                       "of one configuration (use another --out for another one)")
+
+
 def merge(out: str | Path) -> pd.DataFrame:
     """Combine every finished job under ``out`` into results.csv, subjects.csv and summary.csv/json.
 
@@ -159,13 +169,7 @@ def merge(out: str | Path) -> pd.DataFrame:
     if not results:
         raise CrossValidationError(f"no finished cross-validation job (fold<k>_<model>/result.json) in {out}; "
                                    "run `python -m modules cv --out DIR` first")
-    for model in {r["model"] for r in results}:
-        # Paths may differ between machines; what was trained may not.
-        variants = {json.dumps({k: r["settings"][k] for k in COMPARED_SETTINGS}, sort_keys=True)
-                    for r in results if r["model"] == model}
-        if len(variants) > 1:
-            raise CrossValidationError(f"the {model} jobs in {out} ran with different settings; merge only jobs "
-                                       "of one configuration (use another --out for another one)")
+    _check_same_settings(results, out)
     per_fold = pd.DataFrame([{k: v for k, v in r.items() if k != "settings"} for r in results])
     subjects = pd.concat([pd.read_csv(out / f"fold{r['fold']}_{r['model']}" / "subjects.csv", dtype={"patient_id": str})
                           .assign(fold=r["fold"], model=r["model"]) for r in results], ignore_index=True)
@@ -238,6 +242,9 @@ def run_cv(data: str | Path, out: str | Path, folds: list[int] | None = None,
     out.mkdir(parents=True, exist_ok=True)
     settings = {"data": Path(data).resolve(), "arrays_out": Path(arrays_out or config.OUTPUT_DIR), "seed": seed,
                 "image_size": image_size, "epochs": epochs, "policy": policy}
+    planned = [{"model": m, "settings": {k: settings[k] for k in COMPARED_SETTINGS}} for m in models]
+    finished = [json.loads(p.read_text()) for p in sorted(out.glob("fold*_*/result.json"))]
+    _check_same_settings(finished + planned, out)  # before training anything
     for fold in chosen:
         for model in models:
             run_job(fold, model, fold_subjects[fold], settings, out)
