@@ -23,7 +23,8 @@ def _tree_digest(root: Path) -> dict[str, str]:
 def _bmp_header(path: Path) -> tuple[int, int, int]:
     header = path.read_bytes()[:30]
     assert header[:2] == b"BM"
-    width, height = int.from_bytes(header[18:22], "little", signed=True), int.from_bytes(header[22:26], "little", signed=True)
+    width = int.from_bytes(header[18:22], "little", signed=True)
+    height = int.from_bytes(header[22:26], "little", signed=True)
     return width, abs(height), int.from_bytes(header[28:30], "little")
 
 
