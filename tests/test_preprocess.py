@@ -122,6 +122,21 @@ def test_shrinking_uses_inter_area_and_enlarging_inter_linear():
         np.testing.assert_array_equal(preprocess_image(image, size, margin=0, canvas=0)[0], expected)
 
 
+@pytest.mark.shared_data
+def test_two_step_shrink_stays_within_a_grey_level_of_inter_area(shared_cnmc_bmp):
+    from modules.preprocessing.cells import cell_square, resize_square
+
+    for path in _bmp_cells(shared_cnmc_bmp)[:20]:
+        rgb = load_rgb(path)
+        _, (top, left, side) = cell_square(rgb)
+        square = cv2.copyMakeBorder(rgb[max(top, 0):top + side, max(left, 0):left + side], max(-top, 0),
+                                    max(top + side - rgb.shape[0], 0), max(-left, 0),
+                                    max(left + side - rgb.shape[1], 0), cv2.BORDER_CONSTANT, value=0)
+        reference = cv2.resize(square, (64, 64), interpolation=cv2.INTER_AREA)
+        assert side >= 128  # a shrink by at least 2: the two-step path
+        assert np.abs(resize_square(square, 64).astype(int) - reference).mean() < 0.5
+
+
 def test_preprocess_all_black_and_wrong_input():
     with pytest.raises(ImageError, match="no cell pixels"):
         preprocess_image(np.zeros((30, 30, 3), np.uint8), 16)

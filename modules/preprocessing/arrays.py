@@ -30,8 +30,9 @@ from modules.files import make_public, write_json_atomic
 from modules.preprocessing.cells import ImageError, check_settings, preprocess_image, quiet_opencv, read_bgr
 
 #: Part of the cache digest: bump it whenever the pixels ``preprocess_image`` produces change, so
-#: that arrays cached by older code are rebuilt, not trusted (4: OpenCV's resize replaced the C kernel).
-META_VERSION = 4
+#: that arrays cached by older code are rebuilt, not trusted (4: OpenCV's resize replaced the C kernel;
+#: 5: shrinks by two or more go through an integer-factor area average, see ``cells.resize_square``).
+META_VERSION = 5
 ARRAYS = ("images", "masks", "labels")
 #: Rows one worker prepares per task: enough to amortise the pool, few enough to balance the threads.
 CHUNK = 32
