@@ -44,10 +44,8 @@ class NotebookError(RuntimeError):
 
 # ----------------------------------------------------------------------------- session and data
 def setup_session(drive_data_dir: str = "") -> None:
-    """Work from the repository root, install requirements.txt if an import is missing, mount Drive if asked.
-
-    Uses the standard library only, so the setup cell can call it before anything is installed.
-    """
+    """Work from the repository root, install requirements.txt if an import is missing, mount Drive if asked
+    (standard library only: the setup cell calls it before anything is installed)."""
     os.chdir(config.PROJECT_ROOT)
     missing = [name for name in REQUIRED_IMPORTS if importlib.util.find_spec(name) is None]
     if missing:
@@ -64,13 +62,8 @@ def setup_session(drive_data_dir: str = "") -> None:
 
 def resolve_data_dir(data: str | os.PathLike | None = None, output_dir: str | os.PathLike | None = None,
                      scale: str = "small", seed: int = SYNTHETIC_SEED) -> Path:
-    """The dataset to use: ``data`` if given, else ``input/C-NMC_Leukemia``, else a synthetic stand-in.
-
-    The synthetic set goes to ``<output_dir>/synthetic`` and is reused once drawn.
-
-    Raises:
-        FileNotFoundError: ``data`` was given but does not exist.
-    """
+    """The dataset: ``data`` if given (it must exist), else ``input/C-NMC_Leukemia``, else a synthetic
+    stand-in drawn once under ``<output_dir>/synthetic`` and reused."""
     if data:
         path = Path(data).expanduser().resolve()
         if not path.exists():
@@ -110,29 +103,23 @@ def show_data_banner(data_dir: str | os.PathLike) -> None:
         print(synthetic.SYNTHETIC_BANNER)
 
 
-def _run_config(run: Path) -> dict:
-    """A run's config.json, or {} when unreadable (such a run is never picked as the newest)."""
-    try:
-        return json.loads((run / "config.json").read_text())
-    except (OSError, ValueError):
-        return {"status": "unreadable"}
-
-
 def find_model(model_path: str | os.PathLike | None = None, output_dir: str | os.PathLike | None = None) -> Path:
-    """The run folder (or ``.keras`` file) to evaluate: ``model_path``, else the newest finished run.
-
-    Raises:
-        FileNotFoundError: The path does not exist, or ``<output_dir>/models`` holds no finished run.
-    """
+    """The run folder (or ``.keras`` file) to evaluate: ``model_path`` (it must exist), else the newest
+    finished run under ``<output_dir>/models`` (FileNotFoundError when there is none)."""
     if model_path:
         path = Path(model_path).expanduser().resolve()
         if not path.exists():
             raise FileNotFoundError(f"MODEL_PATH {path} not found: pass a run folder under "
                                     "output/models or its model.keras")
         return path
+    from modules.modeling import saving
+
     models_dir = Path(output_dir or config.OUTPUT_DIR) / config.MODELS_SUBDIR
-    runs = {run: _run_config(run) for run in models_dir.glob("*/") if (run / "model.keras").is_file()}
-    finished = [run for run, conf in runs.items() if conf.get("status", "complete") == "complete"]
+    runs = {}
+    for run in models_dir.glob("*/"):
+        with contextlib.suppress(OSError, ValueError):  # an unreadable config.json: never the newest run
+            runs[run] = saving.load_run(run) if (run / saving.MODEL_FILENAME).is_file() else {}
+    finished = [run for run, conf in runs.items() if conf and conf.get("status", "complete") == "complete"]
     if not finished:
         raise FileNotFoundError(f"no trained run in {models_dir}: run notebooks/3.ANNa.ipynb or "
                                 "`python -m modules train` first, or set MODEL_PATH")
@@ -163,18 +150,36 @@ def evaluation_split(data_dir: str | os.PathLike, run: Mapping, split: str = "au
 
 
 def metrics_table(metrics: Mapping) -> pandas.DataFrame:
-    """The headline metrics with their 95 % bootstrap intervals, one row each."""
+    """The headline metrics with their 95 % bootstrap intervals, one row each, as text: counts as integers,
+    figures to 3 decimals, "n/a" where undefined, interval cells empty where there is no interval."""
     import pandas as pd
+
+    def shown(value) -> str:
+        return "n/a" if value is None else str(value) if isinstance(value, int) else f"{value:.3f}"
 
     names = ("n", "n_positive", "n_negative", "threshold", "roc_auc", "balanced_accuracy", "sensitivity",
              "specificity", "precision", "f1", "weighted_f1", "accuracy", "pr_auc", "mcc", "mask_dice_mean")
     intervals = metrics.get("ci") or {}
     rows = []
-    for name in names:
-        if name in metrics:
-            low, high = (intervals.get(name) or (None, None))[:2]
-            rows.append({"metric": name, "value": metrics[name], "ci_low": low, "ci_high": high})
+    for name in (name for name in names if name in metrics):
+        interval = intervals.get(name)
+        low, high = (shown(bound) for bound in interval[:2]) if interval else ("", "")
+        rows.append({"metric": name, "value": shown(metrics[name]), "ci_low": low, "ci_high": high})
     return pd.DataFrame(rows).set_index("metric")
+
+
+def describe_subjects(per_patient: pandas.DataFrame) -> str:
+    """Per class, the mean and the worst share of a subject's cells called right, each subject counted once."""
+    sentences = []
+    for label, noun, called in ((0, "healthy", "normal"), (1, "leukemic", "leukemic")):
+        rows = per_patient[(per_patient["label"] == label) & ~per_patient["mixed_labels"].astype(bool)]
+        if rows.empty:
+            continue
+        worst = rows.loc[rows["accuracy"].idxmin()]
+        sentences.append(f"{len(rows)} {noun} subject{'s' * (len(rows) > 1)}: on average {rows['accuracy'].mean():.0%} "
+                         f"of a subject's cells were called {called}; the worst, {worst['patient_id']}, "
+                         f"{worst['accuracy']:.0%} of its {int(worst['cells'])} cells.")
+    return " ".join(sentences) or "No patient ids are known for these cells: no subject-level figures."
 
 
 def show_charts(folder: str | os.PathLike, names: Sequence[str] | None = None) -> list[Path]:
@@ -268,18 +273,11 @@ def _new_folder(parent: Path) -> Path:
 def run_notebooks(data: str | os.PathLike | None, parameters: Mapping[str, object] | None = None,
                   output_dir: str | os.PathLike | None = None, notebooks: Sequence[str] | None = None,
                   progress: bool = True, log_output: bool = False) -> list[Path]:
-    """Execute the notebook series headless with papermill, in order.
+    """Execute the notebooks (all, or names/prefixes such as ``"4"``) in order with papermill.
 
-    Args:
-        data: Dataset root (``DATA_DIR``); empty/None resolves as ``resolve_data_dir`` does.
-        parameters: Further notebook parameters (``IMAGE_SIZE``, ``EPOCHS``, …).
-        output_dir: Root of the outputs (``OUTPUT_DIR``); ``config.OUTPUT_DIR`` by default.
-        notebooks: Names (or prefixes such as ``"4"``) of the notebooks to run; all by default.
-        progress: Show papermill's per-cell progress bar.
-        log_output: Stream the notebooks' own output (training epochs…) to the terminal.
-
-    Returns:
-        The executed notebooks, under ``<output_dir>/notebooks/<timestamp>/``.
+    ``data`` (``DATA_DIR``) resolves as ``resolve_data_dir`` does; ``parameters`` are the notebooks'
+    (``IMAGE_SIZE``, ``EPOCHS``, …); ``log_output`` streams their output to the terminal.
+    Returns the executed notebooks, under ``<output_dir>/notebooks/<timestamp>/``.
 
     Raises:
         NotebookError: A cell failed; the message names the notebook and its executed copy.

@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import nbformat
+import pandas as pd
 import papermill
 import pytest
 
@@ -23,6 +25,9 @@ EXPECTED_CHARTS = {
     "3.ANNa": ["model_diagram", "training_curves"],
     "4.Test": ["testing_predictions"],
 }
+#: Lines of TensorFlow's C++ start-up log (absl, oneDNN, CUDA probes): none may reach a notebook.
+TF_LOG_MARKERS = ("oneDNN", "cuInit", "absl::", "TF_ENABLE_ONEDNN_OPTS", "cuda_dlopen", "computation_placer",
+                  "Unable to register cu", "E0000 00:00")
 EVALUATION_CHARTS = ["confusion_matrix", "roc_curve", "precision_recall_curve", "probability_histogram",
                      "calibration_curve", "per_patient_accuracy", "gradcam", "predicted_masks"]
 
@@ -60,11 +65,52 @@ def test_every_notebook_opens_with_the_same_cells():
     openings = [[cell.source for cell in _code_cells(path)[:4]] for path in NOTEBOOK_PATHS]
     assert all(opening == openings[0] for opening in openings)
     setup, parameters, imports, determinism = _code_cells(NOTEBOOK_PATHS[0])[:4]
-    assert "google.colab" in setup.source and "REPO_URL" in setup.source and "drive.mount" in setup.source
+    assert "google.colab" in setup.source and 'REPO_URL = ""' in setup.source
+    assert "notebooks.setup_session(DRIVE_DATA_DIR)" in setup.source
+    code_lines = [line for line in setup.source.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    assert len(code_lines) <= 16, f"the setup cell has {len(code_lines)} lines of code; keep it about a dozen"
     assert "parameters" in parameters.metadata.get("tags", [])
+    # TensorFlow starts through modules.modeling (its C++ log silenced) before keras imports it.
+    assert imports.source.index("from modules.modeling import") < imports.source.index("import keras")
     assert "keras.utils.set_random_seed(SEED)" in determinism.source
     for path in NOTEBOOK_PATHS:
         assert REQUIRED_PARAMETERS <= set(papermill.inspect_notebook(str(path)))
+
+
+def test_model_and_training_defaults_come_from_the_package():
+    found = papermill.inspect_notebook(str(NOTEBOOK_PATHS[0]))
+    for name in ("IMAGE_SIZE", "BASE_FILTERS", "DEPTH", "EPOCHS", "BATCH_SIZE", "SEED"):
+        assert found[name]["default"].startswith(("ModelSettings.", "TrainSettings.")), (name, found[name])
+
+
+def test_no_dead_links():
+    for path in [*NOTEBOOK_PATHS, config.PROJECT_ROOT / "README.md"]:
+        text = path.read_text()
+        assert "<owner>" not in text and "github.com/" not in text, f"{path.name} links to a repository URL"
+
+
+def test_setup_session_installs_only_when_an_import_is_missing(monkeypatch, tmp_path):
+    calls = []
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(notebooks.subprocess, "run", lambda args, check: calls.append(args))
+    notebooks.setup_session("")
+    assert calls == [] and Path.cwd() == config.PROJECT_ROOT
+    real_find_spec = notebooks.importlib.util.find_spec
+    monkeypatch.setattr(notebooks.importlib.util, "find_spec",
+                        lambda name: None if name == "cv2" else real_find_spec(name))
+    notebooks.setup_session("")
+    assert len(calls) == 1 and calls[0][-2:] == ["-r", str(config.PROJECT_ROOT / "requirements.txt")]
+
+
+def test_describe_subjects():
+    import pandas as pd
+
+    table = pd.DataFrame({"patient_id": ["H1", "H2", "5"], "cells": [10, 40, 30], "label": [0, 0, 1],
+                          "mixed_labels": [False, False, False], "accuracy": [0.9, 0.3, 0.8]})
+    text = notebooks.describe_subjects(table)
+    assert "2 healthy subjects: on average 60% of a subject's cells were called normal" in text
+    assert "the worst, H2, 30% of its 40 cells" in text and "1 leukemic subject:" in text
+    assert "no subject-level figures" in notebooks.describe_subjects(table.iloc[:0])
 
 
 @pytest.mark.parametrize("path", NOTEBOOK_PATHS, ids=lambda p: p.stem)
@@ -156,12 +202,15 @@ def test_series_runs_end_to_end(notebook_series):
         assert not errors, f"{path.name}: {errors[0].get('ename')}: {errors[0].get('evalue')}"
         text = _text(outputs)
         assert "SYNTHETIC DATA" in text, f"{path.name} shows no synthetic-data banner"
+        shown_log = [marker for marker in TF_LOG_MARKERS if marker in text]
+        assert not shown_log, f"{path.name} shows TensorFlow's C++ log ({shown_log})"
+        assert not re.search(r"\b\d+\.000000\b", text), f"{path.name} prints a count as a float with 6 decimals"
         images = sum("image/png" in o.get("data", {}) for o in outputs)
         stem = path.stem
         expected = EXPECTED_CHARTS[stem] + (EVALUATION_CHARTS if stem == "4.Test" else [])
         assert images >= len(expected), f"{path.name} shows {images} images, expected at least {len(expected)}"
         for chart in EXPECTED_CHARTS[stem]:
-            png = viz_dir / f"{stem}__{chart}.png"
+            png = viz_dir / stem / f"{chart}.png"
             assert png.stat().st_size > 1000 and png.with_suffix(".csv").is_file(), png
             assert png.name in index
     runs = list((output_dir / config.MODELS_SUBDIR).iterdir())
@@ -169,7 +218,7 @@ def test_series_runs_end_to_end(notebook_series):
     evaluations = list((output_dir / config.EVALUATIONS_SUBDIR).iterdir())
     assert len(evaluations) == 1 and evaluations[0].name.startswith(runs[0].name)
     for chart in EVALUATION_CHARTS:
-        assert (viz_dir / f"{evaluations[0].name}__{chart}.png").is_file(), chart
+        assert (viz_dir / evaluations[0].name / f"{chart}.png").is_file(), chart
     metrics = json.loads((evaluations[0] / "metrics.json").read_text())
     assert metrics["split"] == "validation" and metrics["synthetic_data"] is True
     predictions = sorted((output_dir / config.PREDICTIONS_SUBDIR).glob(f"{runs[0].name}__*.csv"))
@@ -180,6 +229,16 @@ def test_series_runs_end_to_end(notebook_series):
     # The notebooks ran with the parameters given, not their defaults.
     run_config = json.loads((runs[0] / "config.json").read_text())
     assert run_config["image_size"] == 32 and run_config["training"]["epochs"] == 1
+    by_name = {path.stem: _text(_outputs(path)) for path in executed}
+    # 3.ANNa says in words what hardware was chosen, and counts epochs from 1 as Keras prints them.
+    assert f"trained with {run_config['hardware']}" in by_name["3.ANNa"]
+    assert "DistributionStrategy" not in by_name["3.ANNa"]
+    assert run_config["training"]["best_epoch"] == 1
+    assert list(pd.read_csv(runs[0] / "history.csv")["epoch"]) == [1]
+    # 4.Test: figures in words, subject-level figures, no NaN interval cells.
+    assert "Of " in by_name["4.Test"] and "specificity" in by_name["4.Test"]
+    assert "healthy subject" in by_name["4.Test"]
+    assert "NaN" not in by_name["4.Test"]
 
 
 @pytest.mark.slow
