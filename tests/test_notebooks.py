@@ -15,8 +15,8 @@ from modules import cli, config, notebooks
 from modules.data import synthetic
 
 NOTEBOOK_PATHS = [config.NOTEBOOKS_DIR / name for name in notebooks.NOTEBOOK_NAMES]
-REQUIRED_PARAMETERS = {"DATA_DIR", "OUTPUT_DIR", "IMAGE_SIZE", "EPOCHS", "BATCH_SIZE", "SEED", "MODEL_PATH",
-                       "SAMPLE_LIMIT"}
+REQUIRED_PARAMETERS = {"DATA_DIR", "OUTPUT_DIR", "IMAGE_SIZE", "BASE_FILTERS", "DEPTH", "EPOCHS", "BATCH_SIZE",
+                       "SEED", "MODEL_PATH", "SAMPLE_LIMIT", "SPLIT", "THRESHOLD", "SYNTHETIC_SCALE"}
 #: Charts each notebook must publish to viz/ under a stable name.
 EXPECTED_CHARTS = {
     "1.EDA": ["class_counts", "fold_counts", "patient_counts", "validation_balance", "image_sizes",
@@ -73,8 +73,10 @@ def test_every_notebook_opens_with_the_same_cells():
     # TensorFlow starts through modules.modeling (its C++ log silenced) before keras imports it.
     assert imports.source.index("from modules.modeling import") < imports.source.index("import keras")
     assert "keras.utils.set_random_seed(SEED)" in determinism.source
+    # papermill must read every assignment (it skips a line with "=" in its comment, with a warning).
+    assigned = set(re.findall(r"^([A-Z_]+) *=", parameters.source, flags=re.MULTILINE))
     for path in NOTEBOOK_PATHS:
-        assert REQUIRED_PARAMETERS <= set(papermill.inspect_notebook(str(path)))
+        assert set(papermill.inspect_notebook(str(path))) == assigned == REQUIRED_PARAMETERS
 
 
 def test_model_and_training_defaults_come_from_the_package():
