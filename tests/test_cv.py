@@ -11,6 +11,7 @@ from modules.cli import main
 from modules.data import folds as data_folds
 from modules.data import layout
 from modules.evaluation import cv
+from modules.evaluation.metrics import per_patient_table
 
 
 def test_fold0_folds_hold_out_every_subject_once(shared_cnmc):
@@ -39,13 +40,14 @@ def test_subject_figures_count_each_subject_once():
     cells = pd.DataFrame({"patient_id": ["H1"] * 9 + ["H2"] + ["7"] * 4,
                           "label": [0] * 10 + [1] * 4,
                           "p_leukemia": [0.1] * 9 + [0.9] + [0.8, 0.8, 0.8, 0.2]})
-    table = cv.subject_table(cells, threshold=0.5).set_index("patient_id")
-    assert table.loc["H1", "share_right"] == 1.0 and table.loc["H2", "share_right"] == 0.0
-    assert table.loc["7", "share_right"] == 0.75 and table.loc["H1", "cells"] == 9
+    cells = cells.assign(name=[f"c{i}" for i in range(len(cells))], prediction=(cells["p_leukemia"] >= 0.5) * 1)
+    table = per_patient_table(cells).set_index("patient_id")
+    assert table.loc["H1", "accuracy"] == 1.0 and table.loc["H2", "accuracy"] == 0.0
+    assert table.loc["7", "accuracy"] == 0.75 and table.loc["H1", "cells"] == 9
     # Weighted by cells the specificity is 0.9; counted per subject the mean is 0.5.
     scores = cv.cell_scores(cells["label"].to_numpy(), cells["p_leukemia"].to_numpy(), 0.5)
     assert scores["specificity"] == pytest.approx(0.9)
-    assert table.loc[["H1", "H2"], "share_right"].mean() == pytest.approx(0.5)
+    assert table.loc[["H1", "H2"], "accuracy"].mean() == pytest.approx(0.5)
 
 
 @pytest.mark.shared_data
@@ -65,7 +67,7 @@ def test_folds_as_separate_jobs_merge_to_the_single_run(shared_cnmc, tmp_path, c
     row = merged.iloc[0]
     assert row["folds"] == 3 and row["healthy_subjects"] == 9 and row["leukemic_subjects"] == 19
     subjects = pd.read_csv(apart / "subjects.csv", dtype={"patient_id": str})
-    healthy = subjects[subjects["label"] == 0]["share_right"]
+    healthy = subjects[subjects["label"] == 0]["accuracy"]
     assert row["healthy_subject_mean"] == pytest.approx(healthy.mean())
     assert row["healthy_subject_worst"] == pytest.approx(healthy.min())
     assert 0.6 < row["roc_auc_mean"] < 0.95  # cell size alone separates the classes, but not perfectly

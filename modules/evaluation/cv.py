@@ -23,6 +23,7 @@ import pandas as pd
 from sklearn.metrics import balanced_accuracy_score, roc_auc_score
 
 from modules import config
+from modules.evaluation.metrics import per_patient_table
 from modules.files import write_csv_atomic, write_json_atomic
 
 #: ``anna``: the network with the project's defaults; ``cell_area``: each cell scored by its size alone
@@ -49,15 +50,6 @@ def cell_scores(labels: np.ndarray, p_leukemia: np.ndarray, threshold: float) ->
             "balanced_accuracy": float(balanced_accuracy_score(labels, called)),
             "sensitivity": float(called[labels == 1].mean()),
             "specificity": float(1 - called[labels == 0].mean())}
-
-
-def subject_table(cells: pd.DataFrame, threshold: float) -> pd.DataFrame:
-    """One row per held-out subject: class, cells, mean P(leukemia), share of its cells called right."""
-    right = (cells["p_leukemia"] >= threshold).astype(int) == cells["label"]
-    grouped = cells.assign(right=right).groupby("patient_id")
-    return pd.DataFrame({"label": grouped["label"].first(), "cells": grouped.size(),
-                         "mean_p_leukemia": grouped["p_leukemia"].mean(),
-                         "share_right": grouped["right"].mean()}).reset_index()
 
 
 def _fold_arrays(data: Path, size: int, canvas: int, out: Path):
@@ -130,10 +122,11 @@ def run_job(fold: int, model: str, subjects: list[str], settings: dict, out: Pat
     else:
         manifest, patient_ids, scores, threshold, facts = _train_and_score(model, fold, subjects, settings, job)
     labels = manifest["label"].astype(int).to_numpy()
-    cells = pd.DataFrame({"path": manifest["path"].astype(str).to_numpy(), "patient_id": patient_ids,
-                          "label": labels, "p_leukemia": scores})
+    cells = pd.DataFrame({"path": manifest["path"].astype(str).to_numpy(), "name": manifest["name"].to_numpy(),
+                          "patient_id": patient_ids, "label": labels, "p_leukemia": scores,
+                          "prediction": (scores >= threshold).astype(int)})
     write_csv_atomic(cells, job / "heldout.csv")
-    write_csv_atomic(subject_table(cells, threshold), job / "subjects.csv")
+    write_csv_atomic(per_patient_table(cells), job / "subjects.csv")  # accuracy = share of its cells right
     result = {"fold": fold, "model": model, "heldout_subjects": subjects, "heldout_cells": len(cells),
               "threshold": threshold, **cell_scores(labels, scores, threshold), **facts,
               "wall_seconds": round(time.perf_counter() - started, 1),
@@ -180,7 +173,7 @@ def merge(out: str | Path) -> pd.DataFrame:
             row[f"{metric}_mean"], row[f"{metric}_sd"] = folds[metric].mean(), folds[metric].std(ddof=1)
         by_subject = subjects[subjects["model"] == model]
         for label, name in ((0, "healthy"), (1, "leukemic")):
-            share = by_subject.loc[by_subject["label"] == label, "share_right"]
+            share = by_subject.loc[by_subject["label"] == label, "accuracy"]
             row[f"{name}_subjects"] = len(share)
             row[f"{name}_subject_mean"], row[f"{name}_subject_worst"] = share.mean(), share.min()
         row["train_minutes_mean"] = folds["train_seconds"].mean() / 60
