@@ -1,19 +1,7 @@
-"""ANNa — Artificial Neural Network anti-Leukemia.
+"""ANNa (Artificial Neural Network anti-Leukemia): the package behind ``notebooks/`` and ``python -m modules``.
 
-Helper package behind the notebooks in ``notebooks/`` and the command line
-``python -m modules``. One subpackage per pipeline stage:
-
-- ``data``: the Kaggle layout scan and manifest, the synthetic stand-in, patient splits and CV folds.
-- ``preprocessing``: decode, crop, resize and mask each cell; cache the arrays.
-- ``modeling``: the Keras U-Net with its classification head, hardware choices, training, saving.
-- ``evaluation``: metrics, evaluating a run, predicting new cells, Grad-CAM, cross-validation.
-- ``reporting``: charts (PNG + CSV), the evaluation report, the chart gallery, EDA figures.
-
-Beside them: ``config`` (paths and defaults), ``files`` (atomic writes), ``notebooks``
-(the series headless through papermill) and ``cli`` (the command line).
-
-Subpackages are imported lazily so that ``import modules`` stays fast and does not
-load TensorFlow until a model is needed.
+One subpackage per stage: ``data``, ``preprocessing``, ``modeling``, ``evaluation``, ``reporting``; beside them
+``config``, ``files``, ``notebooks`` and ``cli``. Imported lazily, so ``import modules`` never loads TensorFlow.
 """
 from __future__ import annotations
 

@@ -1,8 +1,4 @@
-"""Paths and defaults shared by every ANNa module and notebook.
-
-One place owns them (cookiecutter-data-science style): notebooks and the command line
-read these names instead of re-declaring constants.
-"""
+"""Paths and defaults shared by every ANNa module, notebook and the command line: defined here only."""
 from __future__ import annotations
 
 import os
@@ -17,16 +13,11 @@ INPUT_DIR: Path = PROJECT_ROOT / "input"
 OUTPUT_DIR: Path = Path(os.environ.get("ANNA_OUTPUT_DIR", PROJECT_ROOT / "output"))
 ARRAYS_SUBDIR, CSV_SUBDIR, MODELS_SUBDIR, VIZ_SUBDIR = "arrays", "csv", "models", "viz"
 EVALUATIONS_SUBDIR, NOTEBOOKS_SUBDIR = "evaluations", "notebooks"
-#: Charts made by the notebooks, per notebook (``charts/<notebook>/``), before they are published to viz/.
+#: ``charts/<notebook>/``: a notebook's charts before they are published to viz/.
 CHARTS_SUBDIR = "charts"
-#: Tables written by ``predict`` when no --csv is given (``predictions/<run_id>__<dataset>.csv``).
+#: ``predictions/<run_id>__<dataset>.csv``: what ``predict`` writes when no --csv is given.
 PREDICTIONS_SUBDIR = "predictions"
-ARRAYS_DIR: Path = OUTPUT_DIR / ARRAYS_SUBDIR
-CSV_DIR: Path = OUTPUT_DIR / CSV_SUBDIR
-MODELS_DIR: Path = OUTPUT_DIR / MODELS_SUBDIR
 VIZ_DIR: Path = OUTPUT_DIR / VIZ_SUBDIR
-EVALUATIONS_DIR: Path = OUTPUT_DIR / EVALUATIONS_SUBDIR
-NOTEBOOKS_OUT_DIR: Path = OUTPUT_DIR / NOTEBOOKS_SUBDIR
 NOTEBOOKS_DIR: Path = PROJECT_ROOT / "notebooks"
 
 #: The Kaggle "leukemia-classification" download unpacks to this folder name.
@@ -56,13 +47,9 @@ MANIFEST_COLUMNS = ("path", "name", "original_name", "patient_id", "label", "spl
 # Preprocessing defaults.
 DEFAULT_IMAGE_SIZE = 96
 DEFAULT_MARGIN = 4  # pixels of background kept around the cell's bounding box (at 450 px)
-#: Smallest side (source pixels) of the square a cell is padded to before resizing. 0 (the
-#: default) crops tightly: every cell fills the frame, so the network sees its chromatin and
-#: nucleus at the highest resolution the image size allows, but not its absolute size. A
-#: canvas (e.g. 320 px, which holds 95 % of C-NMC cells) keeps every cell at one scale instead.
-#: Measured in the patient-grouped cross-validation (docs/BENCHMARKS.md, run 8): at 96 px the
-#: tight crop reaches mean ROC AUC 0.901-0.922 over three seeds where the 320 px canvas
-#: gave 0.840-0.862 (runs 1-7): on the canvas the network leaned on cell size, which alone gives 0.833.
+#: Smallest side (source pixels) of the square a cell is padded to. 0 crops tightly (each cell fills the
+#: frame); a 320 px canvas keeps one scale, but the network then leaned on cell size: grouped CV at 96 px,
+#: mean ROC AUC 0.90-0.92 tight against 0.84-0.86 on the canvas (docs/BENCHMARKS.md).
 DEFAULT_CANVAS = 0
 #: A pixel belongs to the cell when any channel exceeds this value (background is black).
 BACKGROUND_THRESHOLD = 4
@@ -109,24 +96,12 @@ class TrainSettings:
 #: Single values of the settings above, for the stages that need one (never restated elsewhere).
 DEFAULT_SEED = TrainSettings.seed
 DEFAULT_EPOCHS = TrainSettings.epochs
-DEFAULT_BATCH_SIZE = TrainSettings.batch_size
 
 
 def arrays_dir(dataset: str, size: int, output_dir: Path | None = None, canvas: int = DEFAULT_CANVAS,
                margin: int = DEFAULT_MARGIN) -> Path:
-    """Folder of the cached arrays for one dataset, image size, canvas and margin.
-
-    Args:
-        dataset: Short dataset name (see ``modules.data.dataset_name``).
-        size: Side of the square images in pixels.
-        output_dir: Root of the outputs; ``OUTPUT_DIR`` by default.
-        canvas: Smallest side of the square around each cell (``DEFAULT_CANVAS``).
-        margin: Background pixels kept around each cell (``DEFAULT_MARGIN``).
-
-    Returns:
-        ``<output_dir>/arrays/<dataset>_<size>``, with ``_canvas<C>`` and ``_margin<M>`` appended
-        for a canvas or margin other than the default (so they never replace each other's cache).
-    """
+    """``<output_dir>/arrays/<dataset>_<size>``, plus ``_canvas<C>`` / ``_margin<M>`` where not the default
+    (so settings never replace each other's cache)."""
     suffix = "" if int(canvas) == DEFAULT_CANVAS else f"_canvas{int(canvas)}"
     suffix += "" if int(margin) == DEFAULT_MARGIN else f"_margin{int(margin)}"
     return Path(output_dir or OUTPUT_DIR) / ARRAYS_SUBDIR / f"{dataset}_{size}{suffix}"

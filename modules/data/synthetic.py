@@ -1,24 +1,16 @@
-"""A procedural synthetic stand-in for C-NMC 2019, in exactly the Kaggle layout.
+"""A procedural, deterministic stand-in for C-NMC 2019 in the Kaggle layout, marked as synthetic.
 
-The cells are drawn with numpy/OpenCV so that the two classes differ the way leukemic
-blasts and normal lymphocytes do in the real data, with overlap between them:
-
-- blasts (``all``): larger nucleus relative to the cell (high nuclear-cytoplasmic ratio),
-  fine open chromatin, usually one to three visible nucleoli;
-- normal lymphocytes (``hem``): a thinner cytoplasm rim, dense clumped chromatin, rarely
-  a nucleolus.
-
-Stain colour and brightness vary per patient with the same distribution in both classes,
-so no colour or single pixel statistic tells the classes apart: a model has to learn
-shape and texture. Everything is deterministic for a seed. Anything computed from these
-cells must say it is synthetic (``is_synthetic`` finds the marker file at the root).
+Blasts (``all``) get a larger nucleus, fine open chromatin and nucleoli; normal cells (``hem``) a thinner
+rim, clumped chromatin and rarely a nucleolus, with overlap. Stain varies per patient alike in both
+classes, so only shape and texture tell them apart.
 """
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import cv2
@@ -33,24 +25,15 @@ IMAGE_SIDE = 450
 GENERATOR_VERSION = 2
 #: Share of cells drawn with the other class's morphology (real smears have such cells too).
 ATYPICAL_FRACTION = 0.12
-SCALES = config.SYNTHETIC_SCALES
-SYNTHETIC_BANNER = (
-    "SYNTHETIC DATA: these cells are drawn procedurally by modules.synth, not taken from "
-    "patients; results on them say nothing about real leukemia images."
-)
+SYNTHETIC_BANNER = ("SYNTHETIC DATA: these cells are drawn procedurally by modules.synth, not taken from "
+                    "patients; results on them say nothing about real leukemia images.")
 
 # Patients and cells per part: (ALL patients, HEM patients, cells per patient (low, high)).
 _PLANS = {
-    "tiny": {
-        "fold": ((2, (4, 6)), (2, (4, 6))),
-        "validation": ((2, (4, 4)), (2, (4, 4))),
-        "test": ((1, (5, 5)), (1, (5, 5))),
-    },
-    "small": {
-        "fold": ((3, (20, 24)), (3, (14, 18))),
-        "validation": ((3, (16, 16)), (2, (16, 16))),
-        "test": ((2, (12, 12)), (2, (8, 8))),
-    },
+    "tiny": {"fold": ((2, (4, 6)), (2, (4, 6))), "validation": ((2, (4, 4)), (2, (4, 4))),
+             "test": ((1, (5, 5)), (1, (5, 5)))},
+    "small": {"fold": ((3, (20, 24)), (3, (14, 18))), "validation": ((3, (16, 16)), (2, (16, 16))),
+              "test": ((2, (12, 12)), (2, (8, 8)))},
 }
 
 
@@ -91,18 +74,10 @@ def _wobbly_disc(side: int, cy: float, cx: float, radius: float, rng: np.random.
 
 
 def draw_cell(rng: np.random.Generator, patient: _Patient) -> np.ndarray:
-    """Draw one segmented cell on a black 450x450 background.
+    """One segmented cell of the patient, (450, 450, 3) uint8 RGB on a background of exactly 0.
 
-    About one cell in eight is atypical: drawn with the other class's morphology, as real
-    smears hold blasts that look mature and reactive lymphocytes that look immature. That
-    keeps a perfect score out of reach.
-
-    Args:
-        rng: Random generator for this cell.
-        patient: Its patient (class, stain and size tendencies).
-
-    Returns:
-        (450, 450, 3) uint8 RGB image; background exactly 0.
+    One cell in eight (``ATYPICAL_FRACTION``) has the other class's morphology, as in real smears,
+    which keeps a perfect score out of reach.
     """
     blast = (patient.label == 1) != (rng.random() < ATYPICAL_FRACTION)
     # Class tendencies with overlap: blasts are bigger, with a larger nuclear fraction.
@@ -189,31 +164,25 @@ def _write_bmp(path: Path, rgb: np.ndarray) -> None:
 
 
 def _read_marker(root: Path) -> dict[str, str]:
-    fields = {}
-    for line in (root / config.SYNTHETIC_MARKER).read_text().splitlines():
-        key, sep, value = line.partition(":")
-        if sep:
-            fields[key.strip()] = value.strip()
-    return fields
+    lines = (root / config.SYNTHETIC_MARKER).read_text().splitlines()
+    return {key.strip(): value.strip() for key, sep, value in (line.partition(":") for line in lines) if sep}
 
 
 def _draw_tree(root: Path, seed: int, scale: str) -> None:
     plan = _PLANS[scale]
     rng = np.random.default_rng([seed, 2019])
     used: set[str] = set()
-    cell_index = 0
+    numbers = itertools.count(1)
 
-    def draw(patient: _Patient) -> np.ndarray:
-        nonlocal cell_index
-        cell_index += 1
-        return draw_cell(np.random.default_rng([seed, cell_index]), patient)
+    def draw(patient: _Patient) -> np.ndarray:  # a generator per cell: one cell's draws never shift the next
+        return draw_cell(np.random.default_rng([seed, next(numbers)]), patient)
 
     for fold in range(3):
         patients = _make_patients(rng, plan["fold"], used)
         if fold == 0:  # the real data writes one healthy subject in lower case (h3)
             first_hem = next(i for i, (p, _) in enumerate(patients) if p.label == 0)
             p, n = patients[first_hem]
-            patients[first_hem] = (_Patient(p.patient_id.lower(), 0, p.stain, p.size_bias, p.texture_gain), n)
+            patients[first_hem] = (replace(p, patient_id=p.patient_id.lower()), n)
         for patient, n_cells in patients:
             folder = root / config.TRAINING_DIR / f"fold_{fold}" / config.CLASS_NAMES[patient.label]
             folder.mkdir(parents=True, exist_ok=True)
@@ -222,16 +191,15 @@ def _draw_tree(root: Path, seed: int, scale: str) -> None:
 
     # Validation: renamed 1.bmp… in shuffled order, labels in a CSV listed in another order.
     cells = [(p, name) for p, n in _make_patients(rng, plan["validation"], used) for name in _cell_names(p, n)]
-    order = rng.permutation(len(cells))
     folder = root / config.VALIDATION_DIR / config.VALIDATION_IMAGES_DIR
     folder.mkdir(parents=True)
     rows = []
-    for new_index, cell_number in enumerate(order, start=1):
+    for new_index, cell_number in enumerate(rng.permutation(len(cells)), start=1):
         patient, original = cells[cell_number]
         _write_bmp(folder / f"{new_index}.bmp", draw(patient))
         rows.append({"Patient_ID": original, "new_names": f"{new_index}.bmp", "labels": patient.label})
-    labels = pd.DataFrame(rows).sort_values("Patient_ID")
-    labels.to_csv(root / config.VALIDATION_DIR / config.VALIDATION_LABELS_CSV, index=False)
+    pd.DataFrame(rows).sort_values("Patient_ID").to_csv(root / config.VALIDATION_DIR / config.VALIDATION_LABELS_CSV,
+                                                        index=False)
 
     # Testing: renamed 1.bmp… in shuffled order, no labels.
     cells = [p for p, n in _make_patients(rng, plan["test"], used) for _ in range(n)]
@@ -240,37 +208,25 @@ def _draw_tree(root: Path, seed: int, scale: str) -> None:
     for new_index, cell_number in enumerate(rng.permutation(len(cells)), start=1):
         _write_bmp(folder / f"{new_index}.bmp", draw(cells[cell_number]))
 
-    (root / config.SYNTHETIC_MARKER).write_text(
-        f"{SYNTHETIC_BANNER}\n\nseed: {seed}\nscale: {scale}\ngenerator_version: {GENERATOR_VERSION}\n"
-    )
+    (root / config.SYNTHETIC_MARKER).write_text(f"{SYNTHETIC_BANNER}\n\nseed: {seed}\nscale: {scale}\n"
+                                                f"generator_version: {GENERATOR_VERSION}\n")
 
 
 def make_synthetic_dataset(out_dir: str | os.PathLike, seed: int = 0, scale: str = "small") -> Path:
-    """Write a synthetic ``C-NMC_Leukemia`` tree (training folds, validation, testing).
+    """Write ``<out_dir>/C-NMC_Leukemia`` (training folds, validation, testing); returns that root.
 
-    An existing tree drawn with the same seed, scale and generator version is reused;
-    the tree is drawn under a temporary name and renamed into place, so an interrupted
-    run leaves nothing a later run would trust.
-
-    Args:
-        out_dir: Folder that will hold ``C-NMC_Leukemia/``.
-        seed: Random seed; the same seed gives identical files.
-        scale: ``"tiny"`` (about 60 training cells, for tests) or ``"small"`` (about 350,
-            for the demo).
-
-    Returns:
-        The ``C-NMC_Leukemia`` root (it holds ``config.SYNTHETIC_MARKER``).
+    ``scale``: ``tiny`` (about 60 training cells, for tests) or ``small`` (about 350, the demo). A tree of the
+    same seed, scale and generator version is reused; a new one is drawn under a temporary name and renamed
+    into place, so an interrupted run leaves nothing a later run would trust.
     """
-    if scale not in SCALES:
-        raise ValueError(f"unknown synthetic scale {scale!r}: use one of {', '.join(SCALES)}")
+    if scale not in config.SYNTHETIC_SCALES:
+        raise ValueError(f"unknown synthetic scale {scale!r}: use one of {', '.join(config.SYNTHETIC_SCALES)}")
     out_dir = Path(out_dir).expanduser().resolve()
     root = out_dir / config.DATASET_FOLDER_NAME
     if root.exists():
         if not (root / config.SYNTHETIC_MARKER).is_file():
-            raise ValueError(
-                f"{root} exists and is not a synthetic dataset (no {config.SYNTHETIC_MARKER}); "
-                "refusing to overwrite it: pass another --out folder"
-            )
+            raise ValueError(f"{root} exists and is not a synthetic dataset (no {config.SYNTHETIC_MARKER}); "
+                             "refusing to overwrite it: pass another --out folder")
         wanted = {"seed": str(seed), "scale": scale, "generator_version": str(GENERATOR_VERSION)}
         if all(_read_marker(root).get(k) == v for k, v in wanted.items()):
             return root
@@ -290,16 +246,6 @@ def make_synthetic_dataset(out_dir: str | os.PathLike, seed: int = 0, scale: str
 
 
 def is_synthetic(path: str | os.PathLike) -> bool:
-    """Whether ``path`` is a synthetic dataset root or lies inside one.
-
-    Args:
-        path: A dataset root, any folder inside it, or an image file.
-
-    Returns:
-        True when a folder at or above ``path`` holds ``config.SYNTHETIC_MARKER``.
-    """
+    """Whether a dataset root, a folder or an image lies in a synthetic dataset (its marker file at or above)."""
     current = Path(path).expanduser().resolve()
-    for folder in (current, *current.parents):
-        if (folder / config.SYNTHETIC_MARKER).is_file():
-            return True
-    return False
+    return any((folder / config.SYNTHETIC_MARKER).is_file() for folder in (current, *current.parents))

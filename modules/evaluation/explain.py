@@ -1,9 +1,5 @@
-"""Grad-CAM for the ``p_leukemia`` output of an ANNa model.
-
-Grad-CAM (Selvaraju et al., 2017) weights the feature maps of a convolution layer by the
-gradient of the class score and keeps the positive part: where the network looked when it
-called a cell leukemic. It works on Keras 3 Functional models with dict outputs.
-"""
+"""Grad-CAM (Selvaraju et al., 2017) for the ``p_leukemia`` output of a Keras 3 Functional model: a convolution's
+feature maps weighted by the gradient of the class score, positive part kept (where the network looked)."""
 from __future__ import annotations
 
 import numpy as np
@@ -23,18 +19,14 @@ def _output_tensor(model, output: str):
 
 
 def default_layer_name(model, output: str = OUTPUT_NAME) -> str:
-    """The deepest convolution that the classification output depends on.
+    """The last convolution feeding the output at its lowest resolution above 1x1 (ANNa's: the bottleneck's).
 
-    Among the convolutions feeding the output (segmentation-only layers are skipped), the last
-    one at the lowest spatial resolution above 1x1: in the U-Net the bottleneck's last
-    convolution, the standard Grad-CAM choice for a classifier. The decoder's full-resolution
-    maps, which the ANNa head also averages, mostly encode the cell outline and gave maps lit on
-    the background on real cells.
+    The decoder's full-resolution maps, which ANNa's head also reads, mostly encode the cell's outline: their
+    maps lit the background on real cells.
     """
     import keras
 
-    # A sub-model from the inputs to the output holds exactly the layers the output depends on,
-    # in topological order.
+    # A sub-model from the inputs to the output holds exactly the layers it depends on, in topological order.
     branch = keras.Model(model.inputs, _output_tensor(model, output))
     candidates = [layer for layer in branch.layers
                   if type(layer).__name__ in _CONV_TYPES and len(layer.output.shape) == 4
@@ -59,10 +51,9 @@ def grad_cam_batch(model, images: np.ndarray, layer_name: str | None = None, tar
                    output: str = OUTPUT_NAME) -> np.ndarray:
     """Grad-CAM heatmaps of (N,H,W,3) images in one gradient pass: (N,H,W) float32, each scaled to [0, 1].
 
-    ``target`` is ``leukemia`` (evidence for ALL), ``normal`` (for HEM) or ``predicted`` (for the class
-    the model chose); a map is all zeros where no region raises the score. The gradient is taken of
-    the logit (the input of the final sigmoid) when the output layer exposes it, so a saturated
-    probability still gives a usable map. ``layer_name`` defaults to ``default_layer_name``.
+    ``target``: evidence for ``leukemia``, ``normal`` or the ``predicted`` class; a map is all zeros where no
+    region raises the score. The gradient is of the logit where the output layer exposes it, so a saturated
+    probability still gives a usable map.
     """
     import keras
     import tensorflow as tf
@@ -113,18 +104,12 @@ def grad_cam_batch(model, images: np.ndarray, layer_name: str | None = None, tar
 
 
 def overlay_heatmap(image: np.ndarray, heatmap: np.ndarray, alpha: float = 0.6) -> np.ndarray:
-    """Blend a [0,1] heatmap (jet colours) over an RGB uint8 image: (H,W,3) uint8.
-
-    The C-NMC cells are dark (channel maxima around 110), so the image is stretched to its own
-    range first to stay visible under the colours.
-    """
+    """A [0,1] heatmap in jet colours over an RGB image stretched to its own range (C-NMC cells are dark): uint8."""
     import matplotlib
 
     rgb = np.asarray(image, dtype="float32")
-    top = max(float(rgb.max()), 1.0)
-    rgb = rgb / top
-    colors = matplotlib.colormaps["jet"](np.clip(heatmap, 0, 1))[..., :3]
-    # Colour weight grows with the heat, so cold regions show the cell itself.
-    weight = alpha * np.clip(heatmap, 0, 1)[..., None] ** 0.5
-    blended = (1 - weight) * rgb + weight * colors
+    rgb = rgb / max(float(rgb.max()), 1.0)
+    heat = np.clip(heatmap, 0, 1)
+    weight = alpha * heat[..., None] ** 0.5  # grows with the heat, so cold regions show the cell itself
+    blended = (1 - weight) * rgb + weight * matplotlib.colormaps["jet"](heat)[..., :3]
     return (np.clip(blended, 0, 1) * 255).astype("uint8")

@@ -1,9 +1,5 @@
-"""Evaluation metrics: scikit-learn's set, patient bootstrap intervals, tables, and what they mean in words.
-
-Pure NumPy, pandas and scikit-learn (no TensorFlow): ``evaluate``, the cross-validation and the
-reports share it. The positive class is ``all`` = 1; a cell is called leukemic when
-``p_leukemia >= threshold``.
-"""
+"""Evaluation metrics (scikit-learn's, no TensorFlow), patient bootstrap intervals, tables and their meaning in
+words. The positive class is ``all`` = 1; a cell is called leukemic when ``p_leukemia >= threshold``."""
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -70,11 +66,9 @@ def point_metrics(labels: np.ndarray, p: np.ndarray, threshold: float) -> dict:
 
 
 def fast_metrics(labels: np.ndarray, p: np.ndarray, threshold: float) -> dict:
-    """The ``CI_METRICS`` in plain NumPy, for the bootstrap.
+    """The ``CI_METRICS`` in plain NumPy: scikit-learn's input checks are too slow for a thousand replicates.
 
-    scikit-learn's input checks cost milliseconds a call, too slow for a thousand replicates; AUC
-    is the Mann-Whitney rank statistic with average ranks for ties, as ``roc_auc_score`` computes
-    it (a test checks both against scikit-learn).
+    AUC is the Mann-Whitney rank statistic with average ranks for ties, as in ``roc_auc_score``.
     """
     positive = labels == 1
     n_pos, n_neg = int(positive.sum()), int((~positive).sum())
@@ -110,14 +104,9 @@ def _resampling_units(labels: np.ndarray, patient_ids) -> tuple[list | None, lis
 def bootstrap_intervals(labels, p_leukemia, threshold: float, patient_ids=None, n_boot: int = 1000,
                         seed: int = 0, confidence: float = 0.95,
                         metrics: Sequence[str] = CI_METRICS) -> tuple[dict, str]:
-    """Percentile bootstrap intervals, resampling whole patients when every cell's patient is known.
-
-    Cells of one patient are strongly alike, so resampling cells pretends there is far more
-    independent evidence than there is; resampling patients within each class gives honest intervals.
-
-    Returns:
-        ({metric: [low, high] or None}, "patients" | "cells").
-    """
+    """({metric: [low, high] or None}, "patients" | "cells"): percentile bootstrap intervals, resampling whole
+    patients within each class when every cell's patient is known (cells of one patient are alike, so
+    resampling cells would pretend far more independent evidence)."""
     labels, p = _check_scores(labels, p_leukemia)
     members, strata, resampling = _resampling_units(labels, patient_ids)
     rng = np.random.default_rng(seed)
@@ -137,13 +126,8 @@ def bootstrap_intervals(labels, p_leukemia, threshold: float, patient_ids=None, 
 
 def compute_metrics(labels, p_leukemia, threshold: float, patient_ids=None, n_boot: int = 1000,
                     seed: int = 0, confidence: float = 0.95) -> dict:
-    """Every evaluation metric with patient bootstrap intervals.
-
-    Returns:
-        ``n, n_positive, n_negative, threshold``, the ``point_metrics`` (None where undefined),
-        ``n_patients`` (None unless every cell's patient is known) and, when ``n_boot > 0``,
-        ``ci`` ({metric: [low, high]}), ``ci_resampling`` ("patients"/"cells") and ``ci_method``.
-    """
+    """``n, n_positive, n_negative, threshold``, the ``point_metrics``, ``n_patients`` (None unless every cell's
+    patient is known) and, when ``n_boot > 0``, ``ci`` ({metric: [low, high]}), ``ci_resampling``, ``ci_method``."""
     labels, p = _check_scores(labels, p_leukemia)
     threshold = float(threshold)
     result = {"n": int(labels.size), "n_positive": int((labels == 1).sum()),
@@ -160,10 +144,8 @@ def compute_metrics(labels, p_leukemia, threshold: float, patient_ids=None, n_bo
 
 
 def confusion_table(labels, predictions) -> pd.DataFrame:
-    """``true, true_name, predicted, predicted_name, count, row_percent``; rows share the TRUE class total.
-
-    So the diagonal reads as specificity (hem row) and sensitivity (all row).
-    """
+    """``true, true_name, predicted, predicted_name, count, row_percent`` (of the TRUE class: the diagonal reads
+    as specificity and sensitivity)."""
     matrix = skm.confusion_matrix(np.asarray(labels, dtype="int64"), np.asarray(predictions, dtype="int64"),
                                   labels=[0, 1])
     return pd.DataFrame([

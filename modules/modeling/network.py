@@ -1,11 +1,6 @@
-"""The ANNa network: a U-Net that segments the cell, with a head that classifies it.
-
-Built with the Keras 3 Functional API from built-in layers only, so a saved ``.keras``
-file loads with ``keras.saving.load_model(path, safe_mode=True)`` and no custom objects.
-The model takes uint8-valued RGB images (rescaling to [0, 1] is inside) and returns a dict:
-``p_leukemia`` (N, 1) and, with segmentation on, ``cell_mask`` (N, S, S, 1), both float32.
-``build_legacy`` is the older project's network, for comparison.
-"""
+"""The ANNa network: a U-Net that segments the cell with a head that classifies it, from built-in Keras layers
+only (a ``.keras`` file loads in safe mode). It takes uint8-valued RGB (rescaled inside) and returns a dict of
+float32 ``p_leukemia`` (N, 1) and, with segmentation, ``cell_mask`` (N, S, S, 1)."""
 from __future__ import annotations
 
 import keras
@@ -21,11 +16,7 @@ _MODEL = config.ModelSettings()
 
 
 def _conv_block(x, filters: int, batch_norm: bool | str, name: str):
-    """Two 3x3 convolutions, each followed by normalization (optional) and ReLU.
-
-    ``batch_norm``: True (batch normalization), ``"instance"`` (each image's feature maps
-    standardized on their own: ``GroupNormalization`` with one group per channel) or False.
-    """
+    """Two 3x3 convolutions, each normalized (True: batch, "instance": per image and channel, False: not), ReLU."""
     for i in (1, 2):
         x = layers.Conv2D(filters, 3, padding="same", use_bias=not batch_norm,
                           kernel_initializer="he_normal", name=f"{name}_conv{i}")(x)
@@ -37,39 +28,17 @@ def _conv_block(x, filters: int, batch_norm: bool | str, name: str):
     return x
 
 
-def build_anna(
-    input_shape: tuple[int, int, int] = (_MODEL.image_size, _MODEL.image_size, 3),
-    depth: int = _MODEL.depth,
-    base_filters: int = _MODEL.base_filters,
-    batch_norm: bool | str = _MODEL.batch_norm,
-    dropout: float = _MODEL.dropout,
-    segmentation: bool = _MODEL.segmentation,
-    head_units: int = _MODEL.head_units,
-    standardize_input: bool = _MODEL.standardize_input,
-) -> keras.Model:
-    """Build ANNa: a U-Net with a segmentation output and a classification head.
+def build_anna(input_shape: tuple[int, int, int] = (_MODEL.image_size, _MODEL.image_size, 3),
+               depth: int = _MODEL.depth, base_filters: int = _MODEL.base_filters,
+               batch_norm: bool | str = _MODEL.batch_norm, dropout: float = _MODEL.dropout,
+               segmentation: bool = _MODEL.segmentation, head_units: int = _MODEL.head_units,
+               standardize_input: bool = _MODEL.standardize_input) -> keras.Model:
+    """An uncompiled U-Net named ``anna`` whose head reads globally pooled features of every level.
 
-    The head reads globally pooled U-Net features: every encoder level and the last decoder
-    level averaged, the bottleneck averaged and max-pooled. Global pooling keeps it free of
-    pixel positions (a flattened full-resolution map would tie it to them).
-
-    Args:
-        input_shape: (S, S, 3); S must be divisible by ``2**depth``.
-        depth: Number of down-sampling steps.
-        base_filters: Filters of the first level; doubled at each level down.
-        batch_norm: Batch normalization after each convolution (True), instance
-            normalization (``"instance"``: statistics of each image alone, as at prediction
-            time; less tied to the training patients' stain) or none (False).
-        dropout: Dropout rate in the bottleneck and the head (0 disables it).
-        segmentation: Add the ``cell_mask`` output.
-        head_units: Width of the dense layer of the head.
-        standardize_input: Standardize each image's channels on their own (zero mean, unit
-            variance over the image, a ``LayerNormalization`` without learned scale) after the
-            rescaling, so that stain strength and brightness that differ between patients
-            reach the network less.
-
-    Returns:
-        An uncompiled ``keras.Model`` named ``anna`` with dict outputs.
+    Global pooling keeps the head free of pixel positions. ``batch_norm="instance"`` normalizes each image
+    alone, as at prediction time; ``standardize_input`` gives each image's channels zero mean and unit
+    variance, so that the patients' stain strength reaches the network less.
+    Raises ValueError unless the image size is divisible by ``2**depth``.
     """
     size = input_shape[0]
     if depth < 1 or size % (2 ** depth):
@@ -114,18 +83,10 @@ def build_anna(
 
 
 def build_legacy(input_shape: tuple[int, int, int] = (128, 128, 3)) -> keras.Model:
-    """Build the older project's network, for comparison.
+    """The older project's network (``legacy``), for comparison: a depth-4 U-Net of 4 base filters on unscaled
+    BGR input, its map max-pooled, flattened and fed to dense layers 512-256-128 (dropout 0.5).
 
-    A U-Net with 4 base filters and depth 4 on unscaled 0-255 **BGR** input (the old code
-    fed OpenCV's BGR arrays; a frozen 1x1 convolution swaps RGB to BGR so callers still
-    pass RGB), whose 128x128x1 output map is max-pooled, flattened and fed to dense layers
-    of 512-256-128 with dropout 0.5 and one sigmoid unit. No batch normalization.
-
-    Args:
-        input_shape: (S, S, 3), S divisible by 16 (the old project used 128).
-
-    Returns:
-        An uncompiled ``keras.Model`` named ``legacy`` with the dict output ``p_leukemia``.
+    A frozen 1x1 convolution swaps RGB to the BGR the old code fed, so callers still pass RGB.
     """
     size = input_shape[0]
     if size % 16:

@@ -1,10 +1,5 @@
-"""Charts: matplotlib figures with the numbers they draw, saved as PNG + CSV with a caption.
-
-The standard evaluation charts are scikit-learn's display classes (``RocCurveDisplay``,
-``PrecisionRecallDisplay``, ``ConfusionMatrixDisplay``, ``CalibrationDisplay``). ``save_chart``
-writes a figure as ``<name>.png``, its data as ``<name>.csv`` beside it, and its caption into
-``charts.json``, which the report and the gallery read.
-"""
+"""Charts: matplotlib figures with the numbers they draw, saved as ``<name>.png`` + ``<name>.csv`` with a caption
+in ``charts.json`` (read by the report and the gallery). The evaluation charts are scikit-learn's displays."""
 from __future__ import annotations
 
 import json
@@ -32,16 +27,15 @@ DPI = 110
 
 class Chart(NamedTuple):
     """One chart: the figure, the numbers it draws, and a caption."""
-
     figure: matplotlib.figure.Figure
     data: pd.DataFrame
     caption: str
 
 
 def synthetic_note(model_synthetic: bool | None = None, cells_synthetic: bool | None = None) -> str:
-    """Title suffix saying which side is synthetic: the model's training cells, the cells shown, or both.
+    """Title suffix saying which side is synthetic: the model's training cells, the cells, or both.
 
-    ``None`` means "not part of this chart" (EDA charts have no model, training curves no scored cells).
+    ``None``: not part of this chart (EDA charts have no model, training curves no scored cells).
     """
     parts = []
     if model_synthetic or (model_synthetic is False and cells_synthetic):
@@ -54,10 +48,7 @@ def synthetic_note(model_synthetic: bool | None = None, cells_synthetic: bool | 
 
 def save_chart(fig: matplotlib.figure.Figure, data: pd.DataFrame, name: str, caption: str,
                out_dir: str | Path) -> Path:
-    """Write ``<name>.png`` and its data as ``<name>.csv`` (atomically), record the caption in ``charts.json``.
-
-    The figure is left open (the caller may still display it). Returns the PNG's path.
-    """
+    """Write ``<name>.png`` and ``<name>.csv`` atomically, record the caption; returns the PNG (figure left open)."""
     if not name or "/" in name or name.startswith("."):
         raise ValueError(f"chart name {name!r} must be a plain file stem such as 'roc_curve'")
     out_dir = Path(out_dir)
@@ -82,15 +73,12 @@ def for_display(rgb: np.ndarray) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- evaluation charts
-
-
 def metric_charts(predictions: pd.DataFrame, threshold: float, per_patient: pd.DataFrame,
                   note: str = "") -> dict[str, Chart]:
-    """The charts of ``predictions.csv`` (``label``, ``p_leukemia``, ``prediction``) and ``per_patient.csv``.
+    """{name: Chart} of ``predictions.csv`` and ``per_patient.csv``; the curves need both classes.
 
-    Returns {name: Chart}: confusion_matrix, roc_curve, precision_recall_curve, calibration_curve (the curves
-    need both classes), probability_histogram, per_patient_accuracy (when patients are known); ``note`` is the
-    titles' ``synthetic_note``.
+    Names: confusion_matrix, roc_curve, precision_recall_curve, calibration_curve, probability_histogram,
+    per_patient_accuracy (when patients are known); ``note`` is the titles' ``synthetic_note``.
     """
     labels = predictions["label"].to_numpy("int64")
     p = predictions["p_leukemia"].to_numpy("float64")
@@ -209,10 +197,7 @@ def per_patient_chart(table: pd.DataFrame, note: str = "") -> Chart:
 
 
 def training_chart(run_dir: str | Path, run_config: dict, note: str = "") -> Chart | None:
-    """Learning curves from the run's ``history.csv`` (None without one), epochs from 1.
-
-    The epoch whose weights were kept (``training.best_epoch`` of the run's config, 1-based) is marked.
-    """
+    """Learning curves of the run's ``history.csv`` (None without one), epochs from 1, the kept epoch marked."""
     path = Path(run_dir) / "history.csv"
     history = pd.read_csv(path) if path.is_file() else pd.DataFrame()
     if history.empty:
@@ -231,7 +216,7 @@ def training_chart(run_dir: str | Path, run_config: dict, note: str = "") -> Cha
         if best:
             ax.axvline(int(best), color="grey", ls=":", label=f"restored epoch {int(best)}")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_xlabel("epoch")
+        ax.set(xlabel="epoch")
         ax.set_title(name, fontsize=9)
         ax.legend(fontsize=7)
     fig.suptitle(f"Training curves{note}")
@@ -243,17 +228,16 @@ def training_chart(run_dir: str | Path, run_config: dict, note: str = "") -> Cha
 def plot_image_grid(images: Sequence[np.ndarray | None], titles: Sequence[str], ncols: int = 6, title: str = "",
                     cmap: str | None = None, row_labels: Sequence[str] | None = None,
                     colorbar: tuple[str, str] | None = None) -> matplotlib.figure.Figure:
-    """A grid of (H,W,3) uint8 or (H,W) [0, 1] images with one title each; None leaves a cell showing its title.
+    """A grid of (H,W,3) uint8 or (H,W) [0, 1] images, titled; None leaves only the title in its cell.
 
-    ``colorbar`` = (colormap, label) adds one colour bar saying what the values 0-1 mean.
+    ``colorbar`` = (colormap, label): one colour bar saying what the values 0-1 mean.
     """
     nrows = max(int(np.ceil(len(images) / ncols)), 1)
     fig, axes = plt.subplots(nrows, ncols, figsize=(1.9 * ncols + (0.8 if colorbar else 0), 2.1 * nrows + 0.5),
                              squeeze=False, layout="constrained")
     for ax, image, text in zip(axes.flat, [*images, *[None] * (axes.size - len(images))],
                                [*titles, *[""] * (axes.size - len(titles))]):
-        ax.set_xticks([])
-        ax.set_yticks([])
+        ax.set(xticks=[], yticks=[])
         if image is None:  # a placeholder keeps rows aligned
             ax.axis("off")
             ax.text(0.5, 0.5, text, ha="center", va="center", fontsize=8, transform=ax.transAxes)

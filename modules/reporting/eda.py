@@ -1,9 +1,5 @@
-"""Exploratory analysis and illustrations for the notebooks: each ``plot_*`` returns (figure, table).
-
-Each chart is saved as ``<name>.png`` / ``<name>.csv`` under ``<output_dir>/charts/<notebook>/``,
-and that folder is published to the gallery as ``viz/<notebook>/``. Titles say "SYNTHETIC cells"
-whenever the images come from the synthetic stand-in.
-"""
+"""Exploratory charts for the notebooks: each ``plot_*`` returns (figure, table), saved under
+``charts/<notebook>/`` and published as ``viz/<notebook>/``; titles say when the cells are synthetic."""
 from __future__ import annotations
 
 import hashlib
@@ -23,6 +19,7 @@ from tqdm.auto import tqdm
 from modules import config, preprocessing
 from modules.data import synthetic as synth
 from modules.data.layout import SPLIT_ORDER, patient_sort_key
+from modules.preprocessing.cells import cell_mask
 from modules.reporting import charts, gallery
 
 EDA_RUN, PREPROCESSING_RUN, TRAINING_RUN, TEST_RUN = "1.EDA", "2.Image_preprocessing", "3.ANNa", "4.Test"
@@ -37,10 +34,11 @@ STAT_COLUMNS = ("path", "name", "patient_id", "label", "class", "split", "fold",
 CLASS_ORDER = ("all", "hem", "unlabeled")
 COLORS = {"all": charts.CLASS_COLORS[1], "hem": charts.CLASS_COLORS[0], "unlabeled": "#7f8c8d"}
 Figure = matplotlib.figure.Figure
+Plot = tuple[Figure, pd.DataFrame]
 
 
 def class_names(labels: pd.Series) -> pd.Series:
-    """Map nullable 1/0 labels to ``all``/``hem`` and missing labels to ``unlabeled``."""
+    """Nullable 1/0 labels as ``all``/``hem``, missing ones as ``unlabeled``."""
     return labels.map(lambda v: "unlabeled" if pd.isna(v) else config.CLASS_NAMES[int(v)]).astype(str)
 
 
@@ -50,31 +48,35 @@ def manifest_is_synthetic(manifest: pd.DataFrame) -> bool:
 
 
 def _note(table: pd.DataFrame) -> str:
-    """Title suffix of a chart of the table's cells: `` [SYNTHETIC cells]`` when they are synthetic."""
     return charts.synthetic_note(cells_synthetic=manifest_is_synthetic(table))
 
 
-def _patients(ids: pd.Series) -> int:
-    return ids[ids != ""].nunique()
+def _present(stats: pd.DataFrame) -> list[str]:
+    """The classes of ``CLASS_ORDER`` the table holds, in that order."""
+    return [c for c in CLASS_ORDER if (stats["class"] == c).any()]
+
+
+def _pipeline_order(frame: pd.DataFrame) -> pd.DataFrame:
+    """Rows indexed by split in pipeline order (train, validation, test)."""
+    return frame.reindex([s for s in SPLIT_ORDER if s in frame.index])
 
 
 def save_figure(fig: Figure, table: pd.DataFrame, name: str, caption: str, run: str,
-                output_dir: str | Path | None = None, note: str = "") -> Path:
-    """Save a chart under ``charts/<run>/``, publish that folder as ``viz/<run>/``; returns the gallery's PNG.
+                output_dir: str | Path | None = None, note: str = "") -> Plot:
+    """Save a chart under ``charts/<run>/``, publish that folder as ``viz/<run>/``, close it; returns (fig, table).
 
-    The figure is closed (the notebook shows the returned one once); ``note`` (``charts.synthetic_note``)
-    ends the gallery heading too.
+    ``note`` (``charts.synthetic_note``) ends the gallery heading too.
     """
     root = Path(output_dir or config.OUTPUT_DIR)
     folder = root / config.CHARTS_SUBDIR / run
     charts.save_chart(fig, table, name, caption, folder)
-    plt.close(fig)
-    return gallery.publish(folder, root / config.VIZ_SUBDIR, run, HEADINGS.get(run, run) + note,
-                           "SYNTHETIC" in note) / f"{name}.png"
+    plt.close(fig)  # the notebook shows the returned figure once
+    gallery.publish(folder, root / config.VIZ_SUBDIR, run, HEADINGS.get(run, run) + note, "SYNTHETIC" in note)
+    return fig, table
 
 
 def _sample(manifest: pd.DataFrame, limit: int, seed: int) -> pd.DataFrame:
-    """At most ``limit`` rows, stratified by class (all rows when ``limit`` is 0 or None)."""
+    """At most ``limit`` rows, stratified by class (all rows when ``limit`` is 0)."""
     if not limit or len(manifest) <= limit:
         return manifest
     share = limit / len(manifest)
@@ -96,48 +98,38 @@ def _bars(pivot: pd.DataFrame, ax) -> None:
 
 # ----------------------------------------------------------------------------- counts
 def count_cells(manifest: pd.DataFrame, by: Sequence[str] = ("split", "fold", "class")) -> pd.DataFrame:
-    """Cells and patients per split (in pipeline order: train, validation, test), fold and class.
-
-    Returns:
-        Columns ``*by, cells, patients``.
-    """
+    """Columns ``*by, cells, patients``, splits in pipeline order (train, validation, test)."""
     table = manifest.assign(**{"class": class_names(manifest["label"]),
                                "fold": manifest["fold"].astype("string").fillna("")})
-    counts = table.groupby(list(by), sort=True).agg(cells=("path", "size"), patients=("patient_id", _patients))
-    counts = counts.reset_index()
+    counts = table.groupby(list(by), sort=True).agg(
+        cells=("path", "size"), patients=("patient_id", lambda ids: ids[ids != ""].nunique())).reset_index()
     return counts.sort_values("split", key=lambda s: s.map(SPLIT_ORDER), kind="stable", ignore_index=True)
 
 
-def plot_class_counts(manifest: pd.DataFrame, output_dir: str | Path | None = None) -> tuple[Figure, pd.DataFrame]:
+def plot_class_counts(manifest: pd.DataFrame, output_dir: str | Path | None = None) -> Plot:
     """Bar chart of cells per split (in pipeline order) and class, training folds merged."""
-    note = _note(manifest)
-    table = count_cells(manifest, ("split", "class"))
-    pivot = table.pivot(index="split", columns="class", values="cells").fillna(0).astype(int)
-    pivot = pivot.reindex([s for s in SPLIT_ORDER if s in pivot.index])
+    note, table = _note(manifest), count_cells(manifest, ("split", "class"))
     fig, ax = plt.subplots(figsize=(6.5, 3.6), layout="constrained")
-    _bars(pivot, ax)
+    _bars(_pipeline_order(table.pivot(index="split", columns="class", values="cells").fillna(0).astype(int)), ax)
     ax.set(ylabel="cells", xlabel="", title=f"Cells per split and class{note}")
-    save_figure(fig, table, "class_counts", "Cells per split (train, validation, test) and class: all = "
-                "leukemic blast, hem = normal cell.", EDA_RUN, output_dir, note)
-    return fig, table
+    return save_figure(fig, table, "class_counts", "Cells per split (train, validation, test) and class: all = "
+                       "leukemic blast, hem = normal cell.", EDA_RUN, output_dir, note)
 
 
-def plot_fold_counts(manifest: pd.DataFrame, output_dir: str | Path | None = None) -> tuple[Figure, pd.DataFrame]:
+def plot_fold_counts(manifest: pd.DataFrame, output_dir: str | Path | None = None) -> Plot:
     """Cells and patients per training fold and class."""
-    note = _note(manifest)
-    table = count_cells(manifest[manifest["split"] == "train"])
+    note, table = _note(manifest), count_cells(manifest[manifest["split"] == "train"])
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), layout="constrained")
     for ax, column in zip(axes, ("cells", "patients")):
         pivot = table.pivot(index="fold", columns="class", values=column).fillna(0).astype(int)
         _bars(pivot.rename(index=lambda fold: f"fold_{fold}"), ax)
         ax.set(ylabel=column, xlabel="", title=f"{column} per training fold")
     fig.suptitle(f"Training folds{note}")
-    save_figure(fig, table, "fold_counts", "Cells and patients per C-NMC training fold and class; each patient "
-                "lies in one fold only.", EDA_RUN, output_dir, note)
-    return fig, table
+    return save_figure(fig, table, "fold_counts", "Cells and patients per C-NMC training fold and class; each "
+                       "patient lies in one fold only.", EDA_RUN, output_dir, note)
 
 
-def plot_patient_counts(manifest: pd.DataFrame, output_dir: str | Path | None = None) -> tuple[Figure, pd.DataFrame]:
+def plot_patient_counts(manifest: pd.DataFrame, output_dir: str | Path | None = None) -> Plot:
     """Cells per patient (labeled cells), coloured by class, largest first."""
     note = _note(manifest)
     labeled = manifest[manifest["label"].notna() & (manifest["patient_id"] != "")]
@@ -150,19 +142,16 @@ def plot_patient_counts(manifest: pd.DataFrame, output_dir: str | Path | None = 
     ax.set(xlabel="patient (red = ALL patient's blasts, blue = healthy subject's normal cells)", ylabel="cells",
            title=f"Cells per patient ({len(table)} patients){note}")
     ax.tick_params(axis="x", rotation=90, labelsize=7)
-    save_figure(fig, table, "patient_counts", "Cells per patient: a few patients contribute many cells, which is "
-                "why splits are by patient.", EDA_RUN, output_dir, note)
-    return fig, table
+    return save_figure(fig, table, "patient_counts", "Cells per patient: a few patients contribute many cells, "
+                       "which is why splits are by patient.", EDA_RUN, output_dir, note)
 
 
-def plot_validation_balance(manifest: pd.DataFrame, output_dir: str | Path | None = None
-                            ) -> tuple[Figure, pd.DataFrame]:
+def plot_validation_balance(manifest: pd.DataFrame, output_dir: str | Path | None = None) -> Plot:
     """Class balance (share of labeled cells) of each split, in pipeline order."""
-    note = _note(manifest)
-    table = count_cells(manifest[manifest["label"].notna()], ("split", "class"))
+    note, table = _note(manifest), count_cells(manifest[manifest["label"].notna()], ("split", "class"))
     table["share_of_cells"] = table["cells"] / table.groupby("split")["cells"].transform("sum")
-    shares = table.pivot(index="split", columns="class", values="share_of_cells").fillna(0)
-    shares = shares.reindex([s for s in SPLIT_ORDER if s in shares.index])[[c for c in ("all", "hem") if c in shares]]
+    shares = _pipeline_order(table.pivot(index="split", columns="class", values="share_of_cells").fillna(0))
+    shares = shares[[c for c in ("all", "hem") if c in shares]]
     fig, ax = plt.subplots(figsize=(6.5, 3.4), layout="constrained")
     shares.plot.barh(ax=ax, stacked=True, color=[COLORS[c] for c in shares.columns])
     for container in ax.containers:
@@ -175,34 +164,29 @@ def plot_validation_balance(manifest: pd.DataFrame, output_dir: str | Path | Non
         ax.text(0.5, -0.3, "no labeled validation_data in this dataset", transform=ax.transAxes, ha="center",
                 fontsize=8, color="#c0392b")
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1, 1))
-    save_figure(fig, table, "validation_balance", "Share of leukemic (all) and normal (hem) cells in the "
-                "validation set beside training.", EDA_RUN, output_dir, note)
-    return fig, table
+    return save_figure(fig, table, "validation_balance", "Share of leukemic (all) and normal (hem) cells in the "
+                       "validation set beside training.", EDA_RUN, output_dir, note)
 
 
 # ----------------------------------------------------------------------------- pixels
 def _measure_one(path: str) -> dict:
+    """The pixel columns of ``STAT_COLUMNS`` for one image (OpenCV: about 1 ms per 450 px cell)."""
     rgb = preprocessing.load_rgb(path)
-    threshold = config.BACKGROUND_THRESHOLD
-    # OpenCV keeps this at ~1 ms per 450 px image (numpy boolean indexing is ~10x slower).
-    cell = cv2.bitwise_not(cv2.inRange(rgb, (0, 0, 0), (threshold, threshold, threshold)))
+    cell = cell_mask(rgb)
     area = cv2.countNonZero(cell)
     cell_mean = cv2.mean(rgb, mask=cell)[:3] if area else (0.0, 0.0, 0.0)
-    digest = hashlib.blake2b(rgb.tobytes(), digest_size=16)
-    digest.update(str(rgb.shape).encode())
     return {"height": rgb.shape[0], "width": rgb.shape[1], "cell_area_px": area,
             "cell_area_fraction": area / (rgb.shape[0] * rgb.shape[1]), "cell_intensity": float(np.mean(cell_mean)),
             **{f"cell_mean_{c}": float(v) for c, v in zip("rgb", cell_mean)},
             **{f"image_mean_{c}": float(v) for c, v in zip("rgb", cv2.mean(rgb)[:3])},
-            "content_hash": digest.hexdigest()}
+            "content_hash": hashlib.blake2b(rgb.tobytes() + str(rgb.shape).encode(), digest_size=16).hexdigest()}
 
 
 def measure_images(manifest: pd.DataFrame, limit: int | None = None, seed: int = config.DEFAULT_SEED,
                    workers: int | None = None, progress: bool = True) -> pd.DataFrame:
-    """Size, colour, cell area/intensity and a pixel-content hash of each image (columns ``STAT_COLUMNS``).
+    """Size, colour, cell area/intensity and a pixel hash of each image (``STAT_COLUMNS``), decoded in threads.
 
-    A pixel belongs to the cell when any channel exceeds ``config.BACKGROUND_THRESHOLD``, as in preprocessing.
-    ``limit`` samples that many images per class share (0/None: all); decoding runs in ``workers`` threads.
+    The cell is preprocessing's ``cell_mask``; ``limit`` samples that many images by class share (0/None: all).
     Raises ``preprocessing.ImageError`` naming a file that cannot be decoded.
     """
     rows = _sample(manifest, limit or 0, seed)
@@ -217,7 +201,7 @@ def measure_images(manifest: pd.DataFrame, limit: int | None = None, seed: int =
     return table[list(STAT_COLUMNS)]
 
 
-def plot_image_sizes(stats: pd.DataFrame, output_dir: str | Path | None = None) -> tuple[Figure, pd.DataFrame]:
+def plot_image_sizes(stats: pd.DataFrame, output_dir: str | Path | None = None) -> Plot:
     """Image dimensions found (C-NMC images are all 450x450 RGB)."""
     note = _note(stats)
     table = stats.groupby(["height", "width", "class"]).size().rename("images").reset_index()
@@ -226,55 +210,47 @@ def plot_image_sizes(stats: pd.DataFrame, output_dir: str | Path | None = None) 
                   table["images"], color=[COLORS[c] for c in table["class"]])
     ax.bar_label(bars, fontsize=8)
     ax.set(ylabel="images", title=f"Image sizes (height x width) of {len(stats)} images{note}")
-    save_figure(fig, table, "image_sizes", "Image sizes in pixels (height x width) per class.", EDA_RUN,
-                output_dir, note)
-    return fig, table
+    return save_figure(fig, table, "image_sizes", "Image sizes in pixels (height x width) per class.", EDA_RUN,
+                       output_dir, note)
 
 
-def plot_colour_statistics(stats: pd.DataFrame, output_dir: str | Path | None = None
-                           ) -> tuple[Figure, pd.DataFrame]:
+def plot_colour_statistics(stats: pd.DataFrame, output_dir: str | Path | None = None) -> Plot:
     """Distributions of the mean red, green and blue value of the cell pixels, by class."""
     note = _note(stats)
     fig, axes = plt.subplots(1, 3, figsize=(11, 3.4), sharey=True, layout="constrained")
     for ax, (channel, colour) in zip(axes, {"r": "red", "g": "green", "b": "blue"}.items()):
         sns.histplot(stats, x=f"cell_mean_{channel}", hue="class", palette=COLORS, bins=30, ax=ax,
-                     hue_order=[c for c in CLASS_ORDER if (stats["class"] == c).any()], legend=channel == "b")
+                     hue_order=_present(stats), legend=channel == "b")
         ax.set(xlabel=f"mean {colour} of cell pixels (0-255)", ylabel="images")
     sns.move_legend(axes[-1], "upper left", bbox_to_anchor=(1, 1))  # beside the bars, not over them
     fig.suptitle(f"Colour of the cells by class{note}")
-    columns = ["cell_mean_r", "cell_mean_g", "cell_mean_b", "image_mean_r", "image_mean_g", "image_mean_b"]
+    columns = [f"{part}_mean_{c}" for part in ("cell", "image") for c in "rgb"]
     table = stats.groupby("class")[columns].describe().stack(level=0, future_stack=True)
     table = table.reset_index().rename(columns={"level_1": "statistic"})
-    save_figure(fig, table, "colour_statistics", "Mean R, G, B of the cell pixels per image, by class (stain "
-                "differs between patients).", EDA_RUN, output_dir, note)
-    return fig, table
+    return save_figure(fig, table, "colour_statistics", "Mean R, G, B of the cell pixels per image, by class "
+                       "(stain differs between patients).", EDA_RUN, output_dir, note)
 
 
-def plot_cell_area_intensity(stats: pd.DataFrame, output_dir: str | Path | None = None
-                             ) -> tuple[Figure, pd.DataFrame]:
+def plot_cell_area_intensity(stats: pd.DataFrame, output_dir: str | Path | None = None) -> Plot:
     """Cell area (pixels) and mean intensity of the cell pixels, by class (box plots)."""
     note = _note(stats)
-    present = [c for c in CLASS_ORDER if (stats["class"] == c).any()]
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.6), layout="constrained")
     for ax, column, label in ((axes[0], "cell_area_px", "cell area (pixels at 450 px)"),
                               (axes[1], "cell_intensity", "mean intensity of cell pixels")):
-        sns.boxplot(stats, x="class", y=column, hue="class", order=present, palette=COLORS, ax=ax)
+        sns.boxplot(stats, x="class", y=column, hue="class", order=_present(stats), palette=COLORS, ax=ax)
         ax.set(ylabel=label, xlabel="")
     fig.suptitle(f"Cell area and intensity by class{note}")
     table = stats.groupby("class")[["cell_area_px", "cell_area_fraction", "cell_intensity"]].describe()
     table.columns = [f"{a}_{b}" for a, b in table.columns]
-    save_figure(fig, table.reset_index(), "cell_area_intensity", "Blasts tend to be larger with a higher "
-                "nucleus-to-cytoplasm ratio; classes overlap.", EDA_RUN, output_dir, note)
-    return fig, table.reset_index()
+    return save_figure(fig, table.reset_index(), "cell_area_intensity", "Blasts tend to be larger with a higher "
+                       "nucleus-to-cytoplasm ratio; classes overlap.", EDA_RUN, output_dir, note)
 
 
 def find_duplicates(stats: pd.DataFrame) -> pd.DataFrame:
-    """Groups of images whose decoded pixels are identical (same content hash).
+    """One row per image whose decoded pixels another image repeats (same content hash).
 
-    Returns:
-        One row per duplicated image: ``content_hash, copies, path, name, patient_id, class, split``, plus
-        ``label_conflict`` (the copies carry different labels) and ``crosses_splits`` (copies in different
-        splits: a leak between training and evaluation).
+    Columns ``content_hash, copies, path, name, patient_id, class, split, label_conflict`` (the copies carry
+    different labels), ``crosses_splits`` (copies in different splits: a leak between training and evaluation).
     """
     copies = stats.groupby("content_hash")["path"].transform("size")
     table = stats.loc[copies > 1, ["content_hash", "path", "name", "patient_id", "class", "split"]].copy()
@@ -290,7 +266,7 @@ def _thumbnail(rgb: np.ndarray, side: int = 150) -> np.ndarray:
 
 
 def plot_sample_grid(manifest: pd.DataFrame, per_class: int = 8, seed: int = config.DEFAULT_SEED,
-                     output_dir: str | Path | None = None) -> tuple[Figure, pd.DataFrame]:
+                     output_dir: str | Path | None = None) -> Plot:
     """Random cells of each class (one row per class), titled with patient and file name."""
     note = _note(manifest)
     labeled = manifest[manifest["label"].notna()]
@@ -301,22 +277,21 @@ def plot_sample_grid(manifest: pd.DataFrame, per_class: int = 8, seed: int = con
     fig = charts.plot_image_grid([_thumbnail(preprocessing.load_rgb(p)) for p in table["path"]],
                                  [f"{c} · patient {pid}" for c, pid in zip(table["class"], table["patient_id"])],
                                  ncols=per_class, title=f"Sample cells per class (rows: all, hem){note}")
-    save_figure(fig, table, "sample_grid", "Random cells of each class: leukemic blasts (all) and normal B-lymphoid "
-                "precursors (hem); brightness stretched for display.", EDA_RUN, output_dir, note)
-    return fig, table
+    return save_figure(fig, table, "sample_grid", "Random cells of each class: leukemic blasts (all) and normal "
+                       "B-lymphoid precursors (hem); brightness stretched for display.", EDA_RUN, output_dir, note)
 
 
 # ----------------------------------------------------------------------------- preprocessing
+def _labeled_sample(manifest: pd.DataFrame, n: int, seed: int) -> pd.DataFrame:
+    """``n`` labeled cells, stratified by class: ``path, name, patient_id, label``."""
+    return _sample(manifest[manifest["label"].notna()], n, seed)[["path", "name", "patient_id", "label"]]
+
+
 def plot_preprocessing_steps(manifest: pd.DataFrame, n: int = 4, size: int = config.DEFAULT_IMAGE_SIZE,
                              margin: int = config.DEFAULT_MARGIN, seed: int = config.DEFAULT_SEED,
-                             output_dir: str | Path | None = None) -> tuple[Figure, pd.DataFrame]:
-    """Original cell with its box and square, the square, the model's input and its mask.
-
-    Uses ``preprocessing.preprocess_image`` itself, so what is shown is what the model gets.
-    """
-    note = _note(manifest)
-    table = _sample(manifest[manifest["label"].notna()], n, seed)[["path", "name", "patient_id", "label"]]
-    table = table.reset_index(drop=True)
+                             output_dir: str | Path | None = None) -> Plot:
+    """Each cell with its box and square, the square, the model's input and its mask (``preprocess_image``'s)."""
+    note, table = _note(manifest), _labeled_sample(manifest, n, seed).reset_index(drop=True)
     images, titles, rows = [], [], []
     for path, label in zip(table["path"], table["label"]):
         rgb = preprocessing.load_rgb(path)
@@ -331,23 +306,20 @@ def plot_preprocessing_steps(manifest: pd.DataFrame, n: int = 4, size: int = con
                    f"cropped + padded {side}x{side}", f"resized {size}x{size}", f"cell mask {size}x{size}"]
         rows.append({"box_x": x, "box_y": y, "box_width": width, "box_height": height, "square_side": side,
                      "size": size, "margin": margin, "mask_fraction": float(mask.mean())})
-    table = table.join(pd.DataFrame(rows))
     fig = charts.plot_image_grid(images, titles, ncols=4, cmap="gray",
                                  title=f"Crop to the cell, pad to a square, resize; derive the mask{note}")
     canvas = f", at least {config.DEFAULT_CANVAS} px" if config.DEFAULT_CANVAS else ", made square"
-    save_figure(fig, table, "preprocessing_steps", "Each row: the original cell with its bounding box (yellow) and "
-                f"the square kept (cyan: box + {margin} px margin{canvas}), the square after crop and black padding, "
-                f"the {size} px model input, and the derived cell mask (white = cell). Brightness stretched for "
-                "display.", PREPROCESSING_RUN, output_dir, note)
-    return fig, table
+    return save_figure(fig, table.join(pd.DataFrame(rows)), "preprocessing_steps", "Each row: the original cell "
+                       f"with its bounding box (yellow) and the square kept (cyan: box + {margin} px margin{canvas}), "
+                       f"the square after crop and black padding, the {size} px model input, and the derived cell "
+                       "mask (white = cell). Brightness stretched for display.", PREPROCESSING_RUN, output_dir, note)
 
 
 def plot_resolution_comparison(manifest: pd.DataFrame, sizes: Sequence[int] = (450, 128, 64), n: int = 3,
                                margin: int = config.DEFAULT_MARGIN, seed: int = config.DEFAULT_SEED,
-                               output_dir: str | Path | None = None) -> tuple[Figure, pd.DataFrame]:
+                               output_dir: str | Path | None = None) -> Plot:
     """The same cells preprocessed at several sizes (450, 128, 64 px): how much detail survives."""
-    note = _note(manifest)
-    table = _sample(manifest[manifest["label"].notna()], n, seed)[["path", "name", "patient_id", "label"]]
+    note, table = _note(manifest), _labeled_sample(manifest, n, seed)
     images, titles, rows = [], [], []
     for path, label in zip(table["path"], table["label"]):
         rgb = preprocessing.load_rgb(path)
@@ -359,18 +331,17 @@ def plot_resolution_comparison(manifest: pd.DataFrame, sizes: Sequence[int] = (4
                          "mask_fraction": float(mask.mean())})
     fig = charts.plot_image_grid(images, titles, ncols=len(sizes),
                                  title="One cell at " + " / ".join(map(str, sizes)) + f" px{note}")
-    result = pd.DataFrame(rows).merge(table, on="path")
-    save_figure(fig, result, "resolution_comparison", "The same cells after crop and pad at each size: chromatin "
-                "texture and nucleoli fade at 64 px.", PREPROCESSING_RUN, output_dir, note)
-    return fig, result
+    return save_figure(fig, pd.DataFrame(rows).merge(table, on="path"), "resolution_comparison", "The same cells "
+                       "after crop and pad at each size: chromatin texture and nucleoli fade at 64 px.",
+                       PREPROCESSING_RUN, output_dir, note)
 
 
 def plot_prepared_arrays(arrays_dir: str | Path, n: int = 6, seed: int = config.DEFAULT_SEED,
-                         output_dir: str | Path | None = None) -> tuple[Figure, pd.DataFrame]:
+                         output_dir: str | Path | None = None) -> Plot:
     """Images and masks read back from the cached arrays (what training reads), with labels."""
     arrays = preprocessing.load_arrays(arrays_dir)
     note = charts.synthetic_note(cells_synthetic=bool(arrays.meta.get("synthetic"))
-                                or manifest_is_synthetic(arrays.manifest))
+                                 or manifest_is_synthetic(arrays.manifest))
     rows = np.sort(np.random.default_rng(seed).choice(len(arrays.labels), size=min(n, len(arrays.labels)),
                                                       replace=False))
     images, titles = [], []
@@ -381,19 +352,14 @@ def plot_prepared_arrays(arrays_dir: str | Path, n: int = 6, seed: int = config.
     table = arrays.manifest.iloc[rows][["path", "name", "patient_id", "label"]].reset_index(names="row")
     fig = charts.plot_image_grid(images, titles, ncols=4, cmap="gray",
                                  title=f"Prepared arrays ({Path(arrays_dir).name}){note}")
-    save_figure(fig, table, "prepared_arrays", "Rows read back from the cached arrays (images.npy, masks.npy) with "
-                "their labels.", PREPROCESSING_RUN, output_dir, note)
-    return fig, table
+    return save_figure(fig, table, "prepared_arrays", "Rows read back from the cached arrays (images.npy, "
+                       "masks.npy) with their labels.", PREPROCESSING_RUN, output_dir, note)
 
 
 # ----------------------------------------------------------------------------- model and training
 def model_blocks(model) -> pd.DataFrame:
-    """The model's layers grouped into blocks: ``down0``, ``down0_pool`` (between blocks), ``bottleneck``, ``up0``,
-    ``head`` (the global poolings and dense layers), the outputs.
-
-    Returns:
-        One row per block in layer order: ``block, layers, output_shape, parameters``.
-    """
+    """One row per block in layer order (``down0``, ``down0_pool``, ``bottleneck``, ``up0``, ``head``, the outputs):
+    ``block, layers, output_shape, parameters``."""
     rows: dict[str, dict] = {}
     for layer in model.layers:
         prefix, _, part = layer.name.partition("_")
@@ -408,8 +374,8 @@ def model_blocks(model) -> pd.DataFrame:
 
 
 def _draw_unet(ax, model, info: pd.DataFrame) -> None:
-    """ANNa as a U: encoder down the left with each max-pool between two blocks, decoder up the right with the
-    skips (dashed), and the head below, fed by every level it pools."""
+    """ANNa as a U: encoder down the left with a max-pool between blocks, decoder up the right with the skips
+    (dashed), and the head below, fed by every level it pools."""
     depth = sum(1 for block in info.index if block.startswith("down") and block[4:].isdigit())
     boxes: dict[str, object] = {}
 
@@ -417,14 +383,18 @@ def _draw_unet(ax, model, info: pd.DataFrame) -> None:
         boxes[name] = ax.text(x, y, text, ha="center", va="center", fontsize=7,
                               bbox={"boxstyle": "round", "fc": colour, "ec": "#555"})
 
-    def arrow(start: str, end, colour: str = "#555", style: str = "-") -> None:
+    def arrow(start, end, colour: str = "#555", style: str = "-") -> None:
         # Clipped at both boxes and drawn above them: arrows end at a box's edge, never cross its text.
-        target = end if isinstance(end, Rectangle) else boxes[end]
-        end_xy = (boxes[start].get_position()[0], target.get_y() + target.get_height()) if isinstance(
-            end, Rectangle) else target.get_position()
-        ax.add_patch(FancyArrowPatch(boxes[start].get_position(), end_xy, arrowstyle="-|>", mutation_scale=10,
-                                     color=colour, linestyle=style, zorder=4, patchA=boxes[start].get_bbox_patch(),
-                                     patchB=target if isinstance(end, Rectangle) else target.get_bbox_patch()))
+        if isinstance(start, str):
+            start, patch_a = boxes[start].get_position(), boxes[start].get_bbox_patch()
+        else:
+            patch_a = None
+        if isinstance(end, Rectangle):
+            end_xy, patch_b = (start[0], end.get_y() + end.get_height()), end
+        else:
+            end_xy, patch_b = boxes[end].get_position(), boxes[end].get_bbox_patch()
+        ax.add_patch(FancyArrowPatch(start, end_xy, arrowstyle="-|>", mutation_scale=10, color=colour,
+                                     linestyle=style, zorder=4, patchA=patch_a, patchB=patch_b))
 
     def block(name: str) -> str:
         return f"{name}\n{info.loc[name, 'output_shape']}\n{info.loc[name, 'parameters']:,} params"
@@ -447,8 +417,7 @@ def _draw_unet(ax, model, info: pd.DataFrame) -> None:
     if "cell_mask" in info.index:
         box("cell_mask", 4 * depth + 2.4, 0, block("cell_mask"), "#d7bde2")
         arrow("up0", "cell_mask")
-    # The head: which blocks it pools, read from the model itself.
-    pooled: dict[str, list[str]] = {}
+    pooled: dict[str, list[str]] = {}  # which blocks the head pools, read from the model itself
     for layer in model.layers:
         source, _, kind = layer.name.partition("_")
         if kind in ("avg", "max"):
@@ -464,13 +433,11 @@ def _draw_unet(ax, model, info: pd.DataFrame) -> None:
     for name in pooled:
         arrow(name, band, "#b03a2e")
     box("p_leukemia", 4 * depth + 2.4, y, block("p_leukemia"), "#f5b7b1")
-    ax.add_patch(FancyArrowPatch((4 * depth + 0.9, y), boxes["p_leukemia"].get_position(), arrowstyle="-|>", zorder=4,
-                                 mutation_scale=10, color="#555", patchB=boxes["p_leukemia"].get_bbox_patch()))
+    arrow((4 * depth + 0.9, y), "p_leukemia")
     ax.set(xlim=(-3.6, 4 * depth + 3.6), ylim=(y - 0.8, 0.8))
 
 
-def plot_model_diagram(model, output_dir: str | Path | None = None, synthetic: bool = False
-                       ) -> tuple[Figure, pd.DataFrame]:
+def plot_model_diagram(model, output_dir: str | Path | None = None, synthetic: bool = False) -> Plot:
     """A block diagram of the network (ANNa as a U with its head, other models as a chain) and ``model_blocks``.
 
     ``synthetic``: the model is trained on synthetic cells (the title says so).
@@ -488,15 +455,14 @@ def plot_model_diagram(model, output_dir: str | Path | None = None, synthetic: b
     ax.axis("off")
     ax.set_title(f"{model.name}: {int(model.count_params()):,} parameters; skip connections dashed{note}",
                  fontsize=10)
-    save_figure(fig, table, "model_diagram", "ANNa's blocks with their output shapes: the encoder (down, a 2x2 "
-                "max-pool between two blocks), the bottleneck, the decoder (up) with the skip connections (dashed) "
-                "and the U-Net's cell mask. The classification head reads every level: each encoder block, the "
-                "bottleneck and the last decoder block, globally pooled, then a dense layer gives P(leukemia).",
-                TRAINING_RUN, output_dir, note)
-    return fig, table
+    return save_figure(fig, table, "model_diagram", "ANNa's blocks with their output shapes: the encoder (down, a "
+                       "2x2 max-pool between two blocks), the bottleneck, the decoder (up) with the skip connections "
+                       "(dashed) and the U-Net's cell mask. The classification head reads every level: each encoder "
+                       "block, the bottleneck and the last decoder block, globally pooled, then a dense layer gives "
+                       "P(leukemia).", TRAINING_RUN, output_dir, note)
 
 
-def plot_training_history(run_dir: str | Path, output_dir: str | Path | None = None) -> tuple[Figure, pd.DataFrame]:
+def plot_training_history(run_dir: str | Path, output_dir: str | Path | None = None) -> Plot:
     """Learning curves of a run (``history.csv``), epochs from 1 with the restored epoch marked."""
     from modules.modeling import saving
 
@@ -505,12 +471,11 @@ def plot_training_history(run_dir: str | Path, output_dir: str | Path | None = N
     chart = charts.training_chart(run_dir, run, note)
     if chart is None:
         raise FileNotFoundError(f"{Path(run_dir) / 'history.csv'} is missing or empty: the run trained no epoch")
-    save_figure(chart.figure, chart.data, "training_curves", chart.caption, TRAINING_RUN, output_dir, note)
-    return chart.figure, chart.data
+    return save_figure(chart.figure, chart.data, "training_curves", chart.caption, TRAINING_RUN, output_dir, note)
 
 
 def plot_testing_predictions(predictions: pd.DataFrame, n_examples: int = 6, seed: int = config.DEFAULT_SEED,
-                             output_dir: str | Path | None = None) -> tuple[Figure, pd.DataFrame]:
+                             output_dir: str | Path | None = None) -> Plot:
     """``predict.predict_images`` output: P(leukemia) histogram with the threshold, ``n_examples`` cells per call.
 
     Returns the figure and the counts per predicted class.
@@ -539,7 +504,6 @@ def plot_testing_predictions(predictions: pd.DataFrame, n_examples: int = 6, see
             cell_ax.set(xticks=[], yticks=[])
     table = (predictions.groupby("label_name").agg(cells=("path", "size"), mean_p=("p_leukemia", "mean"))
              .reset_index().rename(columns={"label_name": "predicted"}).assign(threshold=threshold))
-    save_figure(fig, table, "testing_predictions", "P(leukemia) for the unlabeled testing cells with the run's "
-                "threshold, and example cells of each predicted class (no labels exist for these cells, so no "
-                "accuracy can be computed).", TEST_RUN, output_dir, note)
-    return fig, table
+    return save_figure(fig, table, "testing_predictions", "P(leukemia) for the unlabeled testing cells with the "
+                       "run's threshold, and example cells of each predicted class (no labels exist for these cells, "
+                       "so no accuracy can be computed).", TEST_RUN, output_dir, note)

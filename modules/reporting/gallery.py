@@ -1,10 +1,7 @@
-"""The chart gallery ``output/viz/``: a folder per notebook or evaluation, and an index a person reads.
+"""The chart gallery ``output/viz/``: a folder per notebook or evaluation, replaced by its re-run, and an index.
 
-``publish`` mirrors the charts of one folder (a notebook's ``charts/<notebook>/`` or an evaluation
-folder) into ``viz/<group>/``: a re-run of the same notebook or evaluation replaces its charts in
-place. Each group has one writer, so no lock is taken; ``index.html`` is rebuilt from every group's
-``gallery.json`` and written atomically (two publishers finishing at the same instant can at worst
-leave one group out of it until the next ``publish`` or ``write_index``).
+Each group has one writer, so no lock is taken; two publishers finishing at the same instant can at worst
+leave one group out of ``index.html`` until the next ``publish`` or ``write_index``.
 """
 from __future__ import annotations
 
@@ -35,11 +32,10 @@ def _local_time(stamp: str) -> str:
 
 def publish(source: str | Path, viz_dir: str | Path | None = None, group: str | None = None, heading: str = "",
             synthetic: bool = False) -> Path:
-    """Mirror the charts ``charts.save_chart`` wrote in ``source`` into ``viz_dir/<group>/``; rewrite ``index.html``.
+    """Mirror the charts saved in ``source`` into ``viz_dir/<group>/`` (replaced in place), rewrite the index.
 
-    ``group`` (``1.EDA``, an evaluation; ``source``'s name by default) is replaced in place, charts it no longer
-    has removed; ``heading`` is what the index says above it; ``synthetic``: the charts come from synthetic cells
-    or a model trained on them. Returns the group's folder.
+    ``heading`` is what the index says above the group; ``synthetic``: the charts come from synthetic cells or
+    a model trained on them. Returns the group's folder.
     """
     source, viz_dir = Path(source), Path(viz_dir or config.VIZ_DIR)
     group = group or source.name
@@ -89,6 +85,7 @@ def publish_evaluation(folder: str | Path, viz_dir: str | Path | None, metrics: 
 
 
 def _read_group(path: Path) -> dict:
+    """A group's ``gallery.json`` with the charts still on disk; GalleryError naming a damaged one."""
     try:
         meta = json.loads(path.read_text())
         shown = [{"name": name, "caption": caption, "csv": (path.parent / f"{name}.csv").is_file()}

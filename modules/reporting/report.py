@@ -1,10 +1,5 @@
-"""The figures and documents of an evaluation: its charts, ``report.md`` and ``report.html``.
-
-``write_evaluation_report`` draws every chart from the numbers ``evaluate`` wrote into the
-evaluation folder, then renders both documents from the Jinja2 templates in ``templates/``: the
-words once in ``report_body.j2``, laid out by ``report.md`` and ``report.html`` (autoescaped).
-Images are referenced by file name, so the page loads them from its own folder.
-"""
+"""An evaluation's charts and its ``report.md`` / ``report.html``, rendered from the Jinja2 templates in
+``templates/`` (the words once, in ``report_body.j2``); images are linked by file name, beside the page."""
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -28,19 +23,16 @@ METRIC_LABELS = {
     "roc_auc": "ROC AUC", "pr_auc": "PR AUC (average precision)", "balanced_accuracy": "balanced accuracy",
     "sensitivity": "sensitivity (all recall)", "specificity": "specificity (hem recall)",
     "precision": "precision (all)", "f1": "F1 (all)", "weighted_f1": "weighted F1 (C-NMC 2019 metric)",
-    "accuracy": "accuracy", "mcc": "Matthews correlation",
-}
+    "accuracy": "accuracy", "mcc": "Matthews correlation"}
 #: Decodes and preprocesses one cell as the run did: path -> (image, mask).
 CellLoader = Callable[[str], tuple[np.ndarray, np.ndarray]]
 
 
 def write_evaluation_report(folder: str | Path, metrics: dict, predictions: pd.DataFrame, per_patient: pd.DataFrame,
                             model, settings: dict, run_config: dict, seed: int = 0) -> tuple[Path, Path]:
-    """Draw every chart of an evaluation into ``folder``, then write ``report.md`` and ``report.html``.
+    """Draw every chart of an evaluation into ``folder``, then write the reports; returns (report.md, report.html).
 
-    ``metrics``' ``synthetic_model`` / ``synthetic_data`` choose the titles' words; ``settings`` are the run's
-    preprocessing settings (``predict.preprocessing_settings``), ``seed`` samples the cells of the image charts.
-    Returns (report.md, report.html).
+    ``settings``: the run's preprocessing (``predict.preprocessing_settings``); ``seed`` samples the image charts.
     """
     note = charts.synthetic_note(metrics.get("synthetic_model"), metrics.get("synthetic_data"))
     drawn = charts.metric_charts(predictions, metrics["threshold"], per_patient, note)
@@ -56,8 +48,6 @@ def write_evaluation_report(folder: str | Path, metrics: dict, predictions: pd.D
 
 
 # ----------------------------------------------------------------------------- charts of cell images
-
-
 def _cell_title(row) -> str:
     """``true <class>, p=<P(leukemia)> → <called class>``."""
     return (f"true {config.CLASS_NAMES[int(row['label'])]}, p={row['p_leukemia']:.2f} → "
@@ -66,11 +56,8 @@ def _cell_title(row) -> str:
 
 def image_charts(model, predictions: pd.DataFrame, load_cell: CellLoader, note: str = "", per_group: int = 3,
                  n_errors: int = 6, seed: int = 0) -> dict[str, Chart]:
-    """Charts that need the images: confident errors, Grad-CAM, predicted masks (a model with a mask output).
-
-    ``n_errors`` most confident errors of each kind; Grad-CAM on ``per_group`` random cells of each true class,
-    right and wrong; ``load_cell`` prepares a cell as the run did.
-    """
+    """Charts of the cell images: the ``n_errors`` most confident errors of each kind, Grad-CAM on ``per_group``
+    random cells of each true class right and wrong, and the predicted masks (a model with a mask output)."""
     frame = predictions.reset_index(drop=True)
     wrong = frame["prediction"] != frame["label"]
     drawn = {"confident_errors": errors_chart(frame, wrong, load_cell, n_errors, note)}
@@ -149,8 +136,6 @@ def mask_chart(cells: np.ndarray, reference: np.ndarray, predicted: np.ndarray, 
 
 
 # ----------------------------------------------------------------------------- report documents
-
-
 def _fmt(value) -> str:
     if value is None or (isinstance(value, float) and not np.isfinite(value)):
         return "n/a"
@@ -188,7 +173,7 @@ def report_context(metrics: dict, run_config: dict, captions: dict[str, str],
 
 
 def write_report(folder: str | Path, metrics: dict, run_config: dict | None = None) -> tuple[Path, Path]:
-    """Write ``report.md`` and ``report.html`` into an evaluation folder whose charts are saved (atomically)."""
+    """Write ``report.md`` and ``report.html`` (atomically) into an evaluation folder whose charts are saved."""
     folder = Path(folder)
     path = folder / "per_patient.csv"
     per_patient = pd.read_csv(path, dtype={"patient_id": "string"}) if path.is_file() else None
