@@ -1,4 +1,9 @@
-"""Training input: batches streamed from the memory-mapped arrays through ``tf.data``, augmented on the fly."""
+"""Training input: batches streamed from the memory-mapped arrays through ``tf.data``, augmented on the fly.
+
+Every random draw of an epoch (the order of its cells, each cell's flips and colour jitter) is
+a stateless function of ``(seed, epoch)``: the same epoch gives the same batches in any process,
+so a resumed run trains on exactly what the uninterrupted one would have.
+"""
 from __future__ import annotations
 
 import numpy as np
@@ -14,11 +19,14 @@ def balanced_class_weights(labels: np.ndarray) -> dict[int, float]:
     return {c: float(len(labels) / (2 * counts[c])) for c in (0, 1)}
 
 
+#: Uniform numbers each training cell draws per epoch: three flips, hue angle, saturation, contrast, gain.
+AUGMENT_DRAWS = 7
 _RGB_TO_YIQ = np.array([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]], "float32")
 _YIQ_TO_RGB = np.linalg.inv(_RGB_TO_YIQ).astype("float32")
 
 
-def augment_batch(images: tf.Tensor, masks: tf.Tensor, colour: bool = True) -> tuple[tf.Tensor, tf.Tensor]:
+def augment_batch(images: tf.Tensor, masks: tf.Tensor, draws: tf.Tensor, colour: bool = True
+                  ) -> tuple[tf.Tensor, tf.Tensor]:
     """Randomly flip and rotate (by 90°) each image with its mask; jitter the cell's colour.
 
     The colour jitter (gain, contrast, saturation, hue rotation in YIQ space) mimics stain
@@ -28,22 +36,28 @@ def augment_batch(images: tf.Tensor, masks: tf.Tensor, colour: bool = True) -> t
     Args:
         images: (B, S, S, 3) float32, 0-255.
         masks: (B, S, S, 1) float32, 0/1.
+        draws: (B, ``AUGMENT_DRAWS``) uniform numbers in [0, 1), one row per cell: they decide
+            its flips and jitter, so the same draws give the same augmentation.
         colour: Apply the colour jitter.
 
     Returns:
         The augmented images and masks.
     """
     batch = tf.shape(images)[0]
+
+    def uniform(column: int, low: float, high: float, shape: tuple[int, ...] = ()) -> tf.Tensor:
+        return tf.reshape(low + (high - low) * draws[:, column], [batch, *shape])
+
     stacked = tf.concat([images, masks], axis=-1)
     # A transpose and two flips, each drawn per cell, give all 8 flips/90° rotations of a square.
-    for flip in (lambda t: tf.transpose(t, [0, 2, 1, 3]), lambda t: tf.reverse(t, axis=[1]),
-                 lambda t: tf.reverse(t, axis=[2])):
-        stacked = tf.where(tf.random.uniform([batch, 1, 1, 1]) < 0.5, flip(stacked), stacked)
+    for column, flip in enumerate((lambda t: tf.transpose(t, [0, 2, 1, 3]), lambda t: tf.reverse(t, axis=[1]),
+                                   lambda t: tf.reverse(t, axis=[2]))):
+        stacked = tf.where(uniform(column, 0.0, 1.0, (1, 1, 1)) < 0.5, flip(stacked), stacked)
     images, masks = stacked[..., :3], stacked[..., 3:]
     if not colour:
         return images, masks
-    angle = tf.random.uniform([batch], -0.15, 0.15)
-    saturation = tf.random.uniform([batch], 0.8, 1.2)
+    angle = uniform(3, -0.15, 0.15)
+    saturation = uniform(4, 0.8, 1.2)
     zeros, ones = tf.zeros([batch]), tf.ones([batch])
     rotate = tf.stack([
         tf.stack([ones, zeros, zeros], -1),
@@ -55,8 +69,8 @@ def augment_batch(images: tf.Tensor, masks: tf.Tensor, colour: bool = True) -> t
     cell = masks > 0.5
     area = tf.maximum(tf.reduce_sum(tf.cast(cell, tf.float32), axis=[1, 2, 3], keepdims=True), 1.0)
     mean = tf.reduce_sum(tf.where(cell, jittered, 0.0), axis=[1, 2], keepdims=True) / area
-    contrast = tf.random.uniform([batch, 1, 1, 1], 0.8, 1.2)
-    gain = tf.random.uniform([batch, 1, 1, 1], 0.8, 1.2)
+    contrast = uniform(5, 0.8, 1.2, (1, 1, 1))
+    gain = uniform(6, 0.8, 1.2, (1, 1, 1))
     jittered = ((jittered - mean) * contrast + mean) * gain
     images = tf.where(cell, tf.clip_by_value(jittered, 0.0, 255.0), images)
     return images, masks
@@ -73,11 +87,15 @@ def make_dataset(
     class_weights: dict[int, float] | None = None,
     segmentation: bool = True,
     augment: bool = True,
+    epochs: range = range(1),
 ) -> tf.data.Dataset:
     """Stream ``(image, targets, sample_weights)`` batches from the (memory-mapped) arrays.
 
     Class weights travel as per-cell sample weights on ``p_leukemia``: Keras'
-    ``class_weight`` does not apply to models with dict outputs.
+    ``class_weight`` does not apply to models with dict outputs. A training dataset streams
+    the batches of every epoch in ``epochs``, one epoch after the other (fit it with
+    ``steps_per_epoch=count_batches(len(indices), batch_size)``); epoch ``e`` shuffles and
+    augments with stateless draws seeded by ``(seed, e)``, the same in every process.
 
     Args:
         images: (N, S, S, 3) uint8 array or memory map.
@@ -86,10 +104,11 @@ def make_dataset(
         indices: Rows to use.
         batch_size: Cells per batch (global, across replicas).
         training: Shuffle each epoch and augment.
-        seed: Shuffle seed.
+        seed: Seed of the shuffles and augmentation.
         class_weights: {0: w0, 1: w1}; all ones when None.
         segmentation: Include the ``cell_mask`` target.
         augment: Augment (only when training).
+        epochs: The epochs a training dataset streams, counted from 0 (a resumed run starts later).
 
     Returns:
         The dataset.
@@ -102,15 +121,16 @@ def make_dataset(
         rows = np.sort(rows)  # ascending rows read a memory map sequentially
         return images[rows], masks[rows], labels[rows].astype("int32")
 
-    def read(rows):
+    def read(rows, draws):
         image, mask, label = tf.numpy_function(load, [rows], [tf.uint8, tf.uint8, tf.int32])
         image = tf.ensure_shape(image, [None, size, size, 3])
         mask = tf.ensure_shape(mask, [None, size, size])
-        return tf.cast(image, tf.float32), tf.cast(mask, tf.float32)[..., None], tf.ensure_shape(label, [None])
+        return (tf.cast(image, tf.float32), tf.cast(mask, tf.float32)[..., None], tf.ensure_shape(label, [None]),
+                draws)
 
-    def to_example(image, mask, label):
+    def to_example(image, mask, label, draws):
         if training and augment:
-            image, mask = augment_batch(image, mask)
+            image, mask = augment_batch(image, mask, draws)
         targets = {PROB_OUTPUT: tf.cast(label, tf.float32)[:, None]}
         sample_weights = {PROB_OUTPUT: tf.gather(weight_table, label)}
         if segmentation:
@@ -119,10 +139,29 @@ def make_dataset(
             sample_weights[MASK_OUTPUT] = tf.ones_like(sample_weights[PROB_OUTPUT])[:, None, None]
         return image, targets, sample_weights
 
-    dataset = tf.data.Dataset.from_tensor_slices(np.asarray(indices, dtype="int64"))
+    rows = np.asarray(indices, dtype="int64")
+
+    def epoch_batches(epoch: tf.Tensor) -> tf.data.Dataset:
+        # The cells' order and their draws depend on (seed, epoch) only, never on how often the
+        # dataset was iterated before (a resumed run's dataset starts at its next epoch).
+        key = tf.stack([tf.constant(seed, tf.int64), epoch])
+        order = tf.random.experimental.stateless_shuffle(rows, seed=key)
+        draws = tf.random.stateless_uniform([len(rows), AUGMENT_DRAWS],
+                                            seed=tf.random.experimental.stateless_fold_in(key, 1))
+        return tf.data.Dataset.from_tensor_slices((order, draws)).batch(batch_size)
+
     if training:
-        dataset = dataset.shuffle(len(indices), seed=seed, reshuffle_each_iteration=True)
-    dataset = dataset.batch(batch_size)
-    dataset = dataset.map(read, num_parallel_calls=tf.data.AUTOTUNE)
+        dataset = tf.data.Dataset.range(epochs.start, epochs.stop).flat_map(epoch_batches)
+    else:
+        dataset = tf.data.Dataset.from_tensor_slices((rows, np.zeros((len(rows), AUGMENT_DRAWS), "float32")))
+        dataset = dataset.batch(batch_size)
+    options = tf.data.Options()
+    options.deterministic = True  # parallel maps hand their batches on in order
+    dataset = dataset.with_options(options).map(read, num_parallel_calls=tf.data.AUTOTUNE)
     dataset = dataset.map(to_example, num_parallel_calls=tf.data.AUTOTUNE)
     return dataset.prefetch(tf.data.AUTOTUNE)
+
+
+def count_batches(count: int, batch_size: int) -> int:
+    """Batches of one epoch over ``count`` cells (the last one may be smaller)."""
+    return -(-int(count) // int(batch_size))

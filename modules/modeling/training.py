@@ -9,15 +9,18 @@ folder (``saving``)::
 
 Epochs are counted from 1 in ``history.csv`` and ``config.json``, as Keras prints them. The
 decision threshold is Youden's J on the run's own patient-held-out validation predictions.
-``resume=RUN_DIR`` continues an interrupted run: Keras' ``BackupAndRestore`` puts back the
-weights, the optimizer (learning rate included) and the epoch; ``ResumeState`` the rest.
+``resume=RUN_DIR`` continues an interrupted run where its last finished epoch left it
+(``ResumeState``): a resumed run ends with the same history as an uninterrupted one. A run
+folder has one writer at a time: the run holds its lock file (``.lock``) from start to end.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import platform
 import shutil
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, fields
 from datetime import datetime, timezone
 from pathlib import Path
@@ -30,9 +33,9 @@ import tensorflow as tf
 from modules import config
 from modules.data.splits import PatientSplit, SplitError, split_patients
 from modules.evaluation.metrics import point_metrics, youden_threshold
-from modules.files import atomic_path, write_csv_atomic, write_json_atomic
+from modules.files import atomic_path, exclusive_lock, remove_partials, write_csv_atomic, write_json_atomic
 from modules.modeling import hardware, network, saving
-from modules.modeling.inputs import balanced_class_weights, make_dataset
+from modules.modeling.inputs import balanced_class_weights, count_batches, make_dataset
 from modules.modeling.saving import load_run
 
 #: train_model's settings besides the fields of ``config.ModelSettings`` and ``config.TrainSettings``.
@@ -41,7 +44,7 @@ RUN_OPTIONS = {"architecture": "anna", "val_patients": None, "val_fold": None, "
 #: Settings a resumed run may change; every other one stays the run's own.
 RESUMABLE = ("epochs", "skip_bad")
 MODEL_KEYS = tuple(f.name for f in fields(config.ModelSettings) if f.name != "image_size")
-BACKUP_DIRNAME, STATE_FILENAME = "backup", "state.json"
+BACKUP_DIRNAME, STATE_FILENAME, LOCK_FILENAME = "backup", "state.json", ".lock"
 
 
 class TrainingDataError(ValueError):
@@ -165,16 +168,21 @@ def read_state(run_dir: Path) -> dict[str, dict]:
 
 
 class ResumeState(keras.callbacks.Callback):
-    """What ``BackupAndRestore`` does not keep: the history, early stopping's and the LR schedule's state.
+    """Everything a resumed fit needs, saved after every epoch and put back before the next one.
 
-    ``keras.callbacks.BackupAndRestore`` restores the weights, the optimizer (its learning rate
-    included) and the epoch, but no other callback's state: after a resume ``EarlyStopping``
-    would start its patience, best value and best weights over, ``ReduceLROnPlateau`` its
-    counters, and ``CSVLogger`` would number epochs from 0 and append epochs a second time. So
-    after every epoch this callback writes ``history.csv`` (epochs from 1) and keeps in
-    ``backup/state.json`` those counters for the last two epochs (a kill may come between this
-    file and Keras' backup), with early stopping's best weights in ``backup/best-epoch-N.npz``.
-    At the first epoch of a resumed fit it puts back the entry of the epoch Keras restored.
+    After each epoch: ``history.csv`` (epochs from 1), then in ``backup/`` the model's variables
+    (weights and the dropout layers' seed states) with the optimizer's (step count and learning
+    rate) as ``epoch-N.npz``, early stopping's best weights as ``best-epoch-N.npz``, and last
+    ``state.json``, which names both files and holds early stopping's (wait, best value, best
+    epoch) and ``ReduceLROnPlateau``'s (wait, best value, cooldown) counters. Each file is
+    replaced atomically and ``state.json`` last, so a kill at any moment leaves one complete
+    epoch to resume from. A resumed fit starts at ``epochs_done`` (``fit(initial_epoch=…)``);
+    at its first epoch this callback puts that epoch's state back.
+
+    Keras' ``BackupAndRestore`` is not used: it rewrites its weights file and then its epoch file
+    in place (a kill between the two pairs one epoch's weights with the previous epoch's number,
+    a kill during the second leaves JSON it cannot read), and it keeps neither the dropout seeds
+    nor any other callback's state.
     """
 
     SAVED = {"early_stopping": ("wait", "best", "best_epoch", "stopped_epoch"),
@@ -188,8 +196,33 @@ class ResumeState(keras.callbacks.Callback):
         self.entries, self.rows, self.restored = read_state(run_dir), [], False
         self.epochs_done = max(map(int, self.entries), default=0)
 
+    def variables(self) -> dict[str, list]:
+        """The model's variables (seed states included) and the optimizer's, in a fixed order."""
+        optimizer = self.model.optimizer
+        if not optimizer.built:
+            optimizer.build(self.model.trainable_variables)
+        return {"model": list(self.model.variables), "optimizer": list(optimizer.variables)}
+
+    def save_variables(self, name: str) -> None:
+        with atomic_path(self.folder / name) as partial:
+            np.savez(partial, **{f"{group}_{i}": keras.ops.convert_to_numpy(variable)
+                                 for group, variables in self.variables().items()
+                                 for i, variable in enumerate(variables)})
+
+    def load_variables(self, name: str) -> None:
+        file = self.folder / name
+        with np.load(file) as saved:
+            for group, variables in self.variables().items():
+                stored = sum(key.startswith(f"{group}_") for key in saved.files)
+                if stored != len(variables):
+                    raise TrainingDataError(f"{file} holds {stored} {group} variables, not {len(variables)}: it "
+                                            "belongs to another network; start a new run")
+                for i, variable in enumerate(variables):
+                    variable.assign(saved[f"{group}_{i}"])
+
     def restore(self, done: int) -> None:
-        """Put back the history and the callbacks' state as they were after epoch ``done`` (0: none)."""
+        """Put back the history and the callbacks' state as they were after epoch ``done`` (0: none),
+        and the model's and optimizer's variables when fitting."""
         history = pd.read_csv(self.history_path) if done and self.history_path.is_file() else pd.DataFrame()
         self.rows, self.restored = (history[history["epoch"] <= done].to_dict("records") if done else []), True
         if not done:
@@ -202,27 +235,29 @@ class ResumeState(keras.callbacks.Callback):
                 setattr(callback, attribute, value)
         with np.load(self.folder / entry["best_weights"]) as saved:
             self.callbacks["early_stopping"].best_weights = [saved[f"arr_{i}"] for i in range(len(saved.files))]
+        if self.model is not None and entry.get("checkpoint"):
+            self.load_variables(entry["checkpoint"])
 
     def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
         if not self.restored:
-            self.restore(epoch)  # the epoch BackupAndRestore resumes at (0 for a new run)
+            self.restore(epoch)  # the fit's initial epoch: epochs_done (0 for a new run)
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         self.rows.append({"epoch": epoch + 1, **{key: _plain(value) for key, value in sorted((logs or {}).items())}})
         write_csv_atomic(pd.DataFrame(self.rows), self.history_path)
         stopping = self.callbacks["early_stopping"]
-        best_file = f"best-epoch-{stopping.best_epoch + 1:04d}.npz"
+        best_file, checkpoint = f"best-epoch-{stopping.best_epoch + 1:04d}.npz", f"epoch-{epoch + 1:04d}.npz"
         if stopping.best_epoch == epoch:
             with atomic_path(self.folder / best_file) as partial:
                 np.savez(partial, *stopping.best_weights)
+        self.save_variables(checkpoint)
         entry = {name: {attribute: _plain(getattr(callback, attribute)) for attribute in self.SAVED[name]}
                  for name, callback in self.callbacks.items()}
-        self.entries = {done: kept for done, kept in self.entries.items() if done == str(epoch)}
-        self.entries[str(epoch + 1)] = {**entry, "best_weights": best_file, "stopped": bool(self.model.stop_training)}
-        write_json_atomic(self.folder / STATE_FILENAME, {"epochs": self.entries})
-        kept = {saved["best_weights"] for saved in self.entries.values()}
-        for path in self.folder.glob("best-epoch-*.npz"):
-            if path.name not in kept:
+        self.entries = {str(epoch + 1): {**entry, "best_weights": best_file, "checkpoint": checkpoint,
+                                         "stopped": bool(self.model.stop_training)}}
+        write_json_atomic(self.folder / STATE_FILENAME, {"epochs": self.entries})  # the epoch is saved now
+        for path in self.folder.glob("*.npz"):
+            if path.name not in (best_file, checkpoint):
                 path.unlink(missing_ok=True)
 
 
@@ -241,9 +276,15 @@ class ThroughputTimer(keras.callbacks.Callback):
         self.train_seconds.append(time.perf_counter() - self._start)
 
 
-def fit_model(model: keras.Model, train_data, val_data, settings: dict, run_dir: Path, verbose: int
-              ) -> tuple[ResumeState, ThroughputTimer]:
-    """Train with early stopping and a learning-rate schedule, resumably; the best epoch's weights at the end."""
+def fit_model(model: keras.Model, train_data: Callable[[int], tf.data.Dataset], val_data, settings: dict,
+              run_dir: Path, verbose: int, steps_per_epoch: int | None = None) -> tuple[ResumeState, ThroughputTimer]:
+    """Train with early stopping and a learning-rate schedule, resumably; the best epoch's weights at the end.
+
+    Args:
+        train_data: Gives the training batches from an epoch on (counted from 0; a resumed fit starts later).
+        steps_per_epoch: Batches per epoch where ``train_data`` streams all its epochs in one pass
+            (``inputs.make_dataset``); None where each pass is one epoch.
+    """
     monitor, mode = monitor_of(settings)
     stopping = keras.callbacks.EarlyStopping(monitor=monitor, mode=mode, patience=settings["patience"],
                                              restore_best_weights=True, verbose=min(verbose, 1))
@@ -255,16 +296,30 @@ def fit_model(model: keras.Model, train_data, val_data, settings: dict, run_dir:
         state.restore(state.epochs_done)
         model.set_weights(stopping.best_weights)
         return state, timer
-    # Keras' backup stays until the run folder is complete (delete_checkpoint=False), so a kill between the
-    # last epoch and the final files still resumes; its second copy survives a kill while it writes the first.
-    backup = keras.callbacks.BackupAndRestore(str(run_dir / BACKUP_DIRNAME / "keras"), delete_checkpoint=False,
-                                              double_checkpoint=True)
-    model.fit(train_data, validation_data=val_data, epochs=settings["epochs"], verbose=verbose,
-              callbacks=[stopping, reduce_lr, state, backup, timer], shuffle=False)  # tf.data shuffles
+    # ResumeState comes after the callbacks whose state it saves; tf.data shuffles.
+    model.fit(train_data(state.epochs_done), validation_data=val_data, epochs=settings["epochs"],
+              initial_epoch=state.epochs_done, steps_per_epoch=steps_per_epoch, verbose=verbose,
+              callbacks=[stopping, reduce_lr, state, timer], shuffle=False)
     return state, timer
 
 
 # --------------------------------------------------------------------------- run folder
+@contextlib.contextmanager
+def claim_run_dir(run_dir: Path) -> Iterator[Path]:
+    """Be the run folder's one writer for the whole ``with`` block, then clear what a killed writer left.
+
+    Raises:
+        LockHeldError: Another process trains or resumes this run now (the message names it).
+        TrainingDataError: The run finished while this process got ready to resume it.
+    """
+    with exclusive_lock(run_dir / LOCK_FILENAME, f"the run folder {run_dir}"):
+        if load_run(run_dir, required=False).get("status") == "complete":
+            raise TrainingDataError(f"{run_dir} finished already; start a new run instead of --resume")
+        for folder in (run_dir, run_dir / BACKUP_DIRNAME):  # a killed writer's temporary files: none is live now
+            remove_partials(folder)
+        yield run_dir
+
+
 def new_run_dir(parent: Path, tag: str) -> Path:
     """Create ``<parent>/<timestamp>-<tag>`` (with a counter when taken); never reuse a folder."""
     parent.mkdir(parents=True, exist_ok=True)
@@ -376,8 +431,9 @@ def train_model(data=None, *, resume: str | Path | None = None, output_dir: str 
         arrays = Path(previous["data"]["arrays_dir"])
         data = arrays if arrays.is_dir() else previous["data"]["source"]
     verbose = 2 if verbose == "auto" else int(verbose)
-    done = max(map(int, read_state(Path(resume))), default=0) if resume else 0
-    keras.utils.set_random_seed(settings["seed"] + done)  # a resumed run draws anew from its next epoch
+    # The same seed on a resume: it builds the same network, whose state is then restored; the data's
+    # draws depend on (seed, epoch) only.
+    keras.utils.set_random_seed(settings["seed"])
 
     # Every check that can fail on bad input runs before the run folder is made.
     output_dir = Path(output_dir) if output_dir else None
@@ -391,20 +447,22 @@ def train_model(data=None, *, resume: str | Path | None = None, output_dir: str 
     policy, strategy = hardware.select_policy(settings["policy"]), hardware.select_strategy(settings["strategy"])
     parent = Path(settings["runs_dir"] or Path(output_dir or config.OUTPUT_DIR) / config.MODELS_SUBDIR)
     tag = settings["run_tag"] or f"{settings['architecture']}-s{settings['image_size']}"
-    run_dir = Path(resume) if resume else new_run_dir(parent, tag)
-    run_config = describe_run(run_dir, settings, split, arrays, arrays_dir, source, policy, strategy, previous)
-    write_json_atomic(run_dir / saving.CONFIG_FILENAME, run_config)
 
-    def dataset(rows: np.ndarray, training: bool) -> tf.data.Dataset:
+    def dataset(rows: np.ndarray, training: bool, first_epoch: int = 0) -> tf.data.Dataset:
         weights = balanced_class_weights(labels[rows]) if settings["class_weighting"] else None
         return make_dataset(arrays.images, arrays.masks, labels, rows, settings["batch_size"], training,
-                            settings["seed"], weights, settings["segmentation"], settings["augment"] and training)
+                            settings["seed"], weights, settings["segmentation"], settings["augment"] and training,
+                            range(first_epoch, settings["epochs"]))
 
-    started = time.perf_counter()
-    with hardware.dtype_policy(policy), strategy.scope():
-        model = build_model(settings)
-        compile_model(model, settings)
-        state, timer = fit_model(model, dataset(split.train_index, True), dataset(split.val_index, False),
-                                 settings, run_dir, verbose)
-    finish_run(run_dir, run_config, model, arrays, split, state, timer, time.perf_counter() - started)
+    with claim_run_dir(Path(resume) if resume else new_run_dir(parent, tag)) as run_dir:
+        run_config = describe_run(run_dir, settings, split, arrays, arrays_dir, source, policy, strategy, previous)
+        write_json_atomic(run_dir / saving.CONFIG_FILENAME, run_config)
+        started = time.perf_counter()
+        with hardware.dtype_policy(policy), strategy.scope():
+            model = build_model(settings)
+            compile_model(model, settings)
+            state, timer = fit_model(model, lambda first: dataset(split.train_index, True, first),
+                                     dataset(split.val_index, False), settings, run_dir, verbose,
+                                     count_batches(len(split.train_index), settings["batch_size"]))
+        finish_run(run_dir, run_config, model, arrays, split, state, timer, time.perf_counter() - started)
     return run_dir

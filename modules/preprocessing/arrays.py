@@ -4,7 +4,9 @@
 ``masks.npy`` (N,S,S) uint8 0/1, ``labels.npy`` (N,) int8 (1 all, 0 hem, -1 unlabeled),
 ``manifest.csv`` (row i = array row i) and ``meta.json``. A thread pool fills the memory maps
 chunk by chunk (OpenCV and NumPy release the GIL) in a staging folder that is renamed into place
-only when complete. A second call on unchanged files returns the cached folder.
+only when complete. A second call on unchanged files returns the cached folder. One process at a
+time prepares a folder (it holds ``arrays/.<name>.lock``; another waits, then finds it cached), so
+a staging folder found while holding that lock was left by a killed prepare and is removed.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import datetime as dt
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -26,7 +29,7 @@ from tqdm.auto import tqdm
 from modules import config
 from modules.data.layout import MANIFEST_DTYPES, DatasetError, read_manifest, scan_dataset, write_manifest
 from modules.data.synthetic import is_synthetic
-from modules.files import make_public, write_json_atomic
+from modules.files import exclusive_lock, make_public, write_json_atomic
 from modules.preprocessing.cells import ImageError, check_settings, preprocess_image, quiet_opencv, read_bgr
 
 #: Part of the cache digest: bump it whenever the pixels ``preprocess_image`` produces change, so
@@ -178,6 +181,18 @@ def _write_arrays(folder: Path, manifest: pd.DataFrame, settings: tuple[int, int
     return manifest, [{"path": path, "error": message} for _, path, message in errors]
 
 
+def remove_staging(target: Path) -> list[Path]:
+    """Remove the staging folders of ``target`` (``.<name>.<random>.partial``) that killed prepares left.
+
+    Call it only while holding the lock of ``target``: every live writer of those folders holds it.
+    """
+    name = re.compile(rf"\.{re.escape(target.name)}\.[a-z0-9_]{{8}}\.partial")  # tempfile's random part
+    left = [folder for folder in target.parent.glob(".*.partial") if folder.is_dir() and name.fullmatch(folder.name)]
+    for folder in left:
+        shutil.rmtree(folder, ignore_errors=True)
+    return left
+
+
 def _is_cached(folder: Path, digest: str, skip_bad: bool) -> bool:
     try:
         meta = load_arrays(folder).meta
@@ -219,26 +234,26 @@ def prepare_arrays(data, size: int = config.DEFAULT_IMAGE_SIZE, output_dir: str 
         return target
     synthetic = bool(manifest.attrs.get("synthetic", is_synthetic(source)))
     target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=f".{target.name}.", suffix=".partial", dir=target.parent,
-                                     ignore_cleanup_errors=True) as staging:  # gone once published
-        make_public(staging)
-        desc = f"{'SYNTHETIC ' if synthetic else ''}{dataset} @ {size}px"
-        manifest, skipped = _write_arrays(Path(staging), manifest, settings, max(1, workers or default_workers()),
-                                          skip_bad, progress, desc)
-        labels = manifest["label"].fillna(-1)
-        write_json_atomic(Path(staging) / "meta.json", {
-            "size": settings[0], "margin": settings[1], "background_threshold": threshold, "canvas": settings[3],
-            "source": str(source), "dataset": dataset, "count": len(manifest),
-            "counts": {"all": int((labels == 1).sum()), "hem": int((labels == 0).sum()),
-                       "unlabeled": int((labels == -1).sum())},
-            "digest": digest, "skipped": skipped, "synthetic": synthetic, "meta_version": META_VERSION,
-            "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")})
-        shutil.rmtree(target, ignore_errors=True)  # outdated: memory maps already open on it stay valid
-        try:
-            os.replace(staging, target)
-        except OSError:
-            if not _is_cached(target, digest, skip_bad):  # lost a race to an identical run?
-                raise
+    with exclusive_lock(target.parent / f".{target.name}.lock", f"the arrays folder {target}", wait=True):
+        if _is_cached(target, digest, skip_bad):  # prepared by the process this one waited for
+            return target
+        remove_staging(target)
+        with tempfile.TemporaryDirectory(prefix=f".{target.name}.", suffix=".partial", dir=target.parent,
+                                         ignore_cleanup_errors=True) as staging:  # gone once published
+            make_public(staging)
+            desc = f"{'SYNTHETIC ' if synthetic else ''}{dataset} @ {size}px"
+            manifest, skipped = _write_arrays(Path(staging), manifest, settings,
+                                              max(1, workers or default_workers()), skip_bad, progress, desc)
+            labels = manifest["label"].fillna(-1)
+            write_json_atomic(Path(staging) / "meta.json", {
+                "size": settings[0], "margin": settings[1], "background_threshold": threshold, "canvas": settings[3],
+                "source": str(source), "dataset": dataset, "count": len(manifest),
+                "counts": {"all": int((labels == 1).sum()), "hem": int((labels == 0).sum()),
+                           "unlabeled": int((labels == -1).sum())},
+                "digest": digest, "skipped": skipped, "synthetic": synthetic, "meta_version": META_VERSION,
+                "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")})
+            shutil.rmtree(target, ignore_errors=True)  # outdated: memory maps already open on it stay valid
+            os.replace(staging, target)  # no race: every writer of this folder holds the lock
     return target
 
 
