@@ -103,7 +103,8 @@ SPLIT_HELP = (
 
 
 def _run_evaluate(args: argparse.Namespace) -> int:
-    from modules.evaluation import evaluate, metrics as scores
+    from modules import metrics as scores
+    from modules.evaluation import evaluate
 
     folder = evaluate.evaluate_run(args.model, args.data, split=args.split, threshold=args.threshold,
                                    output_dir=args.out, patients=args.patients, skip_bad=args.skip_bad,

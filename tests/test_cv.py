@@ -11,7 +11,7 @@ from modules.cli import main
 from modules.data import folds as data_folds
 from modules.data import layout
 from modules.evaluation import cv
-from modules.evaluation.metrics import per_patient_table
+from modules.metrics import per_patient_table
 
 
 def test_fold0_folds_hold_out_every_subject_once(shared_cnmc):

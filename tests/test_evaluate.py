@@ -11,7 +11,8 @@ import pytest
 from sklearn import metrics as skm
 
 from modules import cli, config
-from modules.evaluation import evaluate, metrics as scores
+from modules import metrics as scores
+from modules.evaluation import evaluate
 
 EXPECTED_FILES = [
     "metrics.json", "predictions.csv", "per_patient.csv", "report.md", "report.html",

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from modules.evaluation import explain
+from modules.reporting import explain
 from modules.modeling import network as model
 from modules.modeling import saving
 from modules import preprocessing

@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 from sklearn import metrics as skm
 
-from modules.evaluation import metrics
+from modules import metrics
 
 # Known arrays: 6 leukemic (1), 4 normal (0) cells.
 LABELS = np.array([1, 1, 1, 1, 1, 1, 0, 0, 0, 0])
@@ -188,6 +188,6 @@ def test_metrics_need_no_tensorflow():
     import subprocess
     import sys
 
-    code = "import sys; import modules.evaluation.metrics; print('tensorflow' in sys.modules)"
+    code = "import sys; import modules.metrics; print('tensorflow' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() \
         == "False"

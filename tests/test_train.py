@@ -17,7 +17,7 @@ pytest.importorskip("tensorflow")
 
 from modules import cli, config  # noqa: E402
 from modules.data import splits  # noqa: E402
-from modules.evaluation.metrics import youden_threshold  # noqa: E402
+from modules.metrics import youden_threshold  # noqa: E402
 from modules.modeling import saving  # noqa: E402
 from modules.modeling import training as train  # noqa: E402
 

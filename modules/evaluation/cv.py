@@ -23,7 +23,7 @@ import pandas as pd
 from sklearn.metrics import balanced_accuracy_score, roc_auc_score
 
 from modules import config
-from modules.evaluation.metrics import per_patient_table
+from modules.metrics import per_patient_table
 from modules.files import write_csv_atomic, write_json_atomic
 
 #: ``anna``: the network with the project's defaults; ``cell_area``: each cell scored by its size alone
@@ -93,7 +93,7 @@ def _cell_area(fold: int, subjects: list[str], settings: dict) -> tuple:
     """Score each cell by the share of a common-scale square its mask covers; threshold on inner validation."""
     from modules import preprocessing
     from modules.data.splits import split_patients
-    from modules.evaluation.metrics import youden_threshold
+    from modules.metrics import youden_threshold
 
     arrays = preprocessing.load_arrays(_fold_arrays(settings["data"], settings["image_size"], SIZE_CANVAS,
                                                     settings["arrays_out"]))

@@ -13,6 +13,7 @@ import tempfile
 import warnings
 from collections.abc import Sequence
 from datetime import datetime, timezone
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,7 @@ import pandas as pd
 
 from modules import config
 from modules.evaluation import predict
-from modules.evaluation.metrics import EvaluationError, compute_metrics, per_patient_table
+from modules.metrics import EvaluationError, compute_metrics, per_patient_table
 from modules.files import make_public
 
 SPLITS = config.EVALUATION_SPLITS
@@ -224,7 +225,8 @@ def _write_evaluation(output_root: Path, metrics: dict, predictions: pd.DataFram
         predictions.to_csv(staging / "predictions.csv", index=False)
         per_patient.to_csv(staging / "per_patient.csv", index=False)
         (staging / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-        report.write_evaluation_report(staging, metrics, predictions, per_patient, model, settings, run_config, seed)
+        report.write_evaluation_report(staging, metrics, predictions, per_patient, model,
+                                       partial(predict.prepare_cell, settings=settings), run_config, seed)
         make_public(staging)  # mkdtemp makes it private
         folder = _new_folder(parent, f"{metrics['run_id']}__{metrics['dataset']}_{metrics['split']}", staging)
     except BaseException:

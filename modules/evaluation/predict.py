@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from modules import config
-from modules.evaluation.metrics import EvaluationError
+from modules.metrics import EvaluationError, mask_dice
 from modules.files import write_csv_atomic
 
 CHUNK = 256  # images decoded and predicted at a time: memory stays bounded on any dataset size
@@ -121,14 +121,6 @@ def iter_prepared(paths: Sequence[str], settings: dict, skip_bad: bool = False,
             yield start, results
 
 
-def mask_dice(predicted: np.ndarray, reference: np.ndarray) -> np.ndarray:
-    """Dice overlap per cell of predicted masks (>= 0.5) and reference masks (> 0); 1 where both are empty."""
-    predicted, reference = predicted >= 0.5, reference > 0
-    overlap = (predicted & reference).sum(axis=(1, 2))
-    total = predicted.sum(axis=(1, 2)) + reference.sum(axis=(1, 2))
-    return np.where(total > 0, 2 * overlap / np.maximum(total, 1), 1.0)
-
-
 def predict_paths(model, paths: Sequence[str], settings: dict, skip_bad: bool = False, batch_size: int = 64,
                   progress: bool = True) -> dict:
     """P(leukemia), and the mask's agreement with preprocessing when the model segments, for image files.
@@ -204,6 +196,10 @@ def list_images(paths_or_dirs: Iterable[str | Path] | str | Path) -> pd.DataFram
             raise FileNotFoundError(f"{path} not found: pass image files or folders of cell images")
     if not rows:
         raise FileNotFoundError(f"no images ({', '.join(config.IMAGE_EXTENSIONS)}) in {', '.join(map(str, items))}")
+    from modules.data.layout import utf8_path
+
+    for row in rows:  # a name that is not UTF-8 is named now, not as a failure to write the CSV
+        utf8_path(row["path"])
     return pd.DataFrame(rows).drop_duplicates("path").reset_index(drop=True)
 
 

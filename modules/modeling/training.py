@@ -32,7 +32,7 @@ import tensorflow as tf
 
 from modules import config
 from modules.data.splits import PatientSplit, SplitError, split_patients
-from modules.evaluation.metrics import point_metrics, youden_threshold
+from modules.metrics import point_metrics, youden_threshold
 from modules.files import atomic_path, exclusive_lock, remove_partials, write_csv_atomic, write_json_atomic
 from modules.modeling import hardware, network, saving
 from modules.modeling.inputs import balanced_class_weights, count_batches, make_dataset

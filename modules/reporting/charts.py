@@ -16,7 +16,7 @@ from sklearn.calibration import CalibrationDisplay
 from sklearn.metrics import ConfusionMatrixDisplay, PrecisionRecallDisplay, RocCurveDisplay
 
 from modules import config
-from modules.evaluation.metrics import confusion_table
+from modules.metrics import confusion_table
 from modules.files import atomic_path, write_csv_atomic, write_json_atomic
 
 #: Captions of the charts of one folder, in the order they were saved.

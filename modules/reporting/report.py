@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from functools import partial
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -12,9 +11,9 @@ import pandas as pd
 
 from modules import config
 from modules.data.layout import patient_sort_key
-from modules.evaluation import explain
-from modules.evaluation.predict import mask_dice, prepare_cell
+from modules.reporting import explain
 from modules.files import write_text_atomic
+from modules.metrics import mask_dice
 from modules.modeling import saving
 from modules.reporting import HTML_TEMPLATES, TEXT_TEMPLATES, charts
 from modules.reporting.charts import Chart
@@ -29,10 +28,10 @@ CellLoader = Callable[[str], tuple[np.ndarray, np.ndarray]]
 
 
 def write_evaluation_report(folder: str | Path, metrics: dict, predictions: pd.DataFrame, per_patient: pd.DataFrame,
-                            model, settings: dict, run_config: dict, seed: int = 0) -> tuple[Path, Path]:
+                            model, load_cell: CellLoader, run_config: dict, seed: int = 0) -> tuple[Path, Path]:
     """Draw every chart of an evaluation into ``folder``, then write the reports; returns (report.md, report.html).
 
-    ``settings``: the run's preprocessing (``predict.preprocessing_settings``); ``seed`` samples the image charts.
+    ``load_cell`` decodes and preprocesses a cell as the run did; ``seed`` samples the image charts.
     """
     note = charts.synthetic_note(metrics.get("synthetic_model"), metrics.get("synthetic_data"))
     drawn = charts.metric_charts(predictions, metrics["threshold"], per_patient, note)
@@ -40,7 +39,7 @@ def write_evaluation_report(folder: str | Path, metrics: dict, predictions: pd.D
                                    charts.synthetic_note(metrics.get("synthetic_model")))
     if curves is not None:
         drawn["training_curves"] = curves
-    drawn.update(image_charts(model, predictions, partial(prepare_cell, settings=settings), note, seed=seed))
+    drawn.update(image_charts(model, predictions, load_cell, note, seed=seed))
     for name, chart in drawn.items():
         charts.save_chart(chart.figure, chart.data, name, chart.caption, folder)
         plt.close(chart.figure)

@@ -211,3 +211,11 @@ def describe_metrics(metrics: dict) -> str:
         which = " and ".join(words for words, synthetic in sides if synthetic)
         text += f" Note: {which}, so these figures say nothing about real leukemia cells."
     return text
+
+
+def mask_dice(predicted: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """Dice overlap per cell of predicted masks (>= 0.5) and reference masks (> 0); 1 where both are empty."""
+    predicted, reference = predicted >= 0.5, reference > 0
+    overlap = (predicted & reference).sum(axis=(1, 2))
+    total = predicted.sum(axis=(1, 2)) + reference.sum(axis=(1, 2))
+    return np.where(total > 0, 2 * overlap / np.maximum(total, 1), 1.0)
