@@ -48,9 +48,27 @@ def _run_scan(args: argparse.Namespace) -> int:
         patients = layout.summarize(table, "patient_id")
         patients = patients[patients["patient_id"] != ""]
         print(f"\npatients ({len(patients)}):\n" + patients.to_string(index=False))
+    _print_duplicates(table)
     out = Path(args.out) / config.CSV_SUBDIR / f"{table.attrs['dataset']}_manifest.csv"
     print(layout.write_manifest(table, out))
     return 0
+
+
+def _print_duplicates(table) -> None:
+    """Byte-identical files (scan does not decode) and the subjects they link, which every split keeps together."""
+    from modules.data import duplicates
+
+    copies = duplicates.find_duplicates(table.assign(file_digest=duplicates.file_digests(table["path"].tolist())),
+                                        "file_digest")
+    print(f"\nidentical files: {len(copies)} cells are byte-identical copies ({copies['file_digest'].nunique()} "
+          f"groups; {int(copies['crosses_splits'].sum())} of them across splits)")
+    groups = duplicates.subject_groups(copies[copies["split"] == "train"], "file_digest")
+    if len(groups):
+        print(f"training cells filed under more than one subject ({len(groups)} groups; every patient split and "
+              "CV fold keeps each group on one side):")
+        for row in groups.itertuples():
+            print(f"  {row.group}: {row.shared_cells} identical cell(s)")
+        duplicates.warn_groups(groups, table.attrs["source"], "each group is kept on one side of every split")
 
 
 def _run_prepare(args: argparse.Namespace) -> int:
@@ -63,7 +81,7 @@ def _run_prepare(args: argparse.Namespace) -> int:
     folder = preprocessing.prepare_arrays(manifest, size=args.size, output_dir=args.out, skip_bad=args.skip_bad,
                                           workers=args.workers, progress=not args.no_progress, margin=args.margin,
                                           canvas=args.canvas)
-    meta = json.loads((folder / "meta.json").read_text())
+    meta = preprocessing.load_arrays(folder).meta  # checked against its schema
     counts = meta["counts"]
     print(f"{meta['count']} cells at {meta['size']}x{meta['size']} px: {counts['all']} all, {counts['hem']} hem, "
           f"{counts['unlabeled']} unlabeled (prepared {meta['created']})")
@@ -210,7 +228,9 @@ def _add_data_commands(subparsers) -> None:
     scan = subparsers.add_parser(
         "scan", help="list the images of a C-NMC dataset and count them",
         description="Scan a C-NMC_Leukemia folder (or any folder inside it), print the cells per split, "
-                    "class, fold and patient, and write OUT/csv/<dataset>_manifest.csv (its path is the last line).")
+                    "class, fold and patient and the byte-identical files (subjects sharing cells are named: "
+                    "splits keep them together), and write OUT/csv/<dataset>_manifest.csv (its path is the last "
+                    "line).")
     _data_argument(scan, required=True)
     scan.add_argument("--out", type=Path, default=config.OUTPUT_DIR,
                       help="output root; the manifest goes to OUT/csv/ (default: %(default)s)")
@@ -376,6 +396,16 @@ def _add_notebook_commands(subparsers) -> None:
     run.set_defaults(func=_run_notebooks)
 
 
+def check_out(out: str | Path) -> None:
+    """Refuse ``--out`` before any work when it, or a folder above it, is a file (it is made when missing)."""
+    path = Path(out).expanduser()
+    for folder in (path, *path.parents):
+        if folder.exists():
+            if not folder.is_dir():
+                raise CommandError(f"--out {out}: {folder} is a file, not a folder; pass a folder (made if missing)")
+            return
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The top-level parser; each sub-parser carries ``func``, which imports its stage when run."""
     parser = argparse.ArgumentParser(
@@ -402,6 +432,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     try:
+        if getattr(args, "out", None) is not None:
+            check_out(args.out)
         return int(args.func(args) or 0)
     except (CommandError, ValueError, FileNotFoundError) as error:
         # Errors meant for users name the file and the fix; no traceback needed.

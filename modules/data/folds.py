@@ -1,7 +1,13 @@
-"""Cross-validation folds by subject: every subject held out exactly once, classes spread evenly."""
+"""Cross-validation folds by subject: every subject held out exactly once, classes spread evenly.
+
+Subjects that share identical cells (``data.duplicates``) are held out together, in one fold.
+"""
 from __future__ import annotations
 
 import pandas as pd
+
+from modules.data import duplicates
+from modules.data.layout import DIGEST_COLUMN
 
 #: Held-out subjects of the shared training fold_0 (28 subjects: 19 ALL, 9 healthy), fixed so that
 #: every run of the cross-validation scores the same people: 6-7 ALL (~800 cells) and 3 healthy each.
@@ -19,26 +25,39 @@ class FoldError(ValueError):
 def cv_folds(manifest: pd.DataFrame, n_folds: int = 3) -> dict[int, list[str]]:
     """Held-out subjects per fold for the labeled training cells of a manifest.
 
-    The shared fold_0 gets ``FOLD0_FOLDS``; other data is dealt subject by subject, largest first, to
-    the fold with the fewest cells of that subject's class, so that each fold holds both classes and a
-    similar number of cells.
+    The shared fold_0 gets ``FOLD0_FOLDS``; other data is dealt group by group (a subject, or the
+    subjects sharing identical cells), largest first, to the fold with the fewest cells of that
+    group's class, so that each fold holds both classes and a similar number of cells.
+
+    Args:
+        manifest: A scan's manifest (copies found by file bytes: each training file is read once) or the
+            arrays' manifest (by its ``pixel_digest``).
+        n_folds: How many folds.
 
     Raises:
-        FoldError: Fewer subjects of a class than folds.
+        FoldError: Fewer groups of a class than folds.
     """
     cells = manifest[(manifest["split"] == "train") & manifest["label"].notna()]
-    subjects = cells.assign(patient_id=cells["patient_id"].astype(str).str.upper()).groupby("patient_id").agg(
-        label=("label", "first"), cells=("label", "size"))
-    if set(subjects.index) == {s for fold in FOLD0_FOLDS.values() for s in fold} and n_folds == len(FOLD0_FOLDS):
+    cells = cells.assign(patient_id=cells["patient_id"].astype(str).str.upper())
+    if DIGEST_COLUMN not in cells:
+        cells = cells.assign(**{DIGEST_COLUMN: duplicates.file_digests(cells["path"].tolist())})
+    groups = duplicates.subject_groups(cells)
+    duplicates.warn_groups(groups, "the cross-validation data", "each group is held out in one fold")
+    cells = cells.assign(group=duplicates.group_of(cells["patient_id"], groups))
+    linked = [set(subjects) for subjects in groups["subjects"]]
+    if set(cells["patient_id"]) == {s for fold in FOLD0_FOLDS.values() for s in fold} and \
+            n_folds == len(FOLD0_FOLDS) and all(any(g <= set(f) for f in FOLD0_FOLDS.values()) for g in linked):
         return {fold: list(members) for fold, members in FOLD0_FOLDS.items()}
+    sizes = cells.groupby("group").agg(label=("label", lambda s: int(s.mode().iloc[0])), cells=("label", "size"))
+    members = cells.groupby("group")["patient_id"].unique()
     folds: dict[int, list[str]] = {fold: [] for fold in range(n_folds)}
-    for label, group in subjects.groupby("label"):
+    for label, group in sizes.groupby("label"):
         if len(group) < n_folds:
-            raise FoldError(f"only {len(group)} subject(s) of class {int(label)} for {n_folds} folds; "
+            raise FoldError(f"only {len(group)} subject group(s) of class {int(label)} for {n_folds} folds; "
                             "use fewer folds or more subjects")
         load = [0] * n_folds
-        for subject, row in group.sort_values(["cells", "label"], ascending=False).iterrows():
+        for name, row in group.sort_values(["cells", "label"], ascending=False).iterrows():
             fold = min(range(n_folds), key=lambda f: (load[f], f))
-            folds[fold].append(str(subject))
+            folds[fold] += sorted(members[name])
             load[fold] += int(row["cells"])
     return folds

@@ -30,6 +30,8 @@ SPLIT_ORDER = {"train": 0, "validation": 1, "test": 2}
 #: Column dtypes of the manifest (patient ids stay strings: "11" is not the number 11).
 MANIFEST_DTYPES = {"path": str, "name": str, "original_name": str, "patient_id": str,
                    "label": "Int8", "split": str, "fold": "Int8"}
+#: The column the arrays' manifest adds: each cell's digest of its decoded pixels (``data.duplicates``).
+DIGEST_COLUMN = "pixel_digest"
 _LAYOUT_HINT = (
     "expected the Kaggle 'leukemia-classification' layout: C-NMC_Leukemia/training_data/fold_0..2/{all,hem}/, "
     "validation_data/C-NMC_test_prelim_phase_data/ with C-NMC_test_prelim_phase_data_labels.csv, "
@@ -57,12 +59,28 @@ def _list_images(folder: Path) -> list[str]:
             if entry.name.startswith(".") or entry.name.lower() in JUNK_FILES:
                 continue
             if os.path.splitext(entry.name)[1].lower() in config.IMAGE_EXTENSIONS and entry.is_file():
-                images.append(os.path.join(base, entry.name))
+                images.append(utf8_path(os.path.join(base, entry.name)))
             else:
                 others.append(entry.name + ("/" if entry.is_dir() else ""))
     if others:
         warn_ignored(folder, others, "not an image", f"; images must end in {', '.join(config.IMAGE_EXTENSIONS)}")
     return images
+
+
+def utf8_path(path: str | os.PathLike) -> str:
+    """``path`` as a string; refused, named with its odd bytes shown, when it is not valid UTF-8.
+
+    Such a name (from an older encoding such as Latin-1) decodes with surrogates that no CSV or
+    terminal can take, so it would fail later with an error that names nothing.
+    """
+    text = os.fspath(path)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        shown = os.fsencode(text).decode("utf-8", "backslashreplace")  # the byte 0xE9 shows as \xe9
+        raise DatasetError(f"{shown}: the name is not valid UTF-8 (an older encoding such as Latin-1?), so it "
+                           "cannot be listed in a manifest; rename it with UTF-8 characters only") from None
+    return text
 
 
 def warn_ignored(folder: Path, names: list[str], reason: str, advice: str,
@@ -329,7 +347,7 @@ def _dataset_root(folder: Path, kind: str) -> Path:
 
 
 def _resolve(path: str | os.PathLike) -> Path:
-    folder = Path(path).expanduser().resolve()
+    folder = Path(utf8_path(Path(path).expanduser().resolve()))
     if not folder.exists():
         raise FileNotFoundError(
             f"dataset folder not found: {folder}; download 'leukemia-classification' from Kaggle and unpack it "
@@ -517,15 +535,16 @@ def read_manifest(path: str | os.PathLike) -> pd.DataFrame:
         path: The CSV file.
 
     Returns:
-        The manifest table (``label`` and ``fold`` nullable Int8, the rest strings).
+        The manifest table (``label`` and ``fold`` nullable Int8, the rest strings), with
+        ``DIGEST_COLUMN`` when the file has it (the arrays' manifest).
     """
-    table = pd.read_csv(path, dtype={c: str for c, t in MANIFEST_DTYPES.items() if t is str},
+    table = pd.read_csv(path, dtype={**{c: str for c, t in MANIFEST_DTYPES.items() if t is str}, DIGEST_COLUMN: str},
                         keep_default_na=False, na_values={"label": [""], "fold": [""]})
     missing = [c for c in config.MANIFEST_COLUMNS if c not in table.columns]
     if missing:
         raise DatasetError(f"{path} is not a manifest (missing columns {missing}); "
                            "write it with `python -m modules scan`")
-    table = table[list(config.MANIFEST_COLUMNS)]
+    table = table[[*config.MANIFEST_COLUMNS, *([DIGEST_COLUMN] if DIGEST_COLUMN in table else [])]]
     return table.astype({"label": "Int8", "fold": "Int8"})
 
 

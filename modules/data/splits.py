@@ -1,5 +1,7 @@
 """Patient-disjoint training/validation splits of the labeled training cells (never by image).
 
+Subjects that share identical cells (``data.duplicates``: the arrays' ``pixel_digest``) count as one
+group: it goes whole to one side, and is excluded whole, so no cell is on both sides of a split.
 Cross-validation folds (held-out subjects per fold) are in ``modules.data.folds``.
 """
 from __future__ import annotations
@@ -10,6 +12,7 @@ import numpy as np
 import pandas as pd
 
 from modules import config
+from modules.data import duplicates
 
 
 class SplitError(ValueError):
@@ -33,21 +36,36 @@ def _class_name(label: int) -> str:
     return config.CLASS_NAMES[int(label)]
 
 
-def _usable_cells(manifest: pd.DataFrame, labels: np.ndarray, excluded: list[str], source: str) -> pd.DataFrame:
-    """The labeled training cells not excluded: row, patient, label and fold of each."""
+def _usable_cells(manifest: pd.DataFrame, labels: np.ndarray, excluded: list[str],
+                  source: str) -> tuple[pd.DataFrame, list[str]]:
+    """The labeled training cells not excluded (row, patient, label, fold and group of each), and the
+    patients excluded: those asked for and every subject grouped with them."""
     patient_ids = manifest["patient_id"].fillna("").astype(str).str.upper().to_numpy()
     unknown = set(excluded) - set(patient_ids)
     if unknown:
         raise SplitError(f"patients to exclude not found in {source}: {', '.join(sorted(unknown))}")
-    usable = ((manifest["split"].astype(str) == "train").to_numpy() & (labels >= 0) & ~np.isin(patient_ids, excluded))
+    training = (manifest["split"].astype(str) == "train").to_numpy() & (labels >= 0)
+    groups = _groups(manifest, training, source)
+    group = duplicates.group_of(pd.Series(patient_ids), groups).to_numpy()
+    linked = np.isin(group, group[np.isin(patient_ids, excluded)])
+    excluded = sorted(set(excluded) | set(patient_ids[training & linked]))
+    usable = training & ~np.isin(patient_ids, excluded)
     if not usable.any():
         raise SplitError(f"{source} has no labeled training cells (training_data/fold_N/{{all,hem}}); "
                          "point --data at a C-NMC_Leukemia root or a training fold")
     if (patient_ids[usable] == "").any():
         raise SplitError(f"{source}: some training cells have no patient id, so they cannot be split "
                          "by patient; name files UID_<patient>_<image>_<cell>_<all|hem>")
-    return pd.DataFrame({"row": np.flatnonzero(usable), "patient_id": patient_ids[usable],
-                         "label": labels[usable].astype(int), "fold": manifest["fold"].to_numpy()[usable]})
+    return pd.DataFrame({"row": np.flatnonzero(usable), "patient_id": patient_ids[usable], "group": group[usable],
+                         "label": labels[usable].astype(int), "fold": manifest["fold"].to_numpy()[usable]}), excluded
+
+
+def _groups(manifest: pd.DataFrame, training: np.ndarray, source: str) -> pd.DataFrame:
+    """Training subjects linked by identical cells, warned about (none in a manifest never prepared)."""
+    groups = duplicates.subject_groups(manifest[training])
+    duplicates.warn_groups(groups, source, "each group stays whole on one side of the split (or is excluded "
+                           "whole), so that no cell is on both", stacklevel=5)
+    return groups
 
 
 def _fold_patients(table: pd.DataFrame, val_fold: int | None, folds: list[int], source: str) -> tuple[list, int]:
@@ -65,7 +83,8 @@ def _fold_patients(table: pd.DataFrame, val_fold: int | None, folds: list[int], 
 
 
 def _drawn_patients(patient_class: pd.Series, val_fraction: float, seed: int, source: str) -> list[str]:
-    """``val_fraction`` of each class's patients (at least one, never all), drawn with ``seed``."""
+    """``val_fraction`` of each class's patients (at least one, never all), drawn with ``seed``; a group
+    of subjects sharing cells is drawn as one."""
     rng = np.random.default_rng(seed)
     chosen = []
     for label in sorted(patient_class.unique()):
@@ -108,25 +127,27 @@ def split_patients(
     """
     if val_patients and val_fold is not None:
         raise SplitError("give either validation patients or a validation fold, not both")
-    excluded = sorted({str(p).upper() for p in exclude_patients})
-    table = _usable_cells(manifest, labels, excluded, source)
-    patient_class = table.groupby("patient_id")["label"].agg(lambda s: int(s.mode().iloc[0]))
+    table, excluded = _usable_cells(manifest, labels, sorted({str(p).upper() for p in exclude_patients}), source)
+    group_class = table.groupby("group")["label"].agg(lambda s: int(s.mode().iloc[0]))
     folds = sorted(int(f) for f in pd.unique(table["fold"].dropna()))
     if val_patients:
         chosen = sorted({str(p).strip().upper() for p in val_patients if str(p).strip()})
-        missing = sorted(set(chosen) - set(patient_class.index))
+        missing = sorted(set(chosen) - set(table["patient_id"]))
         if missing:
             raise SplitError(f"validation patients not among the training patients of {source}: "
-                             f"{', '.join(missing)}; available: {', '.join(sorted(patient_class.index))}")
+                             f"{', '.join(missing)}; available: {', '.join(sorted(set(table['patient_id'])))}")
         method = "patients"
     elif val_fold is not None or len(folds) > 1:
         (chosen, val_fold), method = _fold_patients(table, val_fold, folds, source), "fold"
     else:
-        chosen, method = _drawn_patients(patient_class, val_fraction, seed, source), "patients_stratified"
-    is_val = table["patient_id"].isin(chosen).to_numpy()
+        chosen, method = _drawn_patients(group_class, val_fraction, seed, source), "patients_stratified"
+    # Whole groups: a subject sharing cells with a validation subject validates too.
+    is_val = table["group"].isin(table.loc[table["patient_id"].isin(chosen) | table["group"].isin(chosen),
+                                           "group"]).to_numpy()
     split = PatientSplit(
         train_index=table["row"].to_numpy()[~is_val], val_index=table["row"].to_numpy()[is_val],
-        train_patients=sorted(set(table.loc[~is_val, "patient_id"])), val_patients=list(chosen),
+        train_patients=sorted(set(table.loc[~is_val, "patient_id"])),
+        val_patients=sorted(set(table.loc[is_val, "patient_id"])),
         method=method, val_fold=val_fold if method == "fold" else None, excluded_patients=excluded)
     _check_classes(split, labels, source)
     return split

@@ -5,13 +5,13 @@ A run folder (``output/models/<run_id>/``) holds ``model.keras``, ``config.json`
 """
 from __future__ import annotations
 
-import json
 import zipfile
 from pathlib import Path
 
 import keras
 import numpy as np
 
+from modules.data import schema
 from modules.modeling.network import PROB_OUTPUT
 
 MODEL_FILENAME = "model.keras"
@@ -48,7 +48,7 @@ def load_run(path: str | Path, required: bool = True) -> dict:
 
     Raises:
         FileNotFoundError: No ``config.json`` (with ``required``).
-        ModelFileError: It is not a JSON object.
+        ModelFileError: It is not a JSON object, or a value has the wrong type or range (``schema.RUN``).
     """
     path = Path(path).expanduser()
     file = (path if path.is_dir() else path.parent) / CONFIG_FILENAME
@@ -56,13 +56,8 @@ def load_run(path: str | Path, required: bool = True) -> dict:
         if not required:
             return {}
         raise FileNotFoundError(f"{file} not found; pass a run folder written by `python -m modules train`")
-    try:
-        run = json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ModelFileError(f"{file} is not valid JSON ({error}); restore it from the run") from error
-    if not isinstance(run, dict):
-        raise ModelFileError(f"{file} holds a {type(run).__name__}, not a run's settings; restore it from the run")
-    return run
+    return schema.read_json(file, schema.RUN, "restore the config.json the run wrote, or train the run again",
+                            ModelFileError)
 
 
 def load_model(path: str | Path) -> keras.Model:

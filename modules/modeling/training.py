@@ -16,7 +16,6 @@ folder has one writer at a time: the run holds its lock file (``.lock``) from st
 from __future__ import annotations
 
 import contextlib
-import json
 import platform
 import shutil
 import time
@@ -31,6 +30,7 @@ import pandas as pd
 import tensorflow as tf
 
 from modules import config
+from modules.data import schema
 from modules.data.splits import PatientSplit, SplitError, split_patients
 from modules.metrics import point_metrics, youden_threshold
 from modules.files import atomic_path, exclusive_lock, remove_partials, write_csv_atomic, write_json_atomic
@@ -160,11 +160,8 @@ def read_state(run_dir: Path) -> dict[str, dict]:
     file = Path(run_dir) / BACKUP_DIRNAME / STATE_FILENAME
     if not file.is_file():
         return {}
-    try:
-        return dict(json.loads(file.read_text())["epochs"])
-    except (ValueError, KeyError, TypeError) as error:
-        raise TrainingDataError(f"{file} is damaged ({error}); delete {file.parent} to train the run again "
-                                "from its first epoch") from error
+    return dict(schema.read_json(file, schema.STATE, f"delete {file.parent} to train the run again from its first "
+                                 "epoch", TrainingDataError)["epochs"])
 
 
 class ResumeState(keras.callbacks.Callback):

@@ -13,7 +13,6 @@ from __future__ import annotations
 import concurrent.futures as futures
 import datetime as dt
 import hashlib
-import json
 import os
 import re
 import shutil
@@ -27,6 +26,8 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from modules import config
+from modules.data import schema
+from modules.data.duplicates import DIGEST_COLUMN, pixel_digest
 from modules.data.layout import MANIFEST_DTYPES, DatasetError, read_manifest, scan_dataset, write_manifest
 from modules.data.synthetic import is_synthetic
 from modules.files import exclusive_lock, make_public, write_json_atomic
@@ -34,8 +35,9 @@ from modules.preprocessing.cells import ImageError, check_settings, preprocess_i
 
 #: Part of the cache digest: bump it whenever the pixels ``preprocess_image`` produces change, so
 #: that arrays cached by older code are rebuilt, not trusted (4: OpenCV's resize replaced the C kernel;
-#: 5: shrinks by two or more go through an integer-factor area average, see ``cells.resize_square``).
-META_VERSION = 5
+#: 5: shrinks by two or more go through an integer-factor area average, see ``cells.resize_square``;
+#: 6: manifest.csv gains each cell's ``pixel_digest``, which the patient splits group copies by).
+META_VERSION = 6
 ARRAYS = ("images", "masks", "labels")
 #: Rows one worker prepares per task: enough to amortise the pool, few enough to balance the threads.
 CHUNK = 32
@@ -94,13 +96,15 @@ def _dataset_for(manifest: pd.DataFrame) -> str:
     return f"{dataset}_subset-{subset}" if dataset else f"manifest-{subset}"
 
 
-def _prepare_chunk(start: int, paths: list[str], images: np.ndarray, masks: np.ndarray,
+def _prepare_chunk(start: int, paths: list[str], images: np.ndarray, masks: np.ndarray, digests: list[str],
                    settings: tuple[int, int, int, int]) -> tuple[int, list[tuple[int, str, str]]]:
-    """Prepare rows ``start…`` into the memory maps; returns how many and the errors (row, path, message)."""
+    """Prepare rows ``start…`` into the memory maps and ``digests`` (each cell's ``pixel_digest``); returns
+    how many and the errors (row, path, message)."""
     errors = []
     for row, path in enumerate(paths, start):
         try:
-            image, mask = preprocess_image(read_bgr(path), *settings)
+            decoded = read_bgr(path)
+            image, mask = preprocess_image(decoded, *settings)
         except ImageError as error:
             errors.append((row, path, str(error) if path in str(error) else f"{path}: {error}"))
         except OSError as error:
@@ -108,17 +112,19 @@ def _prepare_chunk(start: int, paths: list[str], images: np.ndarray, masks: np.n
         else:
             images[row] = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)  # converted small: cheaper than the input
             masks[row] = mask
+            digests[row] = pixel_digest(decoded[..., ::-1])  # of the RGB pixels, as the EDA's content hash
     return len(paths), errors
 
 
-def _fill(paths: list[str], images: np.ndarray, masks: np.ndarray, settings: tuple[int, int, int, int],
-          workers: int, skip_bad: bool, progress: bool, desc: str) -> list[tuple[int, str, str]]:
+def _fill(paths: list[str], images: np.ndarray, masks: np.ndarray, digests: list[str],
+          settings: tuple[int, int, int, int], workers: int, skip_bad: bool, progress: bool,
+          desc: str) -> list[tuple[int, str, str]]:
     """Prepare every path on a thread pool; stops at the first chunk with a bad image unless ``skip_bad``."""
     errors = []
     # OpenCV's log level is process-wide: silenced once around the whole run.
     with quiet_opencv(), futures.ThreadPoolExecutor(workers) as pool, \
             tqdm(total=len(paths), desc=desc, unit="img", disable=not progress, dynamic_ncols=True) as bar:
-        jobs = [pool.submit(_prepare_chunk, start, paths[start:start + CHUNK], images, masks, settings)
+        jobs = [pool.submit(_prepare_chunk, start, paths[start:start + CHUNK], images, masks, digests, settings)
                 for start in range(0, len(paths), CHUNK)]
         try:
             for job in futures.as_completed(jobs):
@@ -165,7 +171,9 @@ def _write_arrays(folder: Path, manifest: pd.DataFrame, settings: tuple[int, int
     n, size = len(manifest), settings[0]
     images = np.lib.format.open_memmap(folder / "images.npy", "w+", np.uint8, (n, size, size, 3))
     masks = np.lib.format.open_memmap(folder / "masks.npy", "w+", np.uint8, (n, size, size))
-    errors = _fill(manifest["path"].tolist(), images, masks, settings, workers, skip_bad, progress, desc)
+    digests = [""] * n
+    errors = _fill(manifest["path"].tolist(), images, masks, digests, settings, workers, skip_bad, progress, desc)
+    manifest = manifest.assign(**{DIGEST_COLUMN: digests})
     del images, masks  # no msync: only the rename of a complete folder publishes it
     if errors and (not skip_bad or len(errors) == n):
         listed = "\n  ".join(message for _, _, message in errors[:10])
@@ -262,7 +270,8 @@ def load_arrays(arrays_dir: str | os.PathLike) -> PreparedArrays:
 
     Raises:
         FileNotFoundError: The folder or one of its files is missing (prepare it again).
-        ValueError: Its arrays, manifest and meta.json disagree on the row count.
+        SchemaError: meta.json or an array is not what ``prepare_arrays`` writes (a pickled ``.npy``, a
+            value of the wrong type), or they disagree on the row count; the message names the file.
     """
     folder = Path(arrays_dir)
     missing = [name for name in (*(f"{n}.npy" for n in ARRAYS), "manifest.csv", "meta.json")
@@ -270,11 +279,28 @@ def load_arrays(arrays_dir: str | os.PathLike) -> PreparedArrays:
     if missing:
         raise FileNotFoundError(f"{folder} is not a complete arrays folder (missing {', '.join(missing)}); "
                                 "run `python -m modules prepare --data DIR` again")
-    meta = json.loads((folder / "meta.json").read_text())
-    arrays = {n: np.load(folder / f"{n}.npy", mmap_mode="r") for n in ARRAYS}
+    fix = f"delete {folder} and run `python -m modules prepare --data DIR` again"
+    meta = schema.read_json(folder / "meta.json", schema.META, fix)
+    side = meta["size"]
+    arrays = {name: _open_array(folder / f"{name}.npy", dtype, shape, fix)
+              for name, (dtype, shape) in {"images": (np.uint8, (side, side, 3)), "masks": (np.uint8, (side, side)),
+                                           "labels": (np.int8, ())}.items()}
     manifest = read_manifest(folder / "manifest.csv")
     manifest.attrs.update({"dataset": meta.get("dataset"), "source": meta.get("source"),
                            "synthetic": meta.get("synthetic", False), "rows": len(manifest)})
     if {*(len(a) for a in arrays.values()), len(manifest)} != {meta.get("count")}:
-        raise ValueError(f"{folder}: arrays, manifest and meta.json disagree on the row count; prepare it again")
+        raise schema.SchemaError(f"{folder}: arrays, manifest and meta.json disagree on the row count; {fix}")
     return PreparedArrays(manifest=manifest, meta=meta, path=folder, **arrays)
+
+
+def _open_array(file: Path, dtype: type, shape: tuple[int, ...], fix: str) -> np.ndarray:
+    """A read-only memory map of one ``.npy`` of the cache, checked to be (N, *shape) of ``dtype``."""
+    try:
+        array = np.load(file, mmap_mode="r", allow_pickle=False)  # never unpickle: a .npy may come from anywhere
+    except (ValueError, OSError, EOFError) as error:  # pickled, truncated or not a .npy at all
+        raise schema.SchemaError(f"{file} is not an array file written by prepare ({error}); {fix}") from error
+    if array.dtype != dtype or array.shape[1:] != shape:
+        wanted = "(N" + "".join(f", {side}" for side in shape) + ")"
+        raise schema.SchemaError(f"{file} holds {array.dtype} of shape {array.shape}, not {np.dtype(dtype)} of "
+                                 f"shape {wanted}; {fix}")
+    return array

@@ -2,7 +2,6 @@
 ``charts/<notebook>/`` and published as ``viz/<notebook>/``; titles say when the cells are synthetic."""
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -17,6 +16,7 @@ from matplotlib.patches import FancyArrowPatch, Rectangle
 from tqdm.auto import tqdm
 
 from modules import config, preprocessing
+from modules.data import duplicates
 from modules.data import synthetic as synth
 from modules.data.layout import SPLIT_ORDER, patient_sort_key
 from modules.preprocessing.cells import cell_mask
@@ -179,7 +179,7 @@ def _measure_one(path: str) -> dict:
             "cell_area_fraction": area / (rgb.shape[0] * rgb.shape[1]), "cell_intensity": float(np.mean(cell_mean)),
             **{f"cell_mean_{c}": float(v) for c, v in zip("rgb", cell_mean)},
             **{f"image_mean_{c}": float(v) for c, v in zip("rgb", cv2.mean(rgb)[:3])},
-            "content_hash": hashlib.blake2b(rgb.tobytes() + str(rgb.shape).encode(), digest_size=16).hexdigest()}
+            "content_hash": duplicates.pixel_digest(rgb)}
 
 
 def measure_images(manifest: pd.DataFrame, limit: int | None = None, seed: int = config.DEFAULT_SEED,
@@ -247,18 +247,9 @@ def plot_cell_area_intensity(stats: pd.DataFrame, output_dir: str | Path | None 
 
 
 def find_duplicates(stats: pd.DataFrame) -> pd.DataFrame:
-    """One row per image whose decoded pixels another image repeats (same content hash).
-
-    Columns ``content_hash, copies, path, name, patient_id, class, split, label_conflict`` (the copies carry
-    different labels), ``crosses_splits`` (copies in different splits: a leak between training and evaluation).
-    """
-    copies = stats.groupby("content_hash")["path"].transform("size")
-    table = stats.loc[copies > 1, ["content_hash", "path", "name", "patient_id", "class", "split"]].copy()
-    table.insert(1, "copies", copies[copies > 1])
-    groups = table.groupby("content_hash")
-    table["label_conflict"] = groups["class"].transform("nunique") > 1
-    table["crosses_splits"] = groups["split"].transform("nunique") > 1
-    return table.sort_values(["content_hash", "path"], ignore_index=True)
+    """One row per image whose decoded pixels another repeats: ``duplicates.find_duplicates`` on the content
+    hash of ``measure_images`` (with ``label_conflict``, ``crosses_splits`` and ``crosses_subjects``)."""
+    return duplicates.find_duplicates(stats, "content_hash")
 
 
 def _thumbnail(rgb: np.ndarray, side: int = 150) -> np.ndarray:

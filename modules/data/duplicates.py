@@ -1,0 +1,128 @@
+"""Identical cells under different names, and the subjects they link.
+
+The public C-NMC download files some cells under two subjects (71 cells of fold_0 subject 20 are
+fold_2 subject 21's). A split by patient that puts such subjects on two sides has the same cells on
+both: the leak it exists to prevent. Two digests find the copies:
+
+- ``pixel_digest``: of the decoded RGB pixels. ``prepare`` stores it per cell in the arrays'
+  ``manifest.csv``, so it costs no extra read; it also finds a BMP and a PNG of one cell. The
+  patient splits (``splits.split_patients``) and the EDA notebook use it.
+- ``file_digest``: of the file's bytes. ``scan`` does not decode, so it uses this one (a byte-identical
+  copy is also pixel-identical: the C-NMC copies are byte-identical), and so do the CV folds
+  (``folds.cv_folds``) when given a scan's manifest without ``pixel_digest``.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import warnings
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pandas as pd
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
+
+from modules.data.layout import DIGEST_COLUMN, patient_sort_key
+
+DIGEST_BYTES = 16  # 128 bits: no two different cells among millions share one by chance
+
+
+def pixel_digest(rgb: np.ndarray) -> str:
+    """blake2b of an image's decoded pixels and shape (any channel order, the same everywhere)."""
+    digest = hashlib.blake2b(np.ascontiguousarray(rgb).tobytes(), digest_size=DIGEST_BYTES)
+    digest.update(str(rgb.shape).encode())
+    return digest.hexdigest()
+
+
+def file_digest(path: str | os.PathLike) -> str | None:
+    """blake2b of a file's bytes, read in blocks (memory stays flat on any file size); None when it cannot
+    be read (``prepare`` names such files; a copy of it cannot be told)."""
+    try:
+        with open(path, "rb") as file:
+            return hashlib.file_digest(file, lambda: hashlib.blake2b(digest_size=DIGEST_BYTES)).hexdigest()
+    except OSError:
+        return None
+
+
+def file_digests(paths: Sequence[str], workers: int = 8) -> list[str | None]:
+    """``file_digest`` of each path on a few threads (hashlib releases the GIL on large reads)."""
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        return list(pool.map(file_digest, paths))
+
+
+def find_duplicates(table: pd.DataFrame, column: str = DIGEST_COLUMN) -> pd.DataFrame:
+    """The rows of ``table`` whose digest (``column``) another row shares (rows without one are left out).
+
+    Returns:
+        One row per copy, by digest then path: ``column, copies`` and the table's ``path, name,
+        patient_id, class, label, split`` (those it has), plus ``label_conflict`` (the copies carry
+        different labels), ``crosses_splits`` (copies in different splits: a leak between training and
+        evaluation) and ``crosses_subjects`` (copies filed under different subjects).
+    """
+    copies = table.groupby(column)[column].transform("size")
+    kept = [c for c in (column, "path", "name", "patient_id", "class", "label", "split") if c in table]
+    duplicates = table.loc[copies > 1, kept].copy()
+    duplicates.insert(1, "copies", copies[copies > 1])
+    groups = duplicates.groupby(column)
+    labelled = "class" if "class" in duplicates else "label"
+    duplicates["label_conflict"] = groups[labelled].transform("nunique") > 1
+    duplicates["crosses_splits"] = groups["split"].transform("nunique") > 1
+    subjects = duplicates["patient_id"].astype(str).str.upper().replace("", pd.NA)
+    duplicates["crosses_subjects"] = subjects.groupby(duplicates[column]).transform("nunique") > 1
+    return duplicates.sort_values([column, "path"], ignore_index=True)
+
+
+def subject_groups(table: pd.DataFrame, column: str = DIGEST_COLUMN) -> pd.DataFrame:
+    """Subjects linked by identical cells, directly or through others (A shares a cell with B, B with C).
+
+    Args:
+        table: Rows with ``patient_id`` and the digest ``column``; rows without a patient id are left out.
+
+    Returns:
+        One row per group of two or more subjects: ``group`` (the subjects joined by ``+`` in numeric
+        order, e.g. ``20+21``), ``subjects`` (a list) and ``shared_cells`` (digests found under more
+        than one of them), largest first. None for a table without ``column`` (a manifest never prepared).
+    """
+    if column not in table:
+        return pd.DataFrame(columns=["group", "subjects", "shared_cells"])
+    rows = table.assign(patient_id=table["patient_id"].astype(str).str.upper())
+    rows = rows[(rows["patient_id"] != "") & rows[column].notna() & (rows[column].astype(str) != "")]
+    subject_codes, subjects = pd.factorize(rows["patient_id"])
+    digest_codes, digests = pd.factorize(rows[column])
+    # A graph of subjects and digests, an edge for each cell: its components are the groups.
+    nodes = len(subjects) + len(digests)
+    edges = coo_matrix((np.ones(len(rows)), (subject_codes, len(subjects) + digest_codes)), shape=(nodes, nodes))
+    _, component = connected_components(edges, directed=False)
+    members = pd.Series(subjects, index=component[:len(subjects)])
+    shared = rows.groupby(column)["patient_id"].nunique()
+    shared_component = pd.Series(component[len(subjects) + digests.get_indexer(shared.index)], index=shared.index)
+    result = []
+    for _, names in members.groupby(level=0):
+        if len(names) > 1:
+            ordered = names.sort_values(key=patient_sort_key).tolist()
+            cells = int((shared[shared_component == names.index[0]] > 1).sum())
+            result.append({"group": "+".join(ordered), "subjects": ordered, "shared_cells": cells})
+    groups = pd.DataFrame(result, columns=["group", "subjects", "shared_cells"])
+    return groups.sort_values(["shared_cells", "group"], ascending=[False, True], ignore_index=True)
+
+
+def group_of(patient_ids: pd.Series, groups: pd.DataFrame) -> pd.Series:
+    """Each patient id's group name (``subject_groups``), or the id itself when it is in none."""
+    names = {subject: row.group for row in groups.itertuples() for subject in row.subjects}
+    return patient_ids.astype(str).str.upper().replace(names)
+
+
+def describe_groups(groups: pd.DataFrame, limit: int = 10) -> str:
+    """``20+21 (71 identical cells), 51+75+78 (…)`` for a message."""
+    listed = ", ".join(f"{row.group} ({row.shared_cells} identical cell{'s' if row.shared_cells != 1 else ''})"
+                       for row in groups.head(limit).itertuples())
+    return listed + (f" and {len(groups) - limit} more groups" if len(groups) > limit else "")
+
+
+def warn_groups(groups: pd.DataFrame, source: str, consequence: str, stacklevel: int = 3) -> None:
+    """Warn that ``source`` files identical cells under several subjects, and what is done about it."""
+    if len(groups):
+        warnings.warn(f"{source}: identical cells are filed under more than one subject: {describe_groups(groups)}; "
+                      f"{consequence}", stacklevel=stacklevel)
