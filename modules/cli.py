@@ -105,8 +105,9 @@ def _run_train(args: argparse.Namespace) -> int:
         val_patients=val_patients, val_fold=args.val_fold, seed=args.seed, output_dir=args.out,
         base_filters=args.base_filters, depth=args.depth, segmentation=False if args.no_segmentation else None,
         policy=args.policy, resume=args.resume, skip_bad=args.skip_bad or None, canvas=args.canvas,
+        strategy=args.strategy,
     )
-    print(run_dir)
+    print(run_dir or "this worker is done; the chief (worker 0) wrote the run folder")
     return 0
 
 
@@ -286,6 +287,11 @@ def _add_train_command(subparsers) -> None:
     train.add_argument("--policy", default=None, choices=config.POLICIES,
                        help="precision: auto = mixed_float16 on CUDA, mixed_bfloat16 on a CPU with "
                             "AMX/AVX512-BF16, float32 otherwise")
+    train.add_argument("--strategy", default=None, choices=config.STRATEGIES,
+                       help="tf.distribute strategy: auto = multi-worker when TF_CONFIG names several workers, "
+                            "TPU on a TPU host, mirrored over several GPUs, one device otherwise; multi-worker: "
+                            "run the same command on every machine, each with its TF_CONFIG (README, "
+                            "'More than one machine')")
     train.add_argument("--base-filters", type=int, default=None,
                        help=f"U-Net filters at the first level (default {config.ModelSettings.base_filters})")
     train.add_argument("--depth", type=int, default=None,

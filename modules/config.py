@@ -57,7 +57,7 @@ BACKGROUND_THRESHOLD = 4
 #: Choices the command line offers without importing the stage that uses them.
 SYNTHETIC_SCALES = ("tiny", "small")
 POLICIES = ("auto", "float32", "mixed_bfloat16", "mixed_float16")
-STRATEGIES = ("auto", "default", "mirrored", "tpu")
+STRATEGIES = ("auto", "default", "mirrored", "tpu", "multi-worker")
 EVALUATION_SPLITS = ("validation", "train", "test-labeled")
 
 

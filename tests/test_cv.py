@@ -2,6 +2,10 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -71,6 +75,24 @@ def test_folds_as_separate_jobs_merge_to_the_single_run(shared_cnmc, tmp_path, c
     assert row["healthy_subject_mean"] == pytest.approx(healthy.mean())
     assert row["healthy_subject_worst"] == pytest.approx(healthy.min())
     assert 0.6 < row["roc_auc_mean"] < 0.95  # cell size alone separates the classes, but not perfectly
+
+
+@pytest.mark.shared_data
+def test_two_processes_run_folds_at_once_into_one_folder(shared_cnmc, tmp_path):
+    out, root = tmp_path / "cv", Path(__file__).resolve().parent.parent
+    env = {**os.environ, "ANNA_OUTPUT_DIR": str(tmp_path / "output")}  # both prepare the same arrays at once
+    jobs = [subprocess.Popen([sys.executable, "-m", "modules", "cv", "--data", str(shared_cnmc), "--out", str(out),
+                              "--folds", str(fold), "--models", "cell_area"], cwd=root, env=env, text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for fold in (0, 1)]
+    try:
+        printed = [job.communicate(timeout=600)[0] for job in jobs]
+    finally:
+        for job in jobs:
+            if job.poll() is None:
+                job.kill()
+    assert [job.returncode for job in jobs] == [0, 0], printed
+    assert cv.merge(out).loc[0, "folds"] == 2
+    assert sorted(pd.read_csv(out / "results.csv")["fold"]) == [0, 1]
 
 
 @pytest.mark.shared_data

@@ -12,12 +12,21 @@ decision threshold is Youden's J on the run's own patient-held-out validation pr
 ``resume=RUN_DIR`` continues an interrupted run where its last finished epoch left it
 (``ResumeState``): a resumed run ends with the same history as an uninterrupted one. A run
 folder has one writer at a time: the run holds its lock file (``.lock``) from start to end.
+
+On several machines (``strategy="multi-worker"``, or ``auto`` with ``TF_CONFIG`` naming several
+workers) every worker runs this same function: ``batch_size`` is the global batch, split across
+the workers, each of which reads its share of every batch; every worker saves as Keras'
+multi-worker pattern wants, but only the chief (worker 0) into the run folder, the others into
+a temporary folder removed at the end. A killed worker is restarted with ``resume=RUN_DIR`` on
+every worker: each restores the chief's backup.
 """
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import platform
 import shutil
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, fields
@@ -31,6 +40,7 @@ import tensorflow as tf
 
 from modules import config
 from modules.data import schema
+from modules.data.layout import DIGEST_COLUMN
 from modules.data.splits import PatientSplit, SplitError, split_patients
 from modules.metrics import point_metrics, youden_threshold
 from modules.files import atomic_path, exclusive_lock, remove_partials, write_csv_atomic, write_json_atomic
@@ -49,6 +59,10 @@ BACKUP_DIRNAME, STATE_FILENAME, LOCK_FILENAME = "backup", "state.json", ".lock"
 
 class TrainingDataError(ValueError):
     """The arrays, the settings or the run to resume cannot be trained on; the message says what to fix."""
+
+
+class WorkerLostError(ValueError):
+    """A worker of a multi-worker run stopped; the message says how to restart the run."""
 
 
 # --------------------------------------------------------------------------- settings
@@ -133,6 +147,18 @@ def build_model(settings: dict) -> keras.Model:
     if settings["architecture"] == "legacy":
         return network.build_legacy(shape)
     return network.build_anna(shape, **{key: settings[key] for key in MODEL_KEYS})
+
+
+def synchronize_batch_norm(model: keras.Model) -> None:
+    """Normalize over the global batch rather than each worker's share of it.
+
+    On several workers each one sees part of every batch; Keras' ``synchronized`` batch
+    normalization all-reduces the layers' batch mean and variance, so the network trains as on
+    one machine with the same batch (a small all-reduce per layer and step).
+    """
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.synchronized = True
 
 
 def compile_model(model: keras.Model, settings: dict) -> None:
@@ -317,6 +343,78 @@ def claim_run_dir(run_dir: Path) -> Iterator[Path]:
         yield run_dir
 
 
+@contextlib.contextmanager
+def worker_copy(resume: Path | None, tag: str) -> Iterator[Path]:
+    """A temporary folder, removed at the end, holding a copy of ``resume``'s backup and history."""
+    with tempfile.TemporaryDirectory(prefix="anna-worker-") as temp:
+        folder = Path(temp) / (resume.name if resume else tag)
+        folder.mkdir()
+        if resume and (resume / BACKUP_DIRNAME).is_dir():
+            shutil.copytree(resume / BACKUP_DIRNAME, folder / BACKUP_DIRNAME)
+        if resume and (resume / saving.HISTORY_FILENAME).is_file():
+            shutil.copy2(resume / saving.HISTORY_FILENAME, folder / saving.HISTORY_FILENAME)
+        yield folder
+
+
+@contextlib.contextmanager
+def worker_run_dir(strategy: tf.distribute.Strategy, parent: Path, tag: str, resume: Path | None,
+                   cells: int) -> Iterator[Path]:
+    """The folder this process writes the run to.
+
+    The chief (or a lone process): ``resume`` or a new run folder. Any other worker of a
+    cluster: a temporary ``worker_copy`` of ``resume``, so that it restores the same epoch and
+    callback state as the chief. The workers check that they hold the same cells (``cells_key``)
+    and start from the same epoch: otherwise they would mix two runs, or one would wait for the
+    others for ever.
+
+    Raises:
+        StrategyError: The workers hold other cells, or would start from other epochs.
+        WorkerLostError: Another worker stopped during the run.
+    """
+    chief = hardware.is_chief(strategy)
+    with claim_run_dir(resume or new_run_dir(parent, tag)) if chief else worker_copy(resume, tag) as run_dir:
+        if hardware.count_workers(strategy) == 1:
+            yield run_dir
+            return
+        done = max(map(int, read_state(run_dir)), default=0)
+        starts, held = zip(*hardware.gather_from_workers(strategy, [done, cells]))
+        if len(set(held)) > 1:
+            raise hardware.StrategyError("the workers hold different cells (their arrays differ): give every worker "
+                                         "the same --data, prepared with the same settings")
+        if len(set(starts)) > 1:
+            raise hardware.StrategyError(f"the workers would start after epochs {list(starts)} (worker 0 first): "
+                                         "start every worker with --resume RUN_DIR (the chief's run folder), or "
+                                         "every one without it")
+        try:
+            yield run_dir
+        except tf.errors.UnavailableError as error:  # TensorFlow stops every worker when one stops
+            where = run_dir if chief else resume or "RUN_DIR (the chief's run folder)"
+            raise WorkerLostError(f"a worker of the cluster stopped or cannot be reached ({type(error).__name__}), "
+                                  f"so this one stopped too; start every worker again with --resume {where}") from error
+
+
+def cells_key(manifest: pd.DataFrame, split: PatientSplit) -> int:
+    """A number for the cells of a run's training and validation rows, in order: their pixels and labels.
+
+    Equal on every machine that holds the same cells, wherever they are and however old the files; the
+    first 6 hex digits of a sha256, so that workers exchange it exactly (``gather_from_workers``).
+    """
+    rows = manifest.iloc[np.concatenate([split.train_index, split.val_index])]
+    text = "".join(f"{digest}{label}\n" for digest, label in zip(rows[DIGEST_COLUMN], rows["label"]))
+    return int(hashlib.sha256(text.encode()).hexdigest()[:6], 16)
+
+
+def sharded(dataset: tf.data.Dataset) -> tf.data.Dataset:
+    """The dataset with each worker of a cluster reading its own part of every (global) batch.
+
+    Sharding by data, not files: the cells come from one memory-mapped array, not one file
+    per worker. Every worker shuffles with the same seed, so the parts never overlap.
+    """
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    return dataset.with_options(options)
+
+
 def new_run_dir(parent: Path, tag: str) -> Path:
     """Create ``<parent>/<timestamp>-<tag>`` (with a counter when taken); never reuse a folder."""
     parent.mkdir(parents=True, exist_ok=True)
@@ -353,6 +451,7 @@ def describe_run(run_dir: Path, settings: dict, split: PatientSplit, arrays, arr
         "val_patients": split.val_patients, "train_patients": split.train_patients,
         "excluded_patients": split.excluded_patients, "split_method": split.method, "val_fold": split.val_fold,
         "seed": settings["seed"], "policy": policy, "strategy": hardware.describe_strategy(strategy),
+        "workers": hardware.count_workers(strategy),
         "hardware": hardware.describe_hardware(policy, strategy),
         "model": builder if legacy else {**builder, **{key: settings[key] for key in MODEL_KEYS}},
         "training": training,
@@ -400,7 +499,7 @@ def finish_run(run_dir: Path, run_config: dict, model: keras.Model, arrays, spli
 
 # --------------------------------------------------------------------------- train_model
 def train_model(data=None, *, resume: str | Path | None = None, output_dir: str | Path | None = None,
-                verbose: int | str = "auto", **settings) -> Path:
+                verbose: int | str = "auto", **settings) -> Path | None:
     """Train ANNa (or the legacy net) on patient-disjoint splits and write a run folder.
 
     Args:
@@ -416,7 +515,7 @@ def train_model(data=None, *, resume: str | Path | None = None, output_dir: str 
             ``run_tag``…). None takes the default.
 
     Returns:
-        The run folder.
+        The run folder; None on a worker of a cluster other than the chief (it keeps no files).
     """
     previous = load_run(resume) if resume is not None else None
     if previous is not None and previous.get("status") == "complete":
@@ -424,6 +523,8 @@ def train_model(data=None, *, resume: str | Path | None = None, output_dir: str 
     settings = resolve_settings(settings, previous, Path(resume) if resume else None)
     if data is None and previous is None:
         raise ValueError("no data given; pass --data DIR (a C-NMC_Leukemia folder) or --resume RUN_DIR")
+    # First of all TensorFlow's work: a multi-worker strategy must exist before any other operation.
+    strategy = hardware.select_strategy(settings["strategy"])
     if data is None:
         arrays = Path(previous["data"]["arrays_dir"])
         data = arrays if arrays.is_dir() else previous["data"]["source"]
@@ -441,25 +542,28 @@ def train_model(data=None, *, resume: str | Path | None = None, output_dir: str 
                            settings["val_fraction"], settings["seed"], settings["exclude_patients"], source)
     if previous is not None:
         check_resumable(previous, Path(resume), arrays, split)
-    policy, strategy = hardware.select_policy(settings["policy"]), hardware.select_strategy(settings["strategy"])
+    policy = hardware.select_policy(settings["policy"])
     parent = Path(settings["runs_dir"] or Path(output_dir or config.OUTPUT_DIR) / config.MODELS_SUBDIR)
     tag = settings["run_tag"] or f"{settings['architecture']}-s{settings['image_size']}"
 
     def dataset(rows: np.ndarray, training: bool, first_epoch: int = 0) -> tf.data.Dataset:
         weights = balanced_class_weights(labels[rows]) if settings["class_weighting"] else None
-        return make_dataset(arrays.images, arrays.masks, labels, rows, settings["batch_size"], training,
-                            settings["seed"], weights, settings["segmentation"], settings["augment"] and training,
-                            range(first_epoch, settings["epochs"]))
+        return sharded(make_dataset(arrays.images, arrays.masks, labels, rows, settings["batch_size"], training,
+                                    settings["seed"], weights, settings["segmentation"],
+                                    settings["augment"] and training, range(first_epoch, settings["epochs"])))
 
-    with claim_run_dir(Path(resume) if resume else new_run_dir(parent, tag)) as run_dir:
+    cells = cells_key(arrays.manifest, split)
+    with worker_run_dir(strategy, parent, tag, Path(resume) if resume else None, cells) as run_dir:
         run_config = describe_run(run_dir, settings, split, arrays, arrays_dir, source, policy, strategy, previous)
         write_json_atomic(run_dir / saving.CONFIG_FILENAME, run_config)
         started = time.perf_counter()
         with hardware.dtype_policy(policy), strategy.scope():
             model = build_model(settings)
+            if hardware.count_workers(strategy) > 1:
+                synchronize_batch_norm(model)
             compile_model(model, settings)
             state, timer = fit_model(model, lambda first: dataset(split.train_index, True, first),
                                      dataset(split.val_index, False), settings, run_dir, verbose,
                                      count_batches(len(split.train_index), settings["batch_size"]))
         finish_run(run_dir, run_config, model, arrays, split, state, timer, time.perf_counter() - started)
-    return run_dir
+    return run_dir if hardware.is_chief(strategy) else None
