@@ -107,7 +107,7 @@ def tiny_dataset(root: Path, patients: int = 2, cells: int = 2) -> Path:
         folder.mkdir(parents=True)
         for patient in range(1, patients + 1):
             for cell in range(cells):
-                image = np.roll(cell_bgr(), cell + patient, axis=1)
+                image = np.roll(cell_bgr(), cell + 10 * patient, axis=1)  # no cell shared by two subjects
                 cv2.imwrite(str(folder / f"UID_{prefix}{patient}_1_{cell}_{label}.bmp"), image)
     return root / "C-NMC_Leukemia"
 
