@@ -63,6 +63,18 @@ def _heldout(manifest: pd.DataFrame, subjects: list[str]) -> tuple[np.ndarray, n
     return patient_ids, np.flatnonzero(np.isin(patient_ids, subjects))
 
 
+def _inner_split(arrays, subjects: list[str], seed: int):
+    """The fold's inner validation: a share of each class's training subjects, drawn with ``seed``.
+
+    Drawn even where the data has several C-NMC folds (training would otherwise validate on one of
+    them, which may lack a class once the held-out subjects are gone).
+    """
+    from modules.data.splits import split_patients
+
+    return split_patients(arrays.manifest.assign(fold=pd.NA), np.asarray(arrays.labels).astype(int),
+                          val_fraction=CV_VAL_FRACTION, seed=seed, exclude_patients=subjects)
+
+
 def _train_and_score(model: str, fold: int, subjects: list[str], settings: dict, job: Path) -> tuple:
     """Train one network without the fold's subjects; its held-out scores, threshold and run facts."""
     from modules import preprocessing
@@ -75,9 +87,10 @@ def _train_and_score(model: str, fold: int, subjects: list[str], settings: dict,
     arrays = preprocessing.load_arrays(arrays_dir)
     overrides = {"epochs": 20, "batch_size": 32} if legacy else {
         k: settings[k] for k in ("epochs",) if settings.get(k)}
+    inner = _inner_split(arrays, subjects, settings["seed"] + fold)
     run_dir = training.train_model(
         arrays_dir, image_size=size, seed=settings["seed"] + fold, exclude_patients=subjects,
-        val_fraction=CV_VAL_FRACTION, runs_dir=job / "runs", run_tag=f"cv{fold}-{model}",
+        val_patients=inner.val_patients, runs_dir=job / "runs", run_tag=f"cv{fold}-{model}",
         architecture=model, policy=settings["policy"], verbose=2, canvas=canvas, **overrides)
     run = saving.load_run(run_dir)
     patient_ids, rows = _heldout(arrays.manifest, subjects)
@@ -92,14 +105,12 @@ def _train_and_score(model: str, fold: int, subjects: list[str], settings: dict,
 def _cell_area(fold: int, subjects: list[str], settings: dict) -> tuple:
     """Score each cell by the share of a common-scale square its mask covers; threshold on inner validation."""
     from modules import preprocessing
-    from modules.data.splits import split_patients
     from modules.metrics import youden_threshold
 
     arrays = preprocessing.load_arrays(_fold_arrays(settings["data"], settings["image_size"], SIZE_CANVAS,
                                                     settings["arrays_out"]))
     labels = np.asarray(arrays.labels).astype(int)
-    split = split_patients(arrays.manifest, labels, val_fraction=CV_VAL_FRACTION, seed=settings["seed"] + fold,
-                           exclude_patients=subjects)
+    split = _inner_split(arrays, subjects, settings["seed"] + fold)
     area = (np.asarray(arrays.masks) > 0).reshape(len(labels), -1).mean(axis=1)  # share of the square
     threshold = youden_threshold(labels[split.val_index], area[split.val_index])
     patient_ids, rows = _heldout(arrays.manifest, subjects)
