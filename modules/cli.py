@@ -1,7 +1,7 @@
 """Command line over the package: ``python -m modules <command> …``.
 
-The parsers are plain argparse with defaults from ``config``; each command imports its
-stage only when it runs, so ``--help`` and usage errors answer without loading TensorFlow.
+Plain argparse with defaults from ``config``. Each handler imports its stage only when it runs, so ``--help`` and
+usage errors answer without loading TensorFlow; a handler's docstring is its command's ``--help`` description.
 """
 from __future__ import annotations
 
@@ -9,10 +9,11 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from modules import config
+from modules.notebooks import NotebookError  # standard library only, like this module
 
 
 class CommandError(Exception):
@@ -20,26 +21,37 @@ class CommandError(Exception):
 
 
 # ----------------------------------------------------------------------------- data
-def _run_synth(args: argparse.Namespace) -> int:
+def _run_synth(args: argparse.Namespace) -> None:
+    """Draw a synthetic stand-in for C-NMC 2019 in the Kaggle layout (training folds, renamed validation cells with
+    their labels CSV, testing cells). The last line printed is the dataset root."""
     from modules.data import synthetic
 
     print(synthetic.SYNTHETIC_BANNER)
     root = synthetic.make_synthetic_dataset(args.out, seed=args.seed, scale=args.scale)
-    counts = {part: sum(1 for _ in (root / part).rglob("*.bmp"))
-              for part in (config.TRAINING_DIR, config.VALIDATION_DIR, config.TESTING_DIR)}
-    print(", ".join(f"{part}: {n} cells" for part, n in counts.items()))
+    print(", ".join(f"{part}: {sum(1 for _ in (root / part).rglob('*.bmp'))} cells"
+                    for part in (config.TRAINING_DIR, config.VALIDATION_DIR, config.TESTING_DIR)))
     print(root)
-    return 0
 
 
-def _run_scan(args: argparse.Namespace) -> int:
-    import pandas as pd
-
+def _scan(data: Path):
+    """``layout.scan_dataset(data)``, announced by the SYNTHETIC banner when its cells are synthetic."""
     from modules.data import layout, synthetic
 
-    table = layout.scan_dataset(args.data)
+    table = layout.scan_dataset(data)
     if table.attrs.get("synthetic"):
         print(synthetic.SYNTHETIC_BANNER)
+    return table
+
+
+def _run_scan(args: argparse.Namespace) -> None:
+    """Scan a C-NMC_Leukemia folder (or any folder inside it), print the cells per split, class, fold and patient
+    and the byte-identical files (subjects sharing cells are named: splits keep them together), and write
+    OUT/csv/<dataset>_manifest.csv (its path is the last line)."""
+    import pandas as pd
+
+    from modules.data import layout
+
+    table = _scan(args.data)
     print(f"{table.attrs['dataset']}: {len(table)} cells from {table.attrs['source']}")
     with pd.option_context("display.width", 120, "display.max_rows", 200):
         print("\nper split and class:\n" + layout.summarize(table, "label").to_string(index=False))
@@ -49,9 +61,7 @@ def _run_scan(args: argparse.Namespace) -> int:
         patients = patients[patients["patient_id"] != ""]
         print(f"\npatients ({len(patients)}):\n" + patients.to_string(index=False))
     _print_duplicates(table)
-    out = Path(args.out) / config.CSV_SUBDIR / f"{table.attrs['dataset']}_manifest.csv"
-    print(layout.write_manifest(table, out))
-    return 0
+    print(layout.write_manifest(table, Path(args.out) / config.CSV_SUBDIR / f"{table.attrs['dataset']}_manifest.csv"))
 
 
 def _print_duplicates(table) -> None:
@@ -71,16 +81,16 @@ def _print_duplicates(table) -> None:
         duplicates.warn_groups(groups, table.attrs["source"], "each group is kept on one side of every split")
 
 
-def _run_prepare(args: argparse.Namespace) -> int:
-    from modules.data import layout, synthetic
+def _run_prepare(args: argparse.Namespace) -> None:
+    """Decode every cell, crop it to its bounding box plus a margin, make it square (tightly by default, so each cell
+    fills the frame; with --canvas C on a black square of at least C source pixels, so cells keep their relative
+    size), resize it and derive its mask; write OUT/arrays/<dataset>_<size>/ (reused while the files are
+    unchanged). The last line printed is that folder."""
     from modules import preprocessing
 
-    manifest = layout.scan_dataset(args.data)
-    if manifest.attrs.get("synthetic"):
-        print(synthetic.SYNTHETIC_BANNER)
-    folder = preprocessing.prepare_arrays(manifest, size=args.size, output_dir=args.out, skip_bad=args.skip_bad,
-                                          workers=args.workers, progress=not args.no_progress, margin=args.margin,
-                                          canvas=args.canvas)
+    folder = preprocessing.prepare_arrays(_scan(args.data), size=args.size, output_dir=args.out,
+                                          skip_bad=args.skip_bad, workers=args.workers, margin=args.margin,
+                                          progress=not args.no_progress, canvas=args.canvas)
     meta = preprocessing.load_arrays(folder).meta  # checked against its schema
     counts = meta["counts"]
     print(f"{meta['count']} cells at {meta['size']}x{meta['size']} px: {counts['all']} all, {counts['hem']} hem, "
@@ -90,11 +100,13 @@ def _run_prepare(args: argparse.Namespace) -> int:
         for entry in meta["skipped"]:
             print(f"  {entry['error']}")
     print(folder)
-    return 0
 
 
 # ----------------------------------------------------------------------------- modeling
-def _run_train(args: argparse.Namespace) -> int:
+def _run_train(args: argparse.Namespace) -> None:
+    """Train ANNa (U-Net + classification head). Validation is always patient-disjoint: by C-NMC fold when the data
+    has several folds, otherwise whole patients of each class are held out. Writes OUT/models/<run_id>/ and prints
+    that folder as the last line."""
     from modules.modeling import training
 
     val_patients = [p for p in (args.val_patients or "").split(",") if p.strip()] or None
@@ -108,20 +120,14 @@ def _run_train(args: argparse.Namespace) -> int:
         strategy=args.strategy,
     )
     print(run_dir or "this worker is done; the chief (worker 0) wrote the run folder")
-    return 0
 
 
 # ----------------------------------------------------------------------------- evaluation
-SPLIT_HELP = (
-    "which labeled cells of DIR to score. 'validation' (default): the Kaggle validation_data cells "
-    "(labels joined by file name from its CSV). 'train': training_data cells; they may be the very cells the "
-    "model learned from, so the report says how many belong to the run's training and validation patients. "
-    "'test-labeled': every labeled cell in DIR, for a labeled folder of OTHER patients; refused when any of "
-    "its patients trained or validated the run (add --patients unseen to keep only the others)."
-)
-
-
-def _run_evaluate(args: argparse.Namespace) -> int:
+def _run_evaluate(args: argparse.Namespace) -> None:
+    """Predict every labeled cell of the chosen split with the run's preprocessing and write
+    OUT/evaluations/<run_id>__<dataset>_<split>[_N]/ (metrics.json, predictions.csv, per_patient.csv, charts as
+    PNG+CSV, report.md, report.html). Prints that folder last. Held-out patients of a cross-validation run:
+    --split test-labeled --patients unseen."""
     from modules import metrics as scores
     from modules.evaluation import evaluate
 
@@ -143,10 +149,13 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         print(f"WARNING: {metrics['preprocessing_check']['note']}")
     print(scores.describe_metrics(metrics))
     print(folder)
-    return 0
 
 
-def _run_predict(args: argparse.Namespace) -> int:
+def _run_predict(args: argparse.Namespace) -> None:
+    """Predict cell images (files or folders, searched recursively) with the run's preprocessing and threshold. For
+    cells of a C-NMC testing folder (testing_data or C-NMC_test_final_phase_data) the challenge submission
+    (new_names, labels) is written beside the predictions CSV as <stem>_submission.csv; both paths are printed,
+    the CSV last."""
     from modules.evaluation import predict
 
     table = predict.predict_images(args.model, args.images, threshold=args.threshold, skip_bad=args.skip_bad)
@@ -158,53 +167,53 @@ def _run_predict(args: argparse.Namespace) -> int:
     csv = args.csv
     if csv is None and not table["testing"].any() and len(table) <= 50:
         print(table[["name", "p_leukemia", "label_name"]].to_string(index=False))
-        return 0
+        return
     if csv is None:  # many cells or a testing folder: keep them in a file rather than the terminal
         csv = predict.default_predictions_path(args.model, args.images, args.out)
     predict.write_predictions(table, csv)
     if "submission" in table.attrs:
         print(f"C-NMC challenge submission (new_names, labels): {table.attrs['submission']}")
     print(Path(csv).resolve())
-    return 0
 
 
-def _run_cv(args: argparse.Namespace) -> int:
+def _run_cv(args: argparse.Namespace) -> None:
+    """Hold out each fold's subjects in turn, train on the others (inner validation by patient picks the epoch and
+    the threshold), and report per fold ROC AUC, balanced accuracy, sensitivity, specificity and, per held-out
+    subject, the share of its cells called right (mean and worst over healthy subjects). Each (fold, model) job
+    writes OUT/fold<k>_<model>/; jobs may run as separate processes into one OUT (--folds) and be merged
+    (--merge-only)."""
     from modules.evaluation import cv
 
     if args.merge_only:
         summary = cv.merge(args.out)
     else:
         folds = [int(f) for f in args.folds.split(",")] if args.folds else None
+        variants = dict(cv.parse_variant(name, assignments) for name, assignments in args.variant or [])
         summary = cv.run_cv(args.data, args.out, folds=folds, models=tuple(args.models.split(",")),
-                            seed=args.seed, image_size=args.size, epochs=args.epochs, policy=args.policy)
+                            seed=args.seed, image_size=args.size, epochs=args.epochs, policy=args.policy,
+                            variants=variants)
     print(cv.format_summary(summary))
     print(Path(args.out).resolve() / "summary.csv")
-    return 0
 
 
 # ----------------------------------------------------------------------------- notebooks
-def _run_demo(args: argparse.Namespace) -> int:
+def _run_demo(args: argparse.Namespace) -> None:
+    """Run notebooks 1.EDA, 2.Image_preprocessing, 3.ANNa and 4.Test in order with papermill, writing the executed
+    notebooks to OUT/notebooks/<timestamp>/ and the charts to OUT/viz/."""
     from modules import notebooks
 
-    try:
-        notebooks.demo(args.out, args.data, progress=not args.no_progress)
-    except notebooks.NotebookError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    return 0
+    notebooks.demo(args.out, args.data, progress=not args.no_progress)
 
 
-def _run_notebooks(args: argparse.Namespace) -> int:
+def _run_notebooks(args: argparse.Namespace) -> None:
+    """Execute the notebooks with papermill. Parameters are the names in each notebook's `parameters` cell:
+    DATA_DIR, OUTPUT_DIR, IMAGE_SIZE, EPOCHS, BATCH_SIZE, SEED, MODEL_PATH, SAMPLE_LIMIT, BASE_FILTERS, DEPTH,
+    SPLIT, THRESHOLD, SYNTHETIC_SCALE."""
     from modules import notebooks
 
     parameters = {name: notebooks.parse_value(value) for name, value in args.parameters}
-    try:
-        notebooks.run_notebooks(args.data, parameters, args.out, notebooks=args.only,
-                                progress=not args.no_progress, log_output=args.log_output)
-    except notebooks.NotebookError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    return 0
+    notebooks.run_notebooks(args.data, parameters, args.out, notebooks=args.only, progress=not args.no_progress,
+                            log_output=args.log_output)
 
 
 # ----------------------------------------------------------------------------- parsers
@@ -367,6 +376,9 @@ def _add_evaluation_commands(subparsers) -> None:
     cv.add_argument("--size", type=int, default=config.DEFAULT_IMAGE_SIZE, help="ANNa image side in pixels")
     cv.add_argument("--epochs", type=int, default=None, help="ANNa maximum epochs (default: the training default)")
     cv.add_argument("--policy", default="auto", choices=config.POLICIES, help="precision policy for training")
+    cv.add_argument("--variant", nargs=2, action="append", metavar=("NAME", "KEY=VALUE,..."),
+                    help="ANNa with settings changed, run as model NAME (list it in --models), e.g. "
+                         "--variant stain colour_augment=stain,input_transform=od")
     cv.add_argument("--merge-only", action="store_true", help="only merge the finished jobs in --out")
     cv.set_defaults(func=_run_cv)
 

@@ -73,6 +73,7 @@ class ModelSettings:
     segmentation: bool = True  # the cell_mask output
     head_units: int = 64
     standardize_input: bool = False
+    input_transform: str = "rgb"  # "rgb" (scaled to [0, 1]) or "od" (optical density, see modeling.network)
 
 
 @dataclass(frozen=True)
@@ -88,7 +89,15 @@ class TrainSettings:
     val_fraction: float = 0.2  # share of each class's patients held out when there is one fold
     seed: int = 42
     augment: bool = True
+    #: The colour part of the augmentation: "rgb" jitters gain, contrast, saturation and hue; "stain" scales
+    #: and shifts each stain's amount (colour deconvolution, scikit-image's haematoxylin-eosin-DAB basis).
+    colour_augment: str = "rgb"
     class_weighting: bool = True
+    #: Weigh each training cell by 1/sqrt(cells of its subject) (both classes still weigh the same), so that a
+    #: subject with 400 cells does not outweigh ten with 20.
+    subject_weighting: bool = False
+    #: "youden": Youden's J over the validation cells; "subject_youden": each validation subject weighs the same.
+    threshold_rule: str = "youden"
     policy: str = "auto"  # see POLICIES
     strategy: str = "auto"  # see STRATEGIES
 

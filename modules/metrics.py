@@ -37,9 +37,17 @@ def _check_scores(labels, p_leukemia) -> tuple[np.ndarray, np.ndarray]:
     return labels, p
 
 
-def youden_threshold(labels, scores) -> float:
-    """Threshold maximising Youden's J = sensitivity + specificity - 1 (rule: score >= threshold), in [0, 1]."""
-    fpr, tpr, thresholds = skm.roc_curve(labels, scores)
+def youden_threshold(labels, scores, groups=None) -> float:
+    """Threshold maximising Youden's J = sensitivity + specificity - 1 (rule: score >= threshold), in [0, 1].
+
+    With ``groups`` (a subject id per cell) each subject weighs the same in the sensitivity and
+    specificity, whatever its number of cells: one large validation subject cannot pull the threshold.
+    """
+    weights = None
+    if groups is not None:
+        _, inverse, counts = np.unique(np.asarray(groups), return_inverse=True, return_counts=True)
+        weights = 1.0 / counts[inverse]
+    fpr, tpr, thresholds = skm.roc_curve(labels, scores, sample_weight=weights)
     # thresholds[0] is +inf ("call nothing"); a degenerate model must not store 1.0 from it.
     best = 1 + int(np.argmax((tpr - fpr)[1:])) if len(thresholds) > 1 else 0
     return float(np.clip(thresholds[best], 0.0, 1.0))

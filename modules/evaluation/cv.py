@@ -27,7 +27,8 @@ from modules.metrics import per_patient_table
 from modules.files import write_csv_atomic, write_json_atomic
 
 #: ``anna``: the network with the project's defaults; ``cell_area``: each cell scored by its size alone
-#: (no learning), the baseline a model must beat; ``legacy``: the older project's network.
+#: (no learning), the baseline a model must beat; ``legacy``: the older project's network. A variant
+#: (``parse_variant``) is ANNa with some settings changed, under a name of its own.
 MODELS = ("anna", "cell_area", "legacy")
 #: The legacy net and the cell-area baseline see every cell on one common scale (a 320 px canvas),
 #: so that the cell's area in the square is its real size.
@@ -41,6 +42,36 @@ FOLD_METRICS = ("roc_auc", "balanced_accuracy", "sensitivity", "specificity")
 
 class CrossValidationError(ValueError):
     """A cross-validation that cannot run or be merged as asked."""
+
+
+def parse_variant(name: str, assignments: str) -> tuple[str, dict]:
+    """``("stain", "input_transform=od,subject_weighting=true")`` -> the variant's name and its settings.
+
+    Values are read as true/false, integers, decimals or text; keys are fields of ``config.ModelSettings``
+    and ``config.TrainSettings`` other than the ones a cross-validation sets for every model.
+    """
+    from dataclasses import fields
+
+    known = {f.name for cls in (config.ModelSettings, config.TrainSettings) for f in fields(cls)}
+    known -= {"image_size", "seed", "policy", "strategy", "epochs", "val_fraction"}
+    if not name.isidentifier() or name in MODELS:
+        raise CrossValidationError(f"variant name {name!r} must be a word other than {', '.join(MODELS)}")
+    overrides = {}
+    for item in filter(None, (part.strip() for part in assignments.split(","))):
+        key, sep, text = item.partition("=")
+        if not sep or key not in known:
+            raise CrossValidationError(f"variant {name}: {item!r} is not KEY=VALUE with KEY one of "
+                                       f"{', '.join(sorted(known))}")
+        lowered = text.strip().lower()
+        value = {"true": True, "false": False}.get(lowered, text.strip())
+        for kind in (int, float):
+            if isinstance(value, str):
+                try:
+                    value = kind(value)
+                except ValueError:
+                    pass
+        overrides[key] = value
+    return name, overrides
 
 
 def cell_scores(labels: np.ndarray, p_leukemia: np.ndarray, threshold: float) -> dict:
@@ -87,11 +118,12 @@ def _train_and_score(model: str, fold: int, subjects: list[str], settings: dict,
     arrays = preprocessing.load_arrays(arrays_dir)
     overrides = {"epochs": 20, "batch_size": 32} if legacy else {
         k: settings[k] for k in ("epochs",) if settings.get(k)}
+    overrides.update(settings["variants"].get(model, {}))
     inner = _inner_split(arrays, subjects, settings["seed"] + fold)
     run_dir = training.train_model(
         arrays_dir, image_size=size, seed=settings["seed"] + fold, exclude_patients=subjects,
         val_patients=inner.val_patients, runs_dir=job / "runs", run_tag=f"cv{fold}-{model}",
-        architecture=model, policy=settings["policy"], verbose=2, canvas=canvas, **overrides)
+        architecture="legacy" if legacy else "anna", policy=settings["policy"], verbose=2, canvas=canvas, **overrides)
     run = saving.load_run(run_dir)
     patient_ids, rows = _heldout(arrays.manifest, subjects)
     network = saving.load_model(run_dir)
@@ -141,7 +173,8 @@ def run_job(fold: int, model: str, subjects: list[str], settings: dict, out: Pat
     result = {"fold": fold, "model": model, "heldout_subjects": subjects, "heldout_cells": len(cells),
               "threshold": threshold, **cell_scores(labels, scores, threshold), **facts,
               "wall_seconds": round(time.perf_counter() - started, 1),
-              "settings": {k: str(v) if isinstance(v, Path) else v for k, v in settings.items()}}
+              "settings": {**{k: str(v) if isinstance(v, Path) else v for k, v in settings.items() if k != "variants"},
+                           "variant": settings["variants"].get(model, {})}}
     write_json_atomic(job / "result.json", result)  # last: only a finished job is trusted
     print(f"[fold {fold} {model}] " + ", ".join(f"{k} {result[k]:.3f}" for k in FOLD_METRICS)
           + f", threshold {threshold:.3f}, {result['wall_seconds']:.0f} s", flush=True)
@@ -151,7 +184,8 @@ def run_job(fold: int, model: str, subjects: list[str], settings: dict, out: Pat
 def _check_same_settings(results: list[dict], out: Path) -> None:
     """Refuse jobs of one model trained differently (paths may differ between machines)."""
     for model in {r["model"] for r in results}:
-        variants = {json.dumps({k: r["settings"][k] for k in COMPARED_SETTINGS}, sort_keys=True)
+        variants = {json.dumps({**{k: r["settings"][k] for k in COMPARED_SETTINGS},
+                                "variant": r["settings"].get("variant", {})}, sort_keys=True)
                     for r in results if r["model"] == model}
         if len(variants) > 1:
             raise CrossValidationError(f"the {model} jobs in {out} ran with different settings; merge only jobs "
@@ -189,7 +223,9 @@ def merge(out: str | Path) -> pd.DataFrame:
             row[f"{name}_subject_mean"], row[f"{name}_subject_worst"] = share.mean(), share.min()
         row["train_minutes_mean"] = folds["train_seconds"].mean() / 60
         rows.append(row)
-    summary = pd.DataFrame(rows).sort_values("model", key=lambda s: s.map(MODELS.index)).reset_index(drop=True)
+    order = {name: rank for rank, name in enumerate(MODELS)}  # then the variants, in the order they ran
+    summary = pd.DataFrame(rows).sort_values("model", key=lambda s: s.map(lambda m: order.get(m, len(order))),
+                                             kind="stable").reset_index(drop=True)
     write_csv_atomic(per_fold.drop(columns=["heldout_subjects", "val_patients"]), out / "results.csv")
     write_csv_atomic(subjects, out / "subjects.csv")
     write_csv_atomic(summary, out / "summary.csv")
@@ -213,7 +249,7 @@ def format_summary(summary: pd.DataFrame) -> str:
 def run_cv(data: str | Path, out: str | Path, folds: list[int] | None = None,
            models: tuple[str, ...] = ("anna", "cell_area"), seed: int = config.DEFAULT_SEED,
            image_size: int = config.DEFAULT_IMAGE_SIZE, epochs: int | None = None, policy: str = "auto",
-           arrays_out: str | Path | None = None) -> pd.DataFrame:
+           arrays_out: str | Path | None = None, variants: dict[str, dict] | None = None) -> pd.DataFrame:
     """Run the chosen folds and models into ``out`` (finished jobs are kept), then merge.
 
     Args:
@@ -227,6 +263,7 @@ def run_cv(data: str | Path, out: str | Path, folds: list[int] | None = None,
         epochs: ANNa's maximum epochs (the training default when None).
         policy: Precision policy for training (``auto`` picks bf16 only where the CPU has it natively).
         arrays_out: Output root of the cached arrays (``config.OUTPUT_DIR`` by default).
+        variants: ANNa variants by name (``parse_variant``), each also named in ``models``.
 
     Returns:
         The merged summary (see ``merge``).
@@ -234,9 +271,11 @@ def run_cv(data: str | Path, out: str | Path, folds: list[int] | None = None,
     from modules.data import folds as data_folds
     from modules.data import layout
 
-    unknown = sorted(set(models) - set(MODELS))
+    variants = dict(variants or {})
+    unknown = sorted(set(models) - set(MODELS) - set(variants))
     if unknown:
-        raise CrossValidationError(f"unknown model(s) {', '.join(unknown)}; choose from {', '.join(MODELS)}")
+        raise CrossValidationError(f"unknown model(s) {', '.join(unknown)}; choose from {', '.join(MODELS)} "
+                                   "or a --variant's name")
     fold_subjects = data_folds.cv_folds(layout.scan_dataset(data))
     chosen = sorted(fold_subjects) if folds is None else [int(f) for f in folds]
     missing = sorted(set(chosen) - set(fold_subjects))
@@ -245,8 +284,9 @@ def run_cv(data: str | Path, out: str | Path, folds: list[int] | None = None,
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     settings = {"data": Path(data).resolve(), "arrays_out": Path(arrays_out or config.OUTPUT_DIR), "seed": seed,
-                "image_size": image_size, "epochs": epochs, "policy": policy}
-    planned = [{"model": m, "settings": {k: settings[k] for k in COMPARED_SETTINGS}} for m in models]
+                "image_size": image_size, "epochs": epochs, "policy": policy, "variants": variants}
+    planned = [{"model": m, "settings": {**{k: settings[k] for k in COMPARED_SETTINGS},
+                                         "variant": variants.get(m, {})}} for m in models]
     finished = [json.loads(p.read_text()) for p in sorted(out.glob("fold*_*/result.json"))]
     _check_same_settings(finished + planned, out)  # before training anything
     for fold in chosen:

@@ -7,6 +7,7 @@ so a resumed run trains on exactly what the uninterrupted one would have.
 from __future__ import annotations
 
 import numpy as np
+import skimage.color
 import tensorflow as tf
 
 from modules import config
@@ -19,26 +20,78 @@ def balanced_class_weights(labels: np.ndarray) -> dict[int, float]:
     return {c: float(len(labels) / (2 * counts[c])) for c in (0, 1)}
 
 
-#: Uniform numbers each training cell draws per epoch: three flips, hue angle, saturation, contrast, gain.
-AUGMENT_DRAWS = 7
+def cell_weights(labels: np.ndarray, rows: np.ndarray, balance_classes: bool = True,
+                 subject_ids: np.ndarray | None = None) -> np.ndarray:
+    """Loss weight of every row of the arrays (0 outside ``rows``), mean 1 over ``rows``.
+
+    With ``subject_ids`` each cell weighs 1/sqrt(cells of its subject in ``rows``): subjects count more
+    evenly than by their cells, without a 9-cell subject's cells weighing 45 times a 400-cell one's.
+    With ``balance_classes`` both classes then weigh the same in total (``balanced_class_weights``).
+    """
+    rows = np.asarray(rows, dtype="int64")
+    weights = np.zeros(len(labels), "float64")
+    weights[rows] = 1.0
+    if subject_ids is not None:
+        subjects, inverse, counts = np.unique(np.asarray(subject_ids)[rows], return_inverse=True, return_counts=True)
+        weights[rows] = 1.0 / np.sqrt(counts[inverse])
+    row_labels = np.asarray(labels).astype(int)[rows]
+    if balance_classes:
+        for label in (0, 1):
+            chosen = rows[row_labels == label]
+            if len(chosen):
+                weights[chosen] *= len(rows) / (2 * weights[chosen].sum())
+    weights[rows] *= len(rows) / weights[rows].sum()
+    return weights.astype("float32")
+
+
+#: Uniform numbers each training cell draws per epoch: three flips, then for the "rgb" colour jitter hue
+#: angle, saturation, contrast and gain, for the "stain" one each stain's scale and shift.
+RGB_DRAWS, STAIN_DRAWS = 7, 6
+AUGMENT_DRAWS = RGB_DRAWS + STAIN_DRAWS
+COLOUR_AUGMENTS = ("rgb", "stain")
+#: Stain scale and shift ranges: C-NMC's subjects differ by about 8 % in mean haematoxylin amount (sd of the
+#: subjects' means on fold_0), so the scale covers about two such sd either way.
+STAIN_SCALE, STAIN_SHIFT = 0.2, 0.05
+_HED_FROM_RGB = skimage.color.hed_from_rgb.astype("float32")
+_RGB_FROM_HED = skimage.color.rgb_from_hed.astype("float32")
 _RGB_TO_YIQ = np.array([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]], "float32")
 _YIQ_TO_RGB = np.linalg.inv(_RGB_TO_YIQ).astype("float32")
 
 
-def augment_batch(images: tf.Tensor, masks: tf.Tensor, draws: tf.Tensor, colour: bool = True
+def augment_stain(images: tf.Tensor, cell: tf.Tensor, draws: tf.Tensor) -> tf.Tensor:
+    """Scale and shift each stain's amount in each cell: colour deconvolution of the optical density.
+
+    Optical density ``-ln((I + 1) / 256)`` is split into haematoxylin, eosin and DAB amounts with
+    scikit-image's basis (``skimage.color.hed_from_rgb``), each amount ``a`` becomes ``a * s + t``
+    (``s`` in 1 ± ``STAIN_SCALE``, ``t`` in ± ``STAIN_SHIFT``, per cell), and the colour is recomposed.
+
+    Args:
+        images: (B, S, S, 3) float32, 0-255.
+        cell: (B, S, S, 1) bool, the cell's pixels (the background is left as it is).
+        draws: (B, ``STAIN_DRAWS``) uniform numbers in [0, 1).
+    """
+    draws = tf.reshape(draws, [-1, 1, 1, STAIN_DRAWS])
+    scale = 1.0 + STAIN_SCALE * (2.0 * draws[..., :3] - 1.0)
+    shift = STAIN_SHIFT * (2.0 * draws[..., 3:] - 1.0)
+    amounts = tf.einsum("bhwc,cd->bhwd", -tf.math.log((images + 1.0) / 256.0), _HED_FROM_RGB)
+    density = tf.einsum("bhwd,dc->bhwc", amounts * scale + shift, _RGB_FROM_HED)
+    return tf.where(cell, tf.clip_by_value(256.0 * tf.exp(-density) - 1.0, 0.0, 255.0), images)
+
+
+def augment_batch(images: tf.Tensor, masks: tf.Tensor, draws: tf.Tensor, colour: bool | str = True
                   ) -> tuple[tf.Tensor, tf.Tensor]:
     """Randomly flip and rotate (by 90°) each image with its mask; jitter the cell's colour.
 
-    The colour jitter (gain, contrast, saturation, hue rotation in YIQ space) mimics stain
-    and lighting differences between patients and touches only the cell: the black
-    background stays as it was.
+    The colour jitter mimics stain and lighting differences between patients and touches only
+    the cell: the black background stays as it was. ``colour="rgb"`` (or True): gain,
+    contrast, saturation and a hue rotation in YIQ space; ``"stain"``: ``augment_stain``.
 
     Args:
         images: (B, S, S, 3) float32, 0-255.
         masks: (B, S, S, 1) float32, 0/1.
         draws: (B, ``AUGMENT_DRAWS``) uniform numbers in [0, 1), one row per cell: they decide
             its flips and jitter, so the same draws give the same augmentation.
-        colour: Apply the colour jitter.
+        colour: The colour jitter, one of ``COLOUR_AUGMENTS`` (True: "rgb"), or False for none.
 
     Returns:
         The augmented images and masks.
@@ -56,6 +109,8 @@ def augment_batch(images: tf.Tensor, masks: tf.Tensor, draws: tf.Tensor, colour:
     images, masks = stacked[..., :3], stacked[..., 3:]
     if not colour:
         return images, masks
+    if colour == "stain":
+        return augment_stain(images, masks > 0.5, draws[:, RGB_DRAWS:]), masks
     angle = uniform(3, -0.15, 0.15)
     saturation = uniform(4, 0.8, 1.2)
     zeros, ones = tf.zeros([batch]), tf.ones([batch])
@@ -84,14 +139,14 @@ def make_dataset(
     batch_size: int,
     training: bool,
     seed: int = config.DEFAULT_SEED,
-    class_weights: dict[int, float] | None = None,
+    weights: np.ndarray | None = None,
     segmentation: bool = True,
-    augment: bool = True,
+    augment: bool | str = True,
     epochs: range = range(1),
 ) -> tf.data.Dataset:
     """Stream ``(image, targets, sample_weights)`` batches from the (memory-mapped) arrays.
 
-    Class weights travel as per-cell sample weights on ``p_leukemia``: Keras'
+    Class (and subject) weights travel as per-cell sample weights on ``p_leukemia``: Keras'
     ``class_weight`` does not apply to models with dict outputs. A training dataset streams
     the batches of every epoch in ``epochs``, one epoch after the other (fit it with
     ``steps_per_epoch=count_batches(len(indices), batch_size)``); epoch ``e`` shuffles and
@@ -105,34 +160,33 @@ def make_dataset(
         batch_size: Cells per batch (global, across replicas).
         training: Shuffle each epoch and augment.
         seed: Seed of the shuffles and augmentation.
-        class_weights: {0: w0, 1: w1}; all ones when None.
+        weights: (N,) loss weight of each row of the arrays (``cell_weights``); all ones when None.
         segmentation: Include the ``cell_mask`` target.
-        augment: Augment (only when training).
+        augment: Augment (only when training): True or a colour jitter of ``COLOUR_AUGMENTS``.
         epochs: The epochs a training dataset streams, counted from 0 (a resumed run starts later).
 
     Returns:
         The dataset.
     """
     size = int(images.shape[1])
-    weights = class_weights or {0: 1.0, 1: 1.0}
-    weight_table = tf.constant([weights[0], weights[1]], tf.float32)
+    row_weights = np.ones(len(labels), "float32") if weights is None else np.asarray(weights, "float32")
 
     def load(rows: np.ndarray):
         rows = np.sort(rows)  # ascending rows read a memory map sequentially
-        return images[rows], masks[rows], labels[rows].astype("int32")
+        return images[rows], masks[rows], labels[rows].astype("int32"), row_weights[rows]
 
     def read(rows, draws):
-        image, mask, label = tf.numpy_function(load, [rows], [tf.uint8, tf.uint8, tf.int32])
+        image, mask, label, weight = tf.numpy_function(load, [rows], [tf.uint8, tf.uint8, tf.int32, tf.float32])
         image = tf.ensure_shape(image, [None, size, size, 3])
         mask = tf.ensure_shape(mask, [None, size, size])
         return (tf.cast(image, tf.float32), tf.cast(mask, tf.float32)[..., None], tf.ensure_shape(label, [None]),
-                draws)
+                tf.ensure_shape(weight, [None]), draws)
 
-    def to_example(image, mask, label, draws):
+    def to_example(image, mask, label, weight, draws):
         if training and augment:
-            image, mask = augment_batch(image, mask, draws)
+            image, mask = augment_batch(image, mask, draws, colour=augment)
         targets = {PROB_OUTPUT: tf.cast(label, tf.float32)[:, None]}
-        sample_weights = {PROB_OUTPUT: tf.gather(weight_table, label)}
+        sample_weights = {PROB_OUTPUT: weight}
         if segmentation:
             targets[MASK_OUTPUT] = mask
             # (B, 1, 1) broadcasts over the per-pixel mask loss.
@@ -146,8 +200,8 @@ def make_dataset(
         # dataset was iterated before (a resumed run's dataset starts at its next epoch).
         key = tf.stack([tf.constant(seed, tf.int64), epoch])
         order = tf.random.experimental.stateless_shuffle(rows, seed=key)
-        draws = tf.random.stateless_uniform([len(rows), AUGMENT_DRAWS],
-                                            seed=tf.random.experimental.stateless_fold_in(key, 1))
+        draws = tf.concat([tf.random.stateless_uniform([len(rows), n], seed=tf.random.experimental.stateless_fold_in(
+            key, stream)) for stream, n in ((1, RGB_DRAWS), (2, STAIN_DRAWS))], axis=1)
         return tf.data.Dataset.from_tensor_slices((order, draws)).batch(batch_size)
 
     if training:

@@ -1,6 +1,8 @@
-"""The ANNa network: a U-Net that segments the cell with a head that classifies it, from built-in Keras layers
-only (a ``.keras`` file loads in safe mode). It takes uint8-valued RGB (rescaled inside) and returns a dict of
-float32 ``p_leukemia`` (N, 1) and, with segmentation, ``cell_mask`` (N, S, S, 1)."""
+"""The ANNa network: a U-Net that segments the cell with a head that classifies it. It takes uint8-valued
+RGB (rescaled inside) and returns a dict of float32 ``p_leukemia`` (N, 1) and, with segmentation,
+``cell_mask`` (N, S, S, 1).
+
+Built-in layers plus one registered layer (``OpticalDensity``), so a ``.keras`` file loads in safe mode."""
 from __future__ import annotations
 
 import keras
@@ -12,7 +14,31 @@ from modules import config
 PROB_OUTPUT = "p_leukemia"
 MASK_OUTPUT = "cell_mask"
 ARCHITECTURES = ("anna", "legacy")
+INPUT_TRANSFORMS = ("rgb", "od")
 _MODEL = config.ModelSettings()
+
+
+@keras.saving.register_keras_serializable(package="anna")
+class OpticalDensity(layers.Layer):
+    """Beer–Lambert optical density ``-ln((I + 1) / 256)`` of each channel inside the cell, 0 on its background.
+
+    Stain amounts add up in optical density (a patient's stronger stain scales it), where in RGB they
+    multiply; the black background (every channel at most ``background_threshold``) would be the
+    densest pixel of all, so it is set to 0, as clear glass.
+    """
+
+    def __init__(self, background_threshold: int = config.BACKGROUND_THRESHOLD, **kwargs):
+        super().__init__(**kwargs)
+        self.background_threshold = int(background_threshold)
+
+    def call(self, inputs):
+        x = keras.ops.cast(inputs, self.compute_dtype)
+        cell = keras.ops.max(x, axis=-1, keepdims=True) > self.background_threshold
+        density = -keras.ops.log((x + 1.0) / 256.0)
+        return keras.ops.where(cell, density, keras.ops.zeros_like(density))
+
+    def get_config(self) -> dict:
+        return {**super().get_config(), "background_threshold": self.background_threshold}
 
 
 def _conv_block(x, filters: int, batch_norm: bool | str, name: str):
@@ -32,19 +58,26 @@ def build_anna(input_shape: tuple[int, int, int] = (_MODEL.image_size, _MODEL.im
                depth: int = _MODEL.depth, base_filters: int = _MODEL.base_filters,
                batch_norm: bool | str = _MODEL.batch_norm, dropout: float = _MODEL.dropout,
                segmentation: bool = _MODEL.segmentation, head_units: int = _MODEL.head_units,
-               standardize_input: bool = _MODEL.standardize_input) -> keras.Model:
+               standardize_input: bool = _MODEL.standardize_input,
+               input_transform: str = _MODEL.input_transform) -> keras.Model:
     """An uncompiled U-Net named ``anna`` whose head reads globally pooled features of every level.
 
     Global pooling keeps the head free of pixel positions. ``batch_norm="instance"`` normalizes each image
     alone, as at prediction time; ``standardize_input`` gives each image's channels zero mean and unit
-    variance, so that the patients' stain strength reaches the network less.
-    Raises ValueError unless the image size is divisible by ``2**depth``.
+    variance, so that the patients' stain strength reaches the network less. ``input_transform="od"`` feeds
+    the convolutions optical density (``OpticalDensity``) instead of RGB scaled to [0, 1].
+    Raises ValueError unless the image size is divisible by ``2**depth`` and the transform is known.
     """
     size = input_shape[0]
     if depth < 1 or size % (2 ** depth):
         raise ValueError(f"image size {size} must be divisible by 2**depth = {2 ** depth}")
+    if input_transform not in INPUT_TRANSFORMS:
+        raise ValueError(f"unknown input transform {input_transform!r}; use one of {INPUT_TRANSFORMS}")
     inputs = keras.Input(shape=input_shape, name="image")
-    x = layers.Rescaling(1.0 / 255, name="rescale")(inputs)
+    if input_transform == "od":
+        x = OpticalDensity(name="optical_density")(inputs)
+    else:
+        x = layers.Rescaling(1.0 / 255, name="rescale")(inputs)
     if standardize_input:
         x = layers.LayerNormalization(axis=(1, 2), center=False, scale=False, epsilon=1e-3,
                                       name="standardize")(x)

@@ -45,7 +45,7 @@ from modules.data.splits import PatientSplit, SplitError, split_patients
 from modules.metrics import point_metrics, youden_threshold
 from modules.files import atomic_path, exclusive_lock, remove_partials, write_csv_atomic, write_json_atomic
 from modules.modeling import hardware, network, saving
-from modules.modeling.inputs import balanced_class_weights, count_batches, make_dataset
+from modules.modeling.inputs import COLOUR_AUGMENTS, balanced_class_weights, cell_weights, count_batches, make_dataset
 from modules.modeling.saving import load_run
 
 #: train_model's settings besides the fields of ``config.ModelSettings`` and ``config.TrainSettings``.
@@ -54,6 +54,7 @@ RUN_OPTIONS = {"architecture": "anna", "val_patients": None, "val_fold": None, "
 #: Settings a resumed run may change; every other one stays the run's own.
 RESUMABLE = ("epochs", "skip_bad")
 MODEL_KEYS = tuple(f.name for f in fields(config.ModelSettings) if f.name != "image_size")
+THRESHOLD_RULES = ("youden", "subject_youden")
 BACKUP_DIRNAME, STATE_FILENAME, LOCK_FILENAME = "backup", "state.json", ".lock"
 
 
@@ -72,8 +73,10 @@ def default_settings() -> dict:
 
 
 def _normalize(settings: dict) -> dict:
-    if settings["architecture"] not in network.ARCHITECTURES:
-        raise ValueError(f"unknown architecture {settings['architecture']!r}; use one of {network.ARCHITECTURES}")
+    for key, choices in (("architecture", network.ARCHITECTURES), ("colour_augment", COLOUR_AUGMENTS),
+                         ("threshold_rule", THRESHOLD_RULES), ("input_transform", network.INPUT_TRANSFORMS)):
+        if settings[key] not in choices:
+            raise ValueError(f"unknown {key} {settings[key]!r}; use one of {', '.join(choices)}")
     for key in ("image_size", "epochs", "batch_size", "seed", "base_filters", "depth", "canvas"):
         settings[key] = int(settings[key])
     settings.update(segmentation=bool(settings["segmentation"]),
@@ -82,7 +85,8 @@ def _normalize(settings: dict) -> dict:
     if settings["architecture"] == "legacy":
         # The older project: no augmentation, no class weights, no segmentation target,
         # early stopping on validation loss with patience 2, threshold 0.5.
-        settings.update(segmentation=False, augment=False, class_weighting=False, patience=2, lr_patience=1)
+        settings.update(segmentation=False, augment=False, class_weighting=False, subject_weighting=False,
+                        patience=2, lr_patience=1)
     return settings
 
 
@@ -437,8 +441,8 @@ def describe_run(run_dir: Path, settings: dict, split: PatientSplit, arrays, arr
     legacy, meta, size = settings["architecture"] == "legacy", arrays.meta, settings["image_size"]
     labels = np.asarray(arrays.labels).astype(int)
     builder = {"builder": f"build_{settings['architecture']}", "input_shape": [size, size, 3]}
-    training = {key: settings[key] for key in ("epochs", "batch_size", "learning_rate", "augment", "patience",
-                                               "lr_patience")}
+    training = {key: settings[key] for key in ("epochs", "batch_size", "learning_rate", "augment", "colour_augment",
+                                               "subject_weighting", "patience", "lr_patience")}
     training.update(optimizer="adam", monitor=monitor_of(settings)[0],
                     class_weights=balanced_class_weights(labels[split.train_index]) if settings["class_weighting"]
                     else None, mask_loss_weight=settings["mask_loss_weight"] if settings["segmentation"] else None,
@@ -447,7 +451,9 @@ def describe_run(run_dir: Path, settings: dict, split: PatientSplit, arrays, arr
         "run_id": run_dir.name, "status": "running", "architecture": settings["architecture"], "image_size": size,
         "created": previous["created"] if previous else datetime.now(timezone.utc).isoformat(timespec="seconds"),
         **{key: meta.get(key) for key in ("margin", "background_threshold", "canvas")}, "threshold": None,
-        "threshold_method": "fixed 0.5 (legacy)" if legacy else "youden_j_on_validation (p >= threshold)",
+        "threshold_method": "fixed 0.5 (legacy)" if legacy else (
+            "youden_j_on_validation (p >= threshold)" if settings["threshold_rule"] == "youden"
+            else "youden_j_on_validation_subjects_weighted_equally (p >= threshold)"),
         "val_patients": split.val_patients, "train_patients": split.train_patients,
         "excluded_patients": split.excluded_patients, "split_method": split.method, "val_fold": split.val_fold,
         "seed": settings["seed"], "policy": policy, "strategy": hardware.describe_strategy(strategy),
@@ -480,7 +486,9 @@ def finish_run(run_dir: Path, run_config: dict, model: keras.Model, arrays, spli
                                                                                            "patient_id")},
                                    "label": labels, "p_leukemia": p_val.astype("float64")}),
                      run_dir / saving.VAL_PREDICTIONS_FILENAME)
-    threshold = 0.5 if run_config["architecture"] == "legacy" else youden_threshold(labels, p_val)
+    by_subject = run_config["settings"]["threshold_rule"] == "subject_youden"
+    threshold = 0.5 if run_config["architecture"] == "legacy" else youden_threshold(
+        labels, p_val, manifest["patient_id"].astype(str).to_numpy() if by_subject else None)
     figures = point_metrics(labels, p_val, threshold)
     # The threshold and the best epoch were both chosen on these cells, so the thresholded figures are
     # optimistic; patients the run never saw are measured by `evaluate`.
@@ -546,11 +554,14 @@ def train_model(data=None, *, resume: str | Path | None = None, output_dir: str 
     parent = Path(settings["runs_dir"] or Path(output_dir or config.OUTPUT_DIR) / config.MODELS_SUBDIR)
     tag = settings["run_tag"] or f"{settings['architecture']}-s{settings['image_size']}"
 
+    subject_ids = arrays.manifest["patient_id"].astype(str).to_numpy() if settings["subject_weighting"] else None
+
     def dataset(rows: np.ndarray, training: bool, first_epoch: int = 0) -> tf.data.Dataset:
-        weights = balanced_class_weights(labels[rows]) if settings["class_weighting"] else None
+        weights = cell_weights(labels, rows, settings["class_weighting"], subject_ids if training else None)
+        augment = settings["colour_augment"] if settings["augment"] and training else False
         return sharded(make_dataset(arrays.images, arrays.masks, labels, rows, settings["batch_size"], training,
-                                    settings["seed"], weights, settings["segmentation"],
-                                    settings["augment"] and training, range(first_epoch, settings["epochs"])))
+                                    settings["seed"], weights, settings["segmentation"], augment,
+                                    range(first_epoch, settings["epochs"])))
 
     cells = cells_key(arrays.manifest, split)
     with worker_run_dir(strategy, parent, tag, Path(resume) if resume else None, cells) as run_dir:
