@@ -1,10 +1,5 @@
-"""Evaluate a saved run on the labeled cells of a dataset.
-
-``evaluate_run`` (the ``evaluate`` command) predicts the cells of one split with the run's
-preprocessing, computes the metrics and writes ``<output>/evaluations/<run_id>__<dataset>_<split>[_N]/``:
-``metrics.json``, ``predictions.csv`` and ``per_patient.csv``; ``modules.reporting`` then draws the
-charts and writes ``report.md`` / ``report.html`` from those numbers.
-"""
+"""Evaluate a saved run on the labeled cells of one split of a dataset (the ``evaluate`` command): ``metrics.json``,
+``predictions.csv`` and ``per_patient.csv``, from which ``modules.reporting`` draws the charts and the report."""
 from __future__ import annotations
 
 import json
@@ -104,14 +99,11 @@ def select_cells(manifest: pd.DataFrame, split: str, data: Path, run_config: dic
 
 
 def check_training_preprocessing(run_config: dict, settings: dict, sample: int = 16) -> dict:
-    """Re-prepare a few of the run's training cells and compare them with its cached arrays.
+    """Re-prepare a few of the run's training cells and compare them with its cached arrays: ``checked``,
+    ``max_pixel_difference``, ``matches`` (None when not checkable), ``arrays_dir``, ``note``.
 
-    The run records its preprocessing settings, not the code that applied them: when that code
-    changed after the arrays were cached, the model sees other inputs than in training (once
-    measured: single-cell probabilities moved by up to 0.34). This catches that case.
-
-    Returns:
-        ``checked``, ``max_pixel_difference``, ``matches`` (None when not checkable), ``arrays_dir``, ``note``.
+    The run records its preprocessing settings, not the code that applied them: code changed since then gives
+    the model other inputs than in training (once measured: single-cell probabilities moved by up to 0.34).
     """
     from modules import preprocessing
 
@@ -149,49 +141,26 @@ def evaluate_run(model_path: str | Path, data: str | Path, split: str = "validat
                  threshold: str | float = "auto", output_dir: str | Path | None = None,
                  patients: str | Sequence[str] | None = None, skip_bad: bool = False, n_boot: int = 1000,
                  seed: int = 0, publish: bool = True, progress: bool = True) -> Path:
-    """Evaluate a saved run on the labeled cells of a dataset and write the evaluation folder.
-
-    Args:
-        model_path: Run folder or its ``model.keras``.
-        data: Dataset folder (anything ``layout.scan_dataset`` accepts).
-        split: ``validation``, ``train`` or ``test-labeled`` (see ``evaluate --help``).
-        threshold: ``auto`` (the run's stored validation threshold) or a number.
-        output_dir: Output root; the folder goes to ``<output_dir>/evaluations/``.
-        patients: ``"unseen"`` (patients the run neither trained nor validated on) or patient ids.
-        skip_bad: List undecodable images and go on instead of stopping.
-        n_boot: Bootstrap replicates for the intervals.
-        seed: Seed for the bootstrap and the image samples.
-        publish: Also copy the charts to the gallery under ``<output_dir>/viz``.
-        progress: Show progress bars.
-
-    Returns:
-        The evaluation folder ``<output_dir>/evaluations/<run_id>__<dataset>_<split>[_N]``.
-    """
+    """Score a run (its folder or ``model.keras``) on the labeled cells of ``split`` in ``data`` (see ``evaluate
+    --help`` for ``split``, ``threshold`` and ``patients``); returns ``<output_dir>/evaluations/<run_id>__<dataset>_
+    <split>[_N]``. ``n_boot`` bootstrap replicates give the intervals; ``publish`` copies the charts to the gallery."""
     from modules.data import layout, synthetic
-    from modules.modeling import saving
 
-    model_file = saving.model_path(model_path)
-    run_config = saving.load_run(model_file, required=False)  # {} for a model copied alone
-    model = saving.load_model(model_file)
-    threshold_value, threshold_source = predict.resolve_threshold(threshold, run_config, model_file)
+    run = predict.load_predictor(model_path, threshold)
+    run_config, model_file, settings = run.run_config, run.model_file, run.settings
     data_path = Path(data).expanduser()
     cells, split_note = select_cells(layout.scan_dataset(data_path), split, data_path, run_config, patients)
-    settings = predict.preprocessing_settings(model, run_config, model_file)
-    result = predict.predict_paths(model, cells["path"].tolist(), settings, skip_bad=skip_bad, progress=progress)
-    if result["index"].size == 0:
+    scored, result = predict.score_cells(run, cells, skip_bad, progress)
+    if scored.empty:
         raise EvaluationError(f"every image in {data_path} failed to decode; nothing to evaluate")
-    kept = cells.iloc[result["index"]].reset_index(drop=True)
-    predictions = pd.DataFrame({
-        "path": kept["path"].astype(str), "name": kept["name"].astype(str),
-        "original_name": kept["original_name"].astype(str), "patient_id": kept["patient_id"].fillna("").astype(str),
-        "label": kept["label"].astype("int64"), "p_leukemia": result["p_leukemia"].astype("float64")})
-    predictions["prediction"] = (predictions["p_leukemia"] >= threshold_value).astype("int64")
-    metrics = compute_metrics(predictions["label"], predictions["p_leukemia"], threshold_value,
+    predictions = scored.astype({"path": str, "name": str, "original_name": str, "label": "int64"}).assign(
+        patient_id=scored["patient_id"].fillna("").astype(str))[list(PREDICTION_COLUMNS)]
+    metrics = compute_metrics(predictions["label"], predictions["p_leukemia"], run.threshold,
                               patient_ids=predictions["patient_id"], n_boot=n_boot, seed=seed)
     run_train, run_val = _run_patients(run_config)
     patient = predictions["patient_id"]
     metrics.update({
-        "threshold_source": threshold_source, "threshold_method": run_config.get("threshold_method"),
+        "threshold_source": run.threshold_source, "threshold_method": run_config.get("threshold_method"),
         "prediction_rule": "leukemic (1) when p_leukemia >= threshold",
         "split": split, "split_note": split_note,
         "patients_filter": patients if patients is None or isinstance(patients, str) else list(patients),
@@ -208,7 +177,7 @@ def evaluate_run(model_path: str | Path, data: str | Path, split: str = "validat
         "preprocessing": settings, "preprocessing_check": check_training_preprocessing(run_config, settings),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     })
-    return _write_evaluation(Path(output_dir or config.OUTPUT_DIR), metrics, predictions, model, settings,
+    return _write_evaluation(Path(output_dir or config.OUTPUT_DIR), metrics, predictions, run.model, settings,
                              run_config, seed, publish)
 
 

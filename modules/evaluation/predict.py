@@ -1,15 +1,15 @@
 """Inference from a saved run: P(leukemia) for any cell images, prepared as the run's arrays were.
 
-``predict_paths`` is the one inference path (decode and preprocess in chunks with the run's
-settings, predict with the model); ``evaluate.evaluate_run`` and ``predict_images`` (the
-``predict`` command) both call it.
+``load_predictor`` loads a run once; ``score_cells`` (over ``predict_paths``) is the one inference path, used by
+``evaluate.evaluate_run`` and by ``predict_images`` (the ``predict`` command).
 """
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -19,9 +19,31 @@ from modules.metrics import EvaluationError, mask_dice
 from modules.files import write_csv_atomic
 
 CHUNK = 256  # images decoded and predicted at a time: memory stays bounded on any dataset size
+PREDICT_COLUMNS = ("path", "name", "p_leukemia", "prediction", "label_name", "testing", "model_trained_on")
 
 
 # ----------------------------------------------------------------------------- the run
+class Predictor(NamedTuple):
+    """A saved run loaded to predict with: its ``config.json`` ({} for a model copied alone), the threshold with its
+    source, and the preprocessing settings its arrays were prepared with."""
+    model_file: Path
+    run_config: dict
+    model: object
+    threshold: float
+    threshold_source: str
+    settings: dict
+
+
+def load_predictor(model_path: str | Path, threshold: str | float = "auto") -> Predictor:
+    """Load a run folder or its ``model.keras`` with its threshold (``auto``: the run's stored one) and settings."""
+    from modules.modeling import saving
+
+    model_file = saving.model_path(model_path)
+    run_config = saving.load_run(model_file, required=False)
+    model = saving.load_model(model_file)
+    value, source = resolve_threshold(threshold, run_config, model_file)
+    return Predictor(model_file, run_config, model, value, source,
+                     preprocessing_settings(model, run_config, model_file))
 
 
 def trained_on(run_config: dict) -> str:
@@ -53,8 +75,8 @@ def resolve_threshold(threshold: str | float, run_config: dict, model_path: Path
 
 
 def preprocessing_settings(model, run_config: dict, model_path: Path) -> dict:
-    """Image size (from the model), margin, background threshold and canvas (from ``config.json``, else the
-    defaults, with a warning and ``recorded`` False) to prepare cells as the run's arrays were."""
+    """Image size (the model's), margin, background threshold and canvas (``config.json``'s, else the defaults with
+    a warning and ``recorded`` False): how the run's arrays were prepared."""
     input_shape = model.input_shape[0] if isinstance(model.input_shape, list) else model.input_shape
     height, width, channels = input_shape[1:4]
     if height != width or channels != 3:
@@ -76,13 +98,11 @@ def preprocessing_settings(model, run_config: dict, model_path: Path) -> dict:
             f"{model_path}: {source} {', '.join(guessed)}; cells are prepared with the current defaults "
             f"({', '.join(f'{key} {settings[key]}' for key in guessed)}). If the model was trained with other "
             "settings (e.g. prepare --canvas 320) its predictions are wrong: keep the config.json written by "
-            "`train` beside model.keras", stacklevel=2)
+            "`train` beside model.keras", stacklevel=3)
     return settings
 
 
 # ----------------------------------------------------------------------------- images to probabilities
-
-
 def prepare_cell(path: str, settings: dict) -> tuple[np.ndarray, np.ndarray]:
     """Decode one image and preprocess it as the run did: (image (S,S,3) uint8, mask (S,S) uint8)."""
     from modules import preprocessing
@@ -96,10 +116,15 @@ def prepare_cell(path: str, settings: dict) -> tuple[np.ndarray, np.ndarray]:
         raise preprocessing.ImageError(message if str(path) in message else f"{path}: {message}") from error
 
 
-def iter_prepared(paths: Sequence[str], settings: dict, skip_bad: bool = False,
-                  chunk: int = CHUNK) -> Iterator[tuple[int, list]]:
-    """(start, [(image, mask) or the error]) per chunk, decoded in threads (OpenCV releases the GIL)."""
+def predict_paths(model, paths: Sequence[str], settings: dict, skip_bad: bool = False, batch_size: int = 64,
+                  progress: bool = True) -> dict:
+    """P(leukemia), and the mask's agreement with preprocessing when the model segments, for image files decoded in
+    threads (OpenCV releases the GIL) a chunk ahead of the model: ``index`` (of the paths kept), ``p_leukemia``,
+    ``mask_dice`` (None without a mask output) and ``skipped`` (``{path, error}``)."""
+    from tqdm.auto import tqdm
+
     from modules import preprocessing
+    from modules.modeling import saving
 
     def prepare(path):
         try:
@@ -110,37 +135,21 @@ def iter_prepared(paths: Sequence[str], settings: dict, skip_bad: bool = False,
                                                "list it and go on without it") from error
             return error
 
-    with ThreadPoolExecutor(min(8, preprocessing.default_workers())) as pool:
+    kept, probabilities, dices, skipped = [], [], [], []
+    with ThreadPoolExecutor(min(8, preprocessing.default_workers())) as pool, \
+            tqdm(total=len(paths), desc="predicting", unit="img", disable=not progress) as bar:
         def submit(start: int) -> list:
-            return [pool.submit(prepare, path) for path in paths[start:start + chunk]]
+            return [pool.submit(prepare, path) for path in paths[start:start + CHUNK]]
 
         pending = submit(0)
-        for start in range(0, len(paths), chunk):
+        for start in range(0, len(paths), CHUNK):
             results = [future.result() for future in pending]
-            pending = submit(start + chunk)  # decoded while the caller predicts this chunk
-            yield start, results
-
-
-def predict_paths(model, paths: Sequence[str], settings: dict, skip_bad: bool = False, batch_size: int = 64,
-                  progress: bool = True) -> dict:
-    """P(leukemia), and the mask's agreement with preprocessing when the model segments, for image files.
-
-    Returns:
-        ``{"index": kept row indices, "p_leukemia": (n,), "mask_dice": (n,) or None, "skipped": [{path, error}]}``.
-    """
-    from tqdm.auto import tqdm
-
-    from modules.modeling import saving
-
-    kept, probabilities, dices, skipped = [], [], [], []
-    with tqdm(total=len(paths), desc="predicting", unit="img", disable=not progress) as bar:
-        for start, results in iter_prepared(paths, settings, skip_bad):
+            pending = submit(start + CHUNK)  # decoded while the model predicts this chunk
             good = [i for i, r in enumerate(results) if not isinstance(r, Exception)]
             skipped += [{"path": str(paths[start + i]), "error": str(r)} for i, r in enumerate(results)
                         if isinstance(r, Exception)]
             if good:
-                outputs = saving.predict_outputs(model, np.stack([results[i][0] for i in good]),
-                                                 batch_size=batch_size)
+                outputs = saving.predict_outputs(model, np.stack([results[i][0] for i in good]), batch_size=batch_size)
                 probabilities.append(np.asarray(outputs["p_leukemia"], dtype="float32").reshape(-1))
                 if "cell_mask" in outputs:
                     dices.append(mask_dice(np.asarray(outputs["cell_mask"]), np.stack([results[i][1] for i in good])))
@@ -151,9 +160,18 @@ def predict_paths(model, paths: Sequence[str], settings: dict, skip_bad: bool = 
             "mask_dice": np.concatenate(dices) if dices else None, "skipped": skipped}
 
 
+def score_cells(predictor: Predictor, rows: pd.DataFrame, skip_bad: bool = False,
+                progress: bool = True) -> tuple[pd.DataFrame, dict]:
+    """The ``rows`` (a ``path`` column) that decoded, with ``p_leukemia`` and ``prediction`` (1 = leukemic, when
+    p_leukemia >= the threshold), and ``predict_paths``' result."""
+    result = predict_paths(predictor.model, rows["path"].tolist(), predictor.settings, skip_bad=skip_bad,
+                           progress=progress)
+    p = result["p_leukemia"].astype("float64")
+    kept = rows.iloc[result["index"]].reset_index(drop=True)
+    return kept.assign(p_leukemia=p, prediction=(p >= predictor.threshold).astype("int64")), result
+
+
 # ----------------------------------------------------------------------------- the predict command
-
-
 def _is_testing_folder(path: Path) -> bool:
     return path.name in (config.TESTING_DIR, config.TESTING_IMAGES_DIR)
 
@@ -177,10 +195,10 @@ def _folder_images(folder: Path) -> list[Path]:
 
 
 def list_images(paths_or_dirs: Iterable[str | Path] | str | Path) -> pd.DataFrame:
-    """Image files given directly or found recursively in folders: columns ``path`` and ``testing``.
+    """Image files given directly or found recursively in folders: ``path`` and ``testing`` (a C-NMC testing
+    folder's cell)."""
+    from modules.data.layout import utf8_path
 
-    ``testing`` is True for cells of a C-NMC testing folder.
-    """
     items = [paths_or_dirs] if isinstance(paths_or_dirs, (str, Path)) else list(paths_or_dirs)
     rows = []
     for item in items:
@@ -196,8 +214,6 @@ def list_images(paths_or_dirs: Iterable[str | Path] | str | Path) -> pd.DataFram
             raise FileNotFoundError(f"{path} not found: pass image files or folders of cell images")
     if not rows:
         raise FileNotFoundError(f"no images ({', '.join(config.IMAGE_EXTENSIONS)}) in {', '.join(map(str, items))}")
-    from modules.data.layout import utf8_path
-
     for row in rows:  # a name that is not UTF-8 is named now, not as a failure to write the CSV
         utf8_path(row["path"])
     return pd.DataFrame(rows).drop_duplicates("path").reset_index(drop=True)
@@ -206,36 +222,23 @@ def list_images(paths_or_dirs: Iterable[str | Path] | str | Path) -> pd.DataFram
 def predict_images(model_path: str | Path, paths_or_dirs: Iterable[str | Path] | str | Path,
                    csv: str | Path | None = None, threshold: str | float = "auto", skip_bad: bool = False,
                    progress: bool = True) -> pd.DataFrame:
-    """P(leukemia) and the label for image files and folders (searched recursively), with the run's preprocessing.
-
-    Returns:
-        Columns ``path, name, p_leukemia, prediction, label_name, testing, model_trained_on``; ``attrs``
-        ``threshold``, ``threshold_source``, ``skipped`` (with ``skip_bad``), ``model``, ``warning`` (a model
-        trained on synthetic cells, also warned about; else None) and, once ``csv`` is written, ``submission``.
-    """
-    from modules.modeling import saving
-
-    model_file = saving.model_path(model_path)
-    run_config = saving.load_run(model_file, required=False)  # {} for a model copied alone
-    model = saving.load_model(model_file)
-    threshold_value, threshold_source = resolve_threshold(threshold, run_config, model_file)
-    files = list_images(paths_or_dirs)
-    settings = preprocessing_settings(model, run_config, model_file)
-    result = predict_paths(model, files["path"].tolist(), settings, skip_bad=skip_bad, progress=progress)
-    kept = files.iloc[result["index"]].reset_index(drop=True)
-    table = pd.DataFrame({"path": kept["path"], "name": kept["path"].map(lambda p: Path(p).name),
-                          "p_leukemia": result["p_leukemia"].astype("float64")})
-    table["prediction"] = (table["p_leukemia"] >= threshold_value).astype("int64")
-    table["label_name"] = table["prediction"].map(config.CLASS_NAMES)
-    table["testing"] = kept["testing"].astype(bool)
-    table["model_trained_on"] = trained_on(run_config)
-    warning = None if trained_on(run_config) != "synthetic" else (
-        f"{model_file} was trained on SYNTHETIC cells, so its labels for real cells mean nothing (a demo model); "
-        "train on the real C-NMC cells for real predictions (python -m modules train --data input/C-NMC_Leukemia)")
+    """``PREDICT_COLUMNS`` for image files and folders (searched recursively), with the run's preprocessing;
+    ``attrs``: ``threshold``, ``threshold_source``, ``skipped`` (with ``skip_bad``), ``model``, ``warning`` (a model
+    trained on synthetic cells, also warned about; else None) and, once ``csv`` is written, ``submission``."""
+    predictor = load_predictor(model_path, threshold)
+    scored, result = score_cells(predictor, list_images(paths_or_dirs), skip_bad, progress)
+    origin = trained_on(predictor.run_config)
+    table = scored.assign(name=scored["path"].map(lambda p: Path(p).name), testing=scored["testing"].astype(bool),
+                          label_name=scored["prediction"].map(config.CLASS_NAMES), model_trained_on=origin)
+    warning = None if origin != "synthetic" else (
+        f"{predictor.model_file} was trained on SYNTHETIC cells, so its labels for real cells mean nothing (a demo "
+        "model); train on the real C-NMC cells for real predictions (python -m modules train --data "
+        "input/C-NMC_Leukemia)")
     if warning:
         warnings.warn(warning, stacklevel=2)
-    table.attrs.update({"threshold": threshold_value, "threshold_source": threshold_source,
-                        "skipped": result["skipped"], "model": str(model_file), "warning": warning})
+    table = table[list(PREDICT_COLUMNS)]
+    table.attrs.update({"threshold": predictor.threshold, "threshold_source": predictor.threshold_source,
+                        "skipped": result["skipped"], "model": str(predictor.model_file), "warning": warning})
     if csv is not None:
         write_predictions(table, csv)
     return table
