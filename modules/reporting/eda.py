@@ -1,5 +1,5 @@
-"""Exploratory charts for the notebooks: each ``plot_*`` returns (figure, table), saved under
-``charts/<notebook>/`` and published as ``viz/<notebook>/``; titles say when the cells are synthetic."""
+"""Exploratory charts for the notebooks: each ``plot_*`` returns (figure, table), saved under ``charts/<notebook>/``
+and published as ``viz/<notebook>/``; titles say when the cells are synthetic."""
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -56,17 +56,16 @@ def _present(stats: pd.DataFrame) -> list[str]:
     return [c for c in CLASS_ORDER if (stats["class"] == c).any()]
 
 
-def _pipeline_order(frame: pd.DataFrame) -> pd.DataFrame:
-    """Rows indexed by split in pipeline order (train, validation, test)."""
-    return frame.reindex([s for s in SPLIT_ORDER if s in frame.index])
+def _by_split(table: pd.DataFrame, values: str) -> pd.DataFrame:
+    """``values`` of a ``count_cells`` table per split (rows, in pipeline order) and class (columns)."""
+    pivot = table.pivot(index="split", columns="class", values=values).fillna(0)
+    return pivot.reindex([s for s in SPLIT_ORDER if s in pivot.index])
 
 
 def save_figure(fig: Figure, table: pd.DataFrame, name: str, caption: str, run: str,
                 output_dir: str | Path | None = None, note: str = "") -> Plot:
-    """Save a chart under ``charts/<run>/``, publish that folder as ``viz/<run>/``, close it; returns (fig, table).
-
-    ``note`` (``charts.synthetic_note``) ends the gallery heading too.
-    """
+    """Save a chart under ``charts/<run>/``, publish that folder as ``viz/<run>/`` (its heading ends with ``note``)
+    and close it; returns (fig, table)."""
     root = Path(output_dir or config.OUTPUT_DIR)
     folder = root / config.CHARTS_SUBDIR / run
     charts.save_chart(fig, table, name, caption, folder)
@@ -87,7 +86,7 @@ def _sample(manifest: pd.DataFrame, limit: int, seed: int) -> pd.DataFrame:
 
 def _bars(pivot: pd.DataFrame, ax) -> None:
     """Grouped bars per row and class, labelled with their counts (empty bars unlabelled)."""
-    pivot = pivot[[c for c in CLASS_ORDER if c in pivot.columns]]
+    pivot = pivot[[c for c in CLASS_ORDER if c in pivot.columns]].astype(int)
     pivot.plot.bar(ax=ax, color=[COLORS[c] for c in pivot.columns], rot=0)
     for container in ax.containers:
         ax.bar_label(container, labels=[f"{v:g}" if v else "" for v in container.datavalues], fontsize=8)
@@ -110,7 +109,7 @@ def plot_class_counts(manifest: pd.DataFrame, output_dir: str | Path | None = No
     """Bar chart of cells per split (in pipeline order) and class, training folds merged."""
     note, table = _note(manifest), count_cells(manifest, ("split", "class"))
     fig, ax = plt.subplots(figsize=(6.5, 3.6), layout="constrained")
-    _bars(_pipeline_order(table.pivot(index="split", columns="class", values="cells").fillna(0).astype(int)), ax)
+    _bars(_by_split(table, "cells"), ax)
     ax.set(ylabel="cells", xlabel="", title=f"Cells per split and class{note}")
     return save_figure(fig, table, "class_counts", "Cells per split (train, validation, test) and class: all = "
                        "leukemic blast, hem = normal cell.", EDA_RUN, output_dir, note)
@@ -121,8 +120,7 @@ def plot_fold_counts(manifest: pd.DataFrame, output_dir: str | Path | None = Non
     note, table = _note(manifest), count_cells(manifest[manifest["split"] == "train"])
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), layout="constrained")
     for ax, column in zip(axes, ("cells", "patients")):
-        pivot = table.pivot(index="fold", columns="class", values=column).fillna(0).astype(int)
-        _bars(pivot.rename(index=lambda fold: f"fold_{fold}"), ax)
+        _bars(table.pivot(index="fold", columns="class", values=column).fillna(0).rename(index="fold_{}".format), ax)
         ax.set(ylabel=column, xlabel="", title=f"{column} per training fold")
     fig.suptitle(f"Training folds{note}")
     return save_figure(fig, table, "fold_counts", "Cells and patients per C-NMC training fold and class; each "
@@ -131,8 +129,7 @@ def plot_fold_counts(manifest: pd.DataFrame, output_dir: str | Path | None = Non
 
 def plot_patient_counts(manifest: pd.DataFrame, output_dir: str | Path | None = None) -> Plot:
     """Cells per patient (labeled cells), coloured by class, largest first."""
-    note = _note(manifest)
-    labeled = manifest[manifest["label"].notna() & (manifest["patient_id"] != "")]
+    note, labeled = _note(manifest), manifest[manifest["label"].notna() & (manifest["patient_id"] != "")]
     table = (labeled.assign(**{"class": class_names(labeled["label"])}).groupby(["patient_id", "class"])
              .agg(cells=("path", "size"), splits=("split", lambda s: ",".join(sorted(set(s))))).reset_index()
              .sort_values(["class", "cells", "patient_id"], ascending=[True, False, True], ignore_index=True,
@@ -150,7 +147,7 @@ def plot_validation_balance(manifest: pd.DataFrame, output_dir: str | Path | Non
     """Class balance (share of labeled cells) of each split, in pipeline order."""
     note, table = _note(manifest), count_cells(manifest[manifest["label"].notna()], ("split", "class"))
     table["share_of_cells"] = table["cells"] / table.groupby("split")["cells"].transform("sum")
-    shares = _pipeline_order(table.pivot(index="split", columns="class", values="share_of_cells").fillna(0))
+    shares = _by_split(table, "share_of_cells")
     shares = shares[[c for c in ("all", "hem") if c in shares]]
     fig, ax = plt.subplots(figsize=(6.5, 3.4), layout="constrained")
     shares.plot.barh(ax=ax, stacked=True, color=[COLORS[c] for c in shares.columns])
@@ -184,11 +181,8 @@ def _measure_one(path: str) -> dict:
 
 def measure_images(manifest: pd.DataFrame, limit: int | None = None, seed: int = config.DEFAULT_SEED,
                    workers: int | None = None, progress: bool = True) -> pd.DataFrame:
-    """Size, colour, cell area/intensity and a pixel hash of each image (``STAT_COLUMNS``), decoded in threads.
-
-    The cell is preprocessing's ``cell_mask``; ``limit`` samples that many images by class share (0/None: all).
-    Raises ``preprocessing.ImageError`` naming a file that cannot be decoded.
-    """
+    """``STAT_COLUMNS`` of each image (the cell is preprocessing's ``cell_mask``), decoded in threads; ``limit``
+    samples that many images by class share (0/None: all). A file that cannot be decoded raises ``ImageError``."""
     rows = _sample(manifest, limit or 0, seed)
     paths = rows["path"].tolist()
     with ThreadPoolExecutor(max_workers=workers or preprocessing.default_workers()) as pool:
@@ -197,18 +191,15 @@ def measure_images(manifest: pd.DataFrame, limit: int | None = None, seed: int =
     # Joined by position: the manifest's index may hold duplicate labels (a concat of scans).
     table = pd.concat([rows[["path", "name", "patient_id", "label", "split", "fold"]].reset_index(drop=True),
                        pd.DataFrame(measured)], axis=1)
-    table.insert(4, "class", class_names(table["label"]))
-    return table[list(STAT_COLUMNS)]
+    return table.assign(**{"class": class_names(table["label"])})[list(STAT_COLUMNS)]
 
 
 def plot_image_sizes(stats: pd.DataFrame, output_dir: str | Path | None = None) -> Plot:
     """Image dimensions found (C-NMC images are all 450x450 RGB)."""
-    note = _note(stats)
-    table = stats.groupby(["height", "width", "class"]).size().rename("images").reset_index()
+    note, table = _note(stats), stats.groupby(["height", "width", "class"]).size().rename("images").reset_index()
     fig, ax = plt.subplots(figsize=(6, 3.2), layout="constrained")
-    bars = ax.bar([f"{h}x{w}\n{c}" for h, w, c in zip(table["height"], table["width"], table["class"])],
-                  table["images"], color=[COLORS[c] for c in table["class"]])
-    ax.bar_label(bars, fontsize=8)
+    ax.bar_label(ax.bar([f"{h}x{w}\n{c}" for h, w, c in zip(table["height"], table["width"], table["class"])],
+                        table["images"], color=[COLORS[c] for c in table["class"]]), fontsize=8)
     ax.set(ylabel="images", title=f"Image sizes (height x width) of {len(stats)} images{note}")
     return save_figure(fig, table, "image_sizes", "Image sizes in pixels (height x width) per class.", EDA_RUN,
                        output_dir, note)
@@ -226,9 +217,9 @@ def plot_colour_statistics(stats: pd.DataFrame, output_dir: str | Path | None = 
     fig.suptitle(f"Colour of the cells by class{note}")
     columns = [f"{part}_mean_{c}" for part in ("cell", "image") for c in "rgb"]
     table = stats.groupby("class")[columns].describe().stack(level=0, future_stack=True)
-    table = table.reset_index().rename(columns={"level_1": "statistic"})
-    return save_figure(fig, table, "colour_statistics", "Mean R, G, B of the cell pixels per image, by class "
-                       "(stain differs between patients).", EDA_RUN, output_dir, note)
+    return save_figure(fig, table.reset_index().rename(columns={"level_1": "statistic"}), "colour_statistics",
+                       "Mean R, G, B of the cell pixels per image, by class (stain differs between patients).",
+                       EDA_RUN, output_dir, note)
 
 
 def plot_cell_area_intensity(stats: pd.DataFrame, output_dir: str | Path | None = None) -> Plot:
@@ -247,25 +238,23 @@ def plot_cell_area_intensity(stats: pd.DataFrame, output_dir: str | Path | None 
 
 
 def find_duplicates(stats: pd.DataFrame) -> pd.DataFrame:
-    """One row per image whose decoded pixels another repeats: ``duplicates.find_duplicates`` on the content
-    hash of ``measure_images`` (with ``label_conflict``, ``crosses_splits`` and ``crosses_subjects``)."""
+    """``duplicates.find_duplicates`` on the pixel hash of ``measure_images``: one row per image whose decoded
+    pixels another repeats (with ``label_conflict``, ``crosses_splits`` and ``crosses_subjects``)."""
     return duplicates.find_duplicates(stats, "content_hash")
 
 
-def _thumbnail(rgb: np.ndarray, side: int = 150) -> np.ndarray:
-    return charts.for_display(cv2.resize(rgb, (side, side), interpolation=cv2.INTER_AREA))
+def _thumbnail(path: str, side: int = 150) -> np.ndarray:
+    return charts.for_display(cv2.resize(preprocessing.load_rgb(path), (side, side), interpolation=cv2.INTER_AREA))
 
 
 def plot_sample_grid(manifest: pd.DataFrame, per_class: int = 8, seed: int = config.DEFAULT_SEED,
                      output_dir: str | Path | None = None) -> Plot:
-    """Random cells of each class (one row per class), titled with patient and file name."""
-    note = _note(manifest)
-    labeled = manifest[manifest["label"].notna()]
-    labeled = labeled.assign(**{"class": class_names(labeled["label"])})
+    """Random cells of each class (one row per class), titled with their class and patient."""
+    note, labeled = _note(manifest), manifest[manifest["label"].notna()]
     table = pd.concat([group.sample(n=min(per_class, len(group)), random_state=seed)
-                       for _, group in labeled.groupby("class", sort=True)])
+                       for _, group in labeled.assign(**{"class": class_names(labeled["label"])}).groupby("class")])
     table = table[["path", "name", "patient_id", "class", "split"]].reset_index(drop=True)
-    fig = charts.plot_image_grid([_thumbnail(preprocessing.load_rgb(p)) for p in table["path"]],
+    fig = charts.plot_image_grid([_thumbnail(p) for p in table["path"]],
                                  [f"{c} · patient {pid}" for c, pid in zip(table["class"], table["patient_id"])],
                                  ncols=per_class, title=f"Sample cells per class (rows: all, hem){note}")
     return save_figure(fig, table, "sample_grid", "Random cells of each class: leukemic blasts (all) and normal "
@@ -349,8 +338,8 @@ def plot_prepared_arrays(arrays_dir: str | Path, n: int = 6, seed: int = config.
 
 # ----------------------------------------------------------------------------- model and training
 def model_blocks(model) -> pd.DataFrame:
-    """One row per block in layer order (``down0``, ``down0_pool``, ``bottleneck``, ``up0``, ``head``, the outputs):
-    ``block, layers, output_shape, parameters``."""
+    """``block, layers, output_shape, parameters`` per block in layer order (``down0``, ``down0_pool``,
+    ``bottleneck``, ``up0``, ``head``, the outputs)."""
     rows: dict[str, dict] = {}
     for layer in model.layers:
         prefix, _, part = layer.name.partition("_")
@@ -367,38 +356,30 @@ def model_blocks(model) -> pd.DataFrame:
 def _draw_unet(ax, model, info: pd.DataFrame) -> None:
     """ANNa as a U: encoder down the left with a max-pool between blocks, decoder up the right with the skips
     (dashed), and the head below, fed by every level it pools."""
-    depth = sum(1 for block in info.index if block.startswith("down") and block[4:].isdigit())
-    boxes: dict[str, object] = {}
+    depth, step = sum(1 for block in info.index if block.startswith("down") and block[4:].isdigit()), 1.6
+    boxes: dict[str, matplotlib.text.Text] = {}
 
-    def box(name: str, x: float, y: float, text: str, colour: str) -> None:
+    def box(name: str, x: float, y: float, colour: str, text: str | None = None) -> None:
+        text = text or f"{name}\n{info.loc[name, 'output_shape']}\n{info.loc[name, 'parameters']:,} params"
         boxes[name] = ax.text(x, y, text, ha="center", va="center", fontsize=7,
                               bbox={"boxstyle": "round", "fc": colour, "ec": "#555"})
 
     def arrow(start, end, colour: str = "#555", style: str = "-") -> None:
-        # Clipped at both boxes and drawn above them: arrows end at a box's edge, never cross its text.
-        if isinstance(start, str):
-            start, patch_a = boxes[start].get_position(), boxes[start].get_bbox_patch()
-        else:
-            patch_a = None
-        if isinstance(end, Rectangle):
-            end_xy, patch_b = (start[0], end.get_y() + end.get_height()), end
-        else:
-            end_xy, patch_b = boxes[end].get_position(), boxes[end].get_bbox_patch()
-        ax.add_patch(FancyArrowPatch(start, end_xy, arrowstyle="-|>", mutation_scale=10, color=colour,
-                                     linestyle=style, zorder=4, patchA=patch_a, patchB=patch_b))
+        # Clipped at the boxes and drawn above them: an arrow ends at a box's edge, never crosses its text.
+        texts = [boxes[point] if isinstance(point, str) else None for point in (start, end)]
+        ax.add_patch(FancyArrowPatch(*[t.get_position() if t else p for t, p in zip(texts, (start, end))],
+                                     arrowstyle="-|>", mutation_scale=10, color=colour, linestyle=style, zorder=4,
+                                     patchA=texts[0] and texts[0].get_bbox_patch(),
+                                     patchB=texts[1] and texts[1].get_bbox_patch()))
 
-    def block(name: str) -> str:
-        return f"{name}\n{info.loc[name, 'output_shape']}\n{info.loc[name, 'parameters']:,} params"
-
-    step = 1.6  # vertical distance between levels
-    box("input", -2.4, 0, f"image\n{info.loc['image', 'output_shape']}\nrescaled"
-        + (", standardized" if "standardize" in info.index else ""), "#e5e7e9")
+    box("input", -2.4, 0, "#e5e7e9", f"image\n{info.loc['image', 'output_shape']}\nrescaled"
+        + (", standardized" if "standardize" in info.index else ""))
     for level in range(depth):
-        box(f"down{level}", 2 * level, -step * level, block(f"down{level}"), "#aed6f1")
-        box(f"down{level}_pool", 2 * level + 1, -step * (level + 0.5),
-            f"max-pool\n{info.loc[f'down{level}_pool', 'output_shape']}", "#eaf2f8")
-        box(f"up{level}", 4 * depth - 2 * level, -step * level, block(f"up{level}"), "#a9dfbf")
-    box("bottleneck", 2 * depth, -step * depth, block("bottleneck"), "#f9e79f")
+        box(f"down{level}", 2 * level, -step * level, "#aed6f1")
+        box(f"down{level}_pool", 2 * level + 1, -step * (level + 0.5), "#eaf2f8",
+            f"max-pool\n{info.loc[f'down{level}_pool', 'output_shape']}")
+        box(f"up{level}", 4 * depth - 2 * level, -step * level, "#a9dfbf")
+    box("bottleneck", 2 * depth, -step * depth, "#f9e79f")
     chain = ["input", *[n for level in range(depth) for n in (f"down{level}", f"down{level}_pool")], "bottleneck",
              *[f"up{level}" for level in reversed(range(depth))]]
     for start, end in zip(chain, chain[1:]):
@@ -406,33 +387,30 @@ def _draw_unet(ax, model, info: pd.DataFrame) -> None:
     for level in range(depth):
         arrow(f"down{level}", f"up{level}", "#2874a6", "--")
     if "cell_mask" in info.index:
-        box("cell_mask", 4 * depth + 2.4, 0, block("cell_mask"), "#d7bde2")
+        box("cell_mask", 4 * depth + 2.4, 0, "#d7bde2")
         arrow("up0", "cell_mask")
     pooled: dict[str, list[str]] = {}  # which blocks the head pools, read from the model itself
     for layer in model.layers:
         source, _, kind = layer.name.partition("_")
         if kind in ("avg", "max"):
             pooled.setdefault("up0" if source == "decoder" else source, []).append({"avg": "average"}.get(kind, kind))
-    layers = {layer.name: layer for layer in model.layers}
-    features = layers["head_features"].output.shape[-1] if "head_features" in layers else "?"
+    features = next((layer.output.shape[-1] for layer in model.layers if layer.name == "head_features"), "?")
     y = -step * depth - 1.7
-    band = ax.add_patch(Rectangle((-0.9, y - 0.45), 4 * depth + 1.8, 0.9, fc="#f5b7b1", ec="#555"))
+    ax.add_patch(Rectangle((-0.9, y - 0.45), 4 * depth + 1.8, 0.9, fc="#f5b7b1", ec="#555"))
     ax.text(2 * depth, y, "head: global pooling of " + ", ".join(f"{name} ({' + '.join(kinds)})"
                                                                  for name, kinds in pooled.items())
             + f"\n→ {features} features → dense {info.loc['head', 'output_shape']} "
             f"({info.loc['head', 'parameters']:,} params)", ha="center", va="center", fontsize=7)
     for name in pooled:
-        arrow(name, band, "#b03a2e")
-    box("p_leukemia", 4 * depth + 2.4, y, block("p_leukemia"), "#f5b7b1")
+        arrow(name, (boxes[name].get_position()[0], y + 0.45), "#b03a2e")
+    box("p_leukemia", 4 * depth + 2.4, y, "#f5b7b1")
     arrow((4 * depth + 0.9, y), "p_leukemia")
     ax.set(xlim=(-3.6, 4 * depth + 3.6), ylim=(y - 0.8, 0.8))
 
 
 def plot_model_diagram(model, output_dir: str | Path | None = None, synthetic: bool = False) -> Plot:
-    """A block diagram of the network (ANNa as a U with its head, other models as a chain) and ``model_blocks``.
-
-    ``synthetic``: the model is trained on synthetic cells (the title says so).
-    """
+    """A block diagram of the network (ANNa as a U with its head, other models as a chain) and ``model_blocks``;
+    ``synthetic``: the model is trained on synthetic cells (the title says so)."""
     table, note = model_blocks(model), charts.synthetic_note(model_synthetic=synthetic)
     info = table.set_index("block")
     fig, ax = plt.subplots(figsize=(12, 6.5), layout="constrained")
@@ -467,10 +445,8 @@ def plot_training_history(run_dir: str | Path, output_dir: str | Path | None = N
 
 def plot_testing_predictions(predictions: pd.DataFrame, n_examples: int = 6, seed: int = config.DEFAULT_SEED,
                              output_dir: str | Path | None = None) -> Plot:
-    """``predict.predict_images`` output: P(leukemia) histogram with the threshold, ``n_examples`` cells per call.
-
-    Returns the figure and the counts per predicted class.
-    """
+    """``predict.predict_images`` output: P(leukemia) histogram with the threshold and ``n_examples`` cells per
+    predicted class; the table counts the cells of each."""
     threshold = float(predictions.attrs.get("threshold", 0.5))
     trained_on = predictions.get("model_trained_on", pd.Series(["unknown"]))
     model_synthetic = None if (trained_on == "unknown").all() else bool((trained_on == "synthetic").any())
@@ -489,10 +465,9 @@ def plot_testing_predictions(predictions: pd.DataFrame, n_examples: int = 6, see
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1, 1))
     for row, group in enumerate(picks, start=1):
         for col, item in enumerate(group.itertuples()):
-            cell_ax = fig.add_subplot(grid[row, col])
-            cell_ax.imshow(_thumbnail(preprocessing.load_rgb(item.path)))
+            cell_ax = fig.add_subplot(grid[row, col], xticks=[], yticks=[])
+            cell_ax.imshow(_thumbnail(item.path))
             cell_ax.set_title(f"{item.name}\ncalled {item.label_name}, p={item.p_leukemia:.2f}", fontsize=7)
-            cell_ax.set(xticks=[], yticks=[])
     table = (predictions.groupby("label_name").agg(cells=("path", "size"), mean_p=("p_leukemia", "mean"))
              .reset_index().rename(columns={"label_name": "predicted"}).assign(threshold=threshold))
     return save_figure(fig, table, "testing_predictions", "P(leukemia) for the unlabeled testing cells with the "
