@@ -150,7 +150,7 @@ def evaluate_run(model_path: str | Path, data: str | Path, split: str = "validat
     run_config, model_file, settings = run.run_config, run.model_file, run.settings
     data_path = Path(data).expanduser()
     cells, split_note = select_cells(layout.scan_dataset(data_path), split, data_path, run_config, patients)
-    scored, result = predict.score_cells(run, cells, skip_bad, progress)
+    scored, skipped = predict.score_cells(run, cells, skip_bad, progress=progress)
     if scored.empty:
         raise EvaluationError(f"every image in {data_path} failed to decode; nothing to evaluate")
     predictions = scored.astype({"path": str, "name": str, "original_name": str, "label": "int64"}).assign(
@@ -167,8 +167,8 @@ def evaluate_run(model_path: str | Path, data: str | Path, split: str = "validat
         "cells_from_run_training_patients": int(patient.isin(run_train).sum()),
         "cells_from_run_validation_patients": int(patient.isin(run_val).sum()),
         "cells_from_unseen_patients": int((~patient.isin(run_train | run_val)).sum()) if run_train | run_val else None,
-        "mask_dice_mean": None if result["mask_dice"] is None else float(np.mean(result["mask_dice"])),
-        "skipped": result["skipped"], "n_scanned": int(len(cells)),
+        "mask_dice_mean": float(scored["mask_dice"].mean()) if "mask_dice" in scored else None,
+        "skipped": skipped, "n_scanned": int(len(cells)),
         "data": str(data_path.resolve()), "dataset": layout.dataset_name(data_path),
         "synthetic_data": bool(synthetic.is_synthetic(data_path)),
         "run_id": str(run_config.get("run_id") or model_file.parent.name), "model": str(model_file.resolve()),

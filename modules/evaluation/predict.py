@@ -1,7 +1,7 @@
 """Inference from a saved run: P(leukemia) for any cell images, prepared as the run's arrays were.
 
-``load_predictor`` loads a run once; ``score_cells`` (over ``predict_paths``) is the one inference path, used by
-``evaluate.evaluate_run`` and by ``predict_images`` (the ``predict`` command).
+``load_predictor`` loads a run once; ``score_cells`` is the one inference path, used by ``evaluate.evaluate_run``
+and by ``predict_images`` (the ``predict`` command).
 """
 from __future__ import annotations
 
@@ -23,15 +23,10 @@ PREDICT_COLUMNS = ("path", "name", "p_leukemia", "prediction", "label_name", "te
 
 
 # ----------------------------------------------------------------------------- the run
-class Predictor(NamedTuple):
-    """A saved run loaded to predict with: its ``config.json`` ({} for a model copied alone), the threshold with its
-    source, and the preprocessing settings its arrays were prepared with."""
-    model_file: Path
-    run_config: dict
-    model: object
-    threshold: float
-    threshold_source: str
-    settings: dict
+#: A saved run loaded to predict with: its ``config.json`` ({} for a model copied alone), the threshold with its
+#: source, and the preprocessing settings its arrays were prepared with.
+Predictor = NamedTuple("Predictor", [("model_file", Path), ("run_config", dict), ("model", object),
+                                     ("threshold", float), ("threshold_source", str), ("settings", dict)])
 
 
 def load_predictor(model_path: str | Path, threshold: str | float = "auto") -> Predictor:
@@ -116,11 +111,12 @@ def prepare_cell(path: str, settings: dict) -> tuple[np.ndarray, np.ndarray]:
         raise preprocessing.ImageError(message if str(path) in message else f"{path}: {message}") from error
 
 
-def predict_paths(model, paths: Sequence[str], settings: dict, skip_bad: bool = False, batch_size: int = 64,
-                  progress: bool = True) -> dict:
-    """P(leukemia), and the mask's agreement with preprocessing when the model segments, for image files decoded in
-    threads (OpenCV releases the GIL) a chunk ahead of the model: ``index`` (of the paths kept), ``p_leukemia``,
-    ``mask_dice`` (None without a mask output) and ``skipped`` (``{path, error}``)."""
+def score_cells(predictor: Predictor, rows: pd.DataFrame, skip_bad: bool = False, batch_size: int = 64,
+                progress: bool = True) -> tuple[pd.DataFrame, list[dict]]:
+    """The ``rows`` (a ``path`` column) that decoded, with ``p_leukemia``, ``prediction`` (1 = leukemic, when
+    p_leukemia >= the threshold) and, for a model with a mask output, ``mask_dice`` (its agreement with the mask of
+    preprocessing); and the ``{path, error}`` of those skipped. Cells are decoded in threads (OpenCV releases the
+    GIL) a chunk ahead of the model."""
     from tqdm.auto import tqdm
 
     from modules import preprocessing
@@ -128,13 +124,14 @@ def predict_paths(model, paths: Sequence[str], settings: dict, skip_bad: bool = 
 
     def prepare(path):
         try:
-            return prepare_cell(path, settings)
+            return prepare_cell(path, predictor.settings)
         except (preprocessing.ImageError, OSError) as error:
             if not skip_bad:
                 raise preprocessing.ImageError(f"{error}. Remove or replace the file, or pass --skip-bad to "
                                                "list it and go on without it") from error
             return error
 
+    paths = rows["path"].tolist()
     kept, probabilities, dices, skipped = [], [], [], []
     with ThreadPoolExecutor(min(8, preprocessing.default_workers())) as pool, \
             tqdm(total=len(paths), desc="predicting", unit="img", disable=not progress) as bar:
@@ -149,26 +146,17 @@ def predict_paths(model, paths: Sequence[str], settings: dict, skip_bad: bool = 
             skipped += [{"path": str(paths[start + i]), "error": str(r)} for i, r in enumerate(results)
                         if isinstance(r, Exception)]
             if good:
-                outputs = saving.predict_outputs(model, np.stack([results[i][0] for i in good]), batch_size=batch_size)
-                probabilities.append(np.asarray(outputs["p_leukemia"], dtype="float32").reshape(-1))
+                outputs = saving.predict_outputs(predictor.model, np.stack([results[i][0] for i in good]),
+                                                 batch_size=batch_size)
+                probabilities.append(np.asarray(outputs["p_leukemia"], dtype="float64").reshape(-1))
                 if "cell_mask" in outputs:
                     dices.append(mask_dice(np.asarray(outputs["cell_mask"]), np.stack([results[i][1] for i in good])))
-                kept.append(np.asarray(good, dtype="int64") + start)
+                kept += [start + i for i in good]
             bar.update(len(results))
-    return {"index": np.concatenate(kept) if kept else np.zeros(0, "int64"),
-            "p_leukemia": np.concatenate(probabilities) if probabilities else np.zeros(0, "float32"),
-            "mask_dice": np.concatenate(dices) if dices else None, "skipped": skipped}
-
-
-def score_cells(predictor: Predictor, rows: pd.DataFrame, skip_bad: bool = False,
-                progress: bool = True) -> tuple[pd.DataFrame, dict]:
-    """The ``rows`` (a ``path`` column) that decoded, with ``p_leukemia`` and ``prediction`` (1 = leukemic, when
-    p_leukemia >= the threshold), and ``predict_paths``' result."""
-    result = predict_paths(predictor.model, rows["path"].tolist(), predictor.settings, skip_bad=skip_bad,
-                           progress=progress)
-    p = result["p_leukemia"].astype("float64")
-    kept = rows.iloc[result["index"]].reset_index(drop=True)
-    return kept.assign(p_leukemia=p, prediction=(p >= predictor.threshold).astype("int64")), result
+    p = np.concatenate(probabilities) if probabilities else np.zeros(0)
+    scored = rows.iloc[kept].reset_index(drop=True).assign(p_leukemia=p,
+                                                            prediction=(p >= predictor.threshold).astype("int64"))
+    return scored.assign(mask_dice=np.concatenate(dices)) if dices else scored, skipped
 
 
 # ----------------------------------------------------------------------------- the predict command
@@ -226,7 +214,7 @@ def predict_images(model_path: str | Path, paths_or_dirs: Iterable[str | Path] |
     ``attrs``: ``threshold``, ``threshold_source``, ``skipped`` (with ``skip_bad``), ``model``, ``warning`` (a model
     trained on synthetic cells, also warned about; else None) and, once ``csv`` is written, ``submission``."""
     predictor = load_predictor(model_path, threshold)
-    scored, result = score_cells(predictor, list_images(paths_or_dirs), skip_bad, progress)
+    scored, skipped = score_cells(predictor, list_images(paths_or_dirs), skip_bad, progress=progress)
     origin = trained_on(predictor.run_config)
     table = scored.assign(name=scored["path"].map(lambda p: Path(p).name), testing=scored["testing"].astype(bool),
                           label_name=scored["prediction"].map(config.CLASS_NAMES), model_trained_on=origin)
@@ -238,7 +226,7 @@ def predict_images(model_path: str | Path, paths_or_dirs: Iterable[str | Path] |
         warnings.warn(warning, stacklevel=2)
     table = table[list(PREDICT_COLUMNS)]
     table.attrs.update({"threshold": predictor.threshold, "threshold_source": predictor.threshold_source,
-                        "skipped": result["skipped"], "model": str(predictor.model_file), "warning": warning})
+                        "skipped": skipped, "model": str(predictor.model_file), "warning": warning})
     if csv is not None:
         write_predictions(table, csv)
     return table

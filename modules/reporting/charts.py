@@ -33,10 +33,8 @@ class Chart(NamedTuple):
 
 
 def synthetic_note(model_synthetic: bool | None = None, cells_synthetic: bool | None = None) -> str:
-    """Title suffix saying which side is synthetic: the model's training cells, the cells, or both.
-
-    ``None``: not part of this chart (EDA charts have no model, training curves no scored cells).
-    """
+    """Title suffix saying which side is synthetic: the model's training cells, the cells, or both (``None``: not
+    part of this chart; EDA charts have no model, training curves no scored cells)."""
     parts = []
     if model_synthetic or (model_synthetic is False and cells_synthetic):
         parts.append(f"model trained on {'SYNTHETIC' if model_synthetic else 'real'} cells")
@@ -75,11 +73,8 @@ def for_display(rgb: np.ndarray) -> np.ndarray:
 # ----------------------------------------------------------------------------- evaluation charts
 def metric_charts(predictions: pd.DataFrame, threshold: float, per_patient: pd.DataFrame,
                   note: str = "") -> dict[str, Chart]:
-    """{name: Chart} of ``predictions.csv`` and ``per_patient.csv``; the curves need both classes.
-
-    Names: confusion_matrix, roc_curve, precision_recall_curve, calibration_curve, probability_histogram,
-    per_patient_accuracy (when patients are known); ``note`` is the titles' ``synthetic_note``.
-    """
+    """{name: Chart} of ``predictions.csv`` and ``per_patient.csv`` (the curves need both classes, the last chart
+    known patients); ``note`` is the titles' ``synthetic_note``."""
     labels = predictions["label"].to_numpy("int64")
     p = predictions["p_leukemia"].to_numpy("float64")
     called = predictions["prediction"].to_numpy("int64")
@@ -199,8 +194,7 @@ def per_patient_chart(table: pd.DataFrame, note: str = "") -> Chart:
 def training_chart(run_dir: str | Path, run_config: dict, note: str = "") -> Chart | None:
     """Learning curves of the run's ``history.csv`` (None without one), epochs from 1, the kept epoch marked."""
     path = Path(run_dir) / "history.csv"
-    history = pd.read_csv(path) if path.is_file() else pd.DataFrame()
-    if history.empty:
+    if not path.is_file() or (history := pd.read_csv(path)).empty:
         return None
     # A 1-based ``epoch`` column where the run wrote one; Keras' CSVLogger counts from 0.
     if "epoch" not in history or history["epoch"].min() < 1:
@@ -228,10 +222,8 @@ def training_chart(run_dir: str | Path, run_config: dict, note: str = "") -> Cha
 def plot_image_grid(images: Sequence[np.ndarray | None], titles: Sequence[str], ncols: int = 6, title: str = "",
                     cmap: str | None = None, row_labels: Sequence[str] | None = None,
                     colorbar: tuple[str, str] | None = None) -> matplotlib.figure.Figure:
-    """A grid of (H,W,3) uint8 or (H,W) [0, 1] images, titled; None leaves only the title in its cell.
-
-    ``colorbar`` = (colormap, label): one colour bar saying what the values 0-1 mean.
-    """
+    """A grid of (H,W,3) uint8 or (H,W) [0, 1] images, titled (None leaves only the title in its cell);
+    ``colorbar`` = (colormap, label): one colour bar saying what the values 0-1 mean."""
     nrows = max(int(np.ceil(len(images) / ncols)), 1)
     fig, axes = plt.subplots(nrows, ncols, figsize=(1.9 * ncols + (0.8 if colorbar else 0), 2.1 * nrows + 0.5),
                              squeeze=False, layout="constrained")

@@ -11,11 +11,10 @@ import pandas as pd
 
 from modules import config
 from modules.data.layout import patient_sort_key
-from modules.reporting import explain
 from modules.files import write_text_atomic
 from modules.metrics import mask_dice
 from modules.modeling import saving
-from modules.reporting import HTML_TEMPLATES, TEXT_TEMPLATES, charts
+from modules.reporting import HTML_TEMPLATES, TEXT_TEMPLATES, charts, explain
 from modules.reporting.charts import Chart
 
 METRIC_LABELS = {
@@ -29,10 +28,8 @@ CellLoader = Callable[[str], tuple[np.ndarray, np.ndarray]]
 
 def write_evaluation_report(folder: str | Path, metrics: dict, predictions: pd.DataFrame, per_patient: pd.DataFrame,
                             model, load_cell: CellLoader, run_config: dict, seed: int = 0) -> tuple[Path, Path]:
-    """Draw every chart of an evaluation into ``folder``, then write the reports; returns (report.md, report.html).
-
-    ``load_cell`` decodes and preprocesses a cell as the run did; ``seed`` samples the image charts.
-    """
+    """Draw every chart of an evaluation into ``folder`` (``seed`` samples the cells of the image charts), then
+    write the reports; returns (report.md, report.html)."""
     note = charts.synthetic_note(metrics.get("synthetic_model"), metrics.get("synthetic_data"))
     drawn = charts.metric_charts(predictions, metrics["threshold"], per_patient, note)
     curves = charts.training_chart(Path(metrics["model"]).parent, run_config,
