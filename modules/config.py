@@ -74,6 +74,7 @@ class ModelSettings:
     head_units: int = 64
     standardize_input: bool = False
     input_transform: str = "rgb"  # "rgb" (scaled to [0, 1]) or "od" (optical density, see modeling.network)
+    stem_stride: int = 1  # 2: a strided convolution first, the U-Net at half the image's side
 
 
 @dataclass(frozen=True)
@@ -84,6 +85,9 @@ class TrainSettings:
     batch_size: int = 16
     learning_rate: float = 1e-3
     mask_loss_weight: float = 0.25
+    #: What the U-Net's second output learns: "cell" (the cell's non-black region) or "nucleus"
+    #: (``preprocessing.nucleus``: the nucleus found from the stain's colour).
+    mask_target: str = "cell"
     patience: int = 8  # early stopping, epochs without a better validation AUC
     lr_patience: int = 3  # epochs without improvement before the learning rate is halved
     val_fraction: float = 0.2  # share of each class's patients held out when there is one fold

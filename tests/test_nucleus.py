@@ -1,7 +1,6 @@
 """The nucleus mask derived from the stain: drawn cells everywhere, 100 real C-NMC cells where present."""
 from __future__ import annotations
 
-import time
 
 import cv2
 import numpy as np
@@ -98,11 +97,7 @@ def test_real_nuclei_are_one_solid_component_inside_the_cell_of_plausible_size(r
 
 
 @pytest.mark.shared_data
-def test_real_nuclei_leave_out_the_cytoplasm_and_are_cheap(real_cells):
-    start = time.perf_counter()
+def test_real_nuclei_leave_out_the_cytoplasm(real_cells):
     shares = [nucleus_measures(nucleus_mask(rgb, cell), cell)[0] for rgb, cell in real_cells]
-    elapsed = time.perf_counter() - start
     # The rim of cytoplasm is gone (not the cell mask again), yet most of the cell is nucleus.
     assert 0.75 < np.median(shares) < 0.95
-    # About 0.3-0.7 ms a cell; 10 ms a cell leaves room for a loaded CI machine.
-    assert elapsed < 0.01 * len(real_cells)

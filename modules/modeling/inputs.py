@@ -109,8 +109,10 @@ def augment_batch(images: tf.Tensor, masks: tf.Tensor, draws: tf.Tensor, colour:
     images, masks = stacked[..., :3], stacked[..., 3:]
     if not colour:
         return images, masks
+    # The cell's pixels from the image itself: the target mask may be the nucleus only.
+    cell = tf.reduce_max(images, axis=-1, keepdims=True) > config.BACKGROUND_THRESHOLD
     if colour == "stain":
-        return augment_stain(images, masks > 0.5, draws[:, RGB_DRAWS:]), masks
+        return augment_stain(images, cell, draws[:, RGB_DRAWS:]), masks
     angle = uniform(3, -0.15, 0.15)
     saturation = uniform(4, 0.8, 1.2)
     zeros, ones = tf.zeros([batch]), tf.ones([batch])
@@ -121,7 +123,6 @@ def augment_batch(images: tf.Tensor, masks: tf.Tensor, draws: tf.Tensor, colour:
     ], axis=1)  # (B, 3, 3)
     matrix = tf.einsum("ij,bjk,kl->bil", _YIQ_TO_RGB, rotate, _RGB_TO_YIQ)
     jittered = tf.einsum("bhwc,bdc->bhwd", images, matrix)
-    cell = masks > 0.5
     area = tf.maximum(tf.reduce_sum(tf.cast(cell, tf.float32), axis=[1, 2, 3], keepdims=True), 1.0)
     mean = tf.reduce_sum(tf.where(cell, jittered, 0.0), axis=[1, 2], keepdims=True) / area
     contrast = uniform(5, 0.8, 1.2, (1, 1, 1))

@@ -59,18 +59,20 @@ def build_anna(input_shape: tuple[int, int, int] = (_MODEL.image_size, _MODEL.im
                batch_norm: bool | str = _MODEL.batch_norm, dropout: float = _MODEL.dropout,
                segmentation: bool = _MODEL.segmentation, head_units: int = _MODEL.head_units,
                standardize_input: bool = _MODEL.standardize_input,
-               input_transform: str = _MODEL.input_transform) -> keras.Model:
+               input_transform: str = _MODEL.input_transform, stem_stride: int = _MODEL.stem_stride) -> keras.Model:
     """An uncompiled U-Net named ``anna`` whose head reads globally pooled features of every level.
 
     Global pooling keeps the head free of pixel positions. ``batch_norm="instance"`` normalizes each image
     alone, as at prediction time; ``standardize_input`` gives each image's channels zero mean and unit
     variance, so that the patients' stain strength reaches the network less. ``input_transform="od"`` feeds
-    the convolutions optical density (``OpticalDensity``) instead of RGB scaled to [0, 1].
-    Raises ValueError unless the image size is divisible by ``2**depth`` and the transform is known.
+    the convolutions optical density (``OpticalDensity``) instead of RGB scaled to [0, 1]. ``stem_stride=2``
+    puts one strided convolution before the U-Net, which then works at half the input's side: a larger
+    image for about the cost of a smaller one (the mask is upsampled back to the input's side).
+    Raises ValueError unless the image size is divisible by ``stem_stride * 2**depth`` and the transform is known.
     """
-    size = input_shape[0]
-    if depth < 1 or size % (2 ** depth):
-        raise ValueError(f"image size {size} must be divisible by 2**depth = {2 ** depth}")
+    size, step = input_shape[0], stem_stride * 2 ** depth
+    if depth < 1 or stem_stride < 1 or size % step:
+        raise ValueError(f"image size {size} must be divisible by stem_stride * 2**depth = {step}")
     if input_transform not in INPUT_TRANSFORMS:
         raise ValueError(f"unknown input transform {input_transform!r}; use one of {INPUT_TRANSFORMS}")
     inputs = keras.Input(shape=input_shape, name="image")
@@ -81,6 +83,11 @@ def build_anna(input_shape: tuple[int, int, int] = (_MODEL.image_size, _MODEL.im
     if standardize_input:
         x = layers.LayerNormalization(axis=(1, 2), center=False, scale=False, epsilon=1e-3,
                                       name="standardize")(x)
+    if stem_stride > 1:
+        x = layers.Conv2D(base_filters, 3, strides=stem_stride, padding="same", use_bias=not batch_norm,
+                          kernel_initializer="he_normal", name="stem_conv")(x)
+        x = layers.BatchNormalization(momentum=0.9, name="stem_bn")(x) if batch_norm else x
+        x = layers.Activation("relu", name="stem_relu")(x)
     skips = []
     for level in range(depth):
         x = _conv_block(x, base_filters * 2 ** level, batch_norm, f"down{level}")
@@ -109,7 +116,11 @@ def build_anna(input_shape: tuple[int, int, int] = (_MODEL.image_size, _MODEL.im
     h = layers.Dropout(dropout, name="head_dropout2")(h) if dropout else h
     # Outputs stay float32 under mixed precision: stable sigmoid/log-loss and float32 results.
     outputs = {PROB_OUTPUT: layers.Dense(1, activation="sigmoid", dtype="float32", name=PROB_OUTPUT)(h)}
-    if segmentation:
+    if segmentation and stem_stride > 1:
+        mask = layers.Conv2D(1, 1, activation="sigmoid", dtype="float32", name="mask_half")(decoder)
+        outputs[MASK_OUTPUT] = layers.UpSampling2D(stem_stride, interpolation="bilinear", dtype="float32",
+                                                   name=MASK_OUTPUT)(mask)
+    elif segmentation:
         outputs[MASK_OUTPUT] = layers.Conv2D(1, 1, activation="sigmoid", dtype="float32",
                                              name=MASK_OUTPUT)(decoder)
     return keras.Model(inputs, outputs, name="anna")

@@ -55,6 +55,7 @@ RUN_OPTIONS = {"architecture": "anna", "val_patients": None, "val_fold": None, "
 RESUMABLE = ("epochs", "skip_bad")
 MODEL_KEYS = tuple(f.name for f in fields(config.ModelSettings) if f.name != "image_size")
 THRESHOLD_RULES = ("youden", "subject_youden")
+MASK_TARGETS = ("cell", "nucleus")
 BACKUP_DIRNAME, STATE_FILENAME, LOCK_FILENAME = "backup", "state.json", ".lock"
 
 
@@ -74,10 +75,11 @@ def default_settings() -> dict:
 
 def _normalize(settings: dict) -> dict:
     for key, choices in (("architecture", network.ARCHITECTURES), ("colour_augment", COLOUR_AUGMENTS),
-                         ("threshold_rule", THRESHOLD_RULES), ("input_transform", network.INPUT_TRANSFORMS)):
+                         ("threshold_rule", THRESHOLD_RULES), ("input_transform", network.INPUT_TRANSFORMS),
+                         ("mask_target", MASK_TARGETS)):
         if settings[key] not in choices:
             raise ValueError(f"unknown {key} {settings[key]!r}; use one of {', '.join(choices)}")
-    for key in ("image_size", "epochs", "batch_size", "seed", "base_filters", "depth", "canvas"):
+    for key in ("image_size", "epochs", "batch_size", "seed", "base_filters", "depth", "canvas", "stem_stride"):
         settings[key] = int(settings[key])
     settings.update(segmentation=bool(settings["segmentation"]),
                     val_patients=list(settings["val_patients"] or []) or None,
@@ -443,7 +445,8 @@ def describe_run(run_dir: Path, settings: dict, split: PatientSplit, arrays, arr
     builder = {"builder": f"build_{settings['architecture']}", "input_shape": [size, size, 3]}
     training = {key: settings[key] for key in ("epochs", "batch_size", "learning_rate", "augment", "colour_augment",
                                                "subject_weighting", "patience", "lr_patience")}
-    training.update(optimizer="adam", monitor=monitor_of(settings)[0],
+    training.update(optimizer="adam", monitor=monitor_of(settings)[0], mask_target=settings["mask_target"]
+                    if settings["segmentation"] else None,
                     class_weights=balanced_class_weights(labels[split.train_index]) if settings["class_weighting"]
                     else None, mask_loss_weight=settings["mask_loss_weight"] if settings["segmentation"] else None,
                     train_images=int(len(split.train_index)), val_images=int(len(split.val_index)))
@@ -555,11 +558,16 @@ def train_model(data=None, *, resume: str | Path | None = None, output_dir: str 
     tag = settings["run_tag"] or f"{settings['architecture']}-s{settings['image_size']}"
 
     subject_ids = arrays.manifest["patient_id"].astype(str).to_numpy() if settings["subject_weighting"] else None
+    masks = arrays.masks
+    if settings["segmentation"] and settings["mask_target"] == "nucleus":
+        from modules.preprocessing.nucleus import nucleus_masks
+
+        masks = nucleus_masks(arrays.images, arrays.masks, progress=verbose > 0)
 
     def dataset(rows: np.ndarray, training: bool, first_epoch: int = 0) -> tf.data.Dataset:
         weights = cell_weights(labels, rows, settings["class_weighting"], subject_ids if training else None)
         augment = settings["colour_augment"] if settings["augment"] and training else False
-        return sharded(make_dataset(arrays.images, arrays.masks, labels, rows, settings["batch_size"], training,
+        return sharded(make_dataset(arrays.images, masks, labels, rows, settings["batch_size"], training,
                                     settings["seed"], weights, settings["segmentation"], augment,
                                     range(first_epoch, settings["epochs"])))
 

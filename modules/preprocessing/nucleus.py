@@ -114,3 +114,13 @@ def nucleus_measures(nucleus: np.ndarray, cell_mask: np.ndarray) -> tuple[float,
     area = int(np.count_nonzero(nucleus))
     cytoplasm = cell - area
     return (area / cell if cell else float("nan")), (area / cytoplasm if cytoplasm > 0 else float("nan"))
+
+
+def nucleus_masks(images: np.ndarray, cell_masks: np.ndarray, progress: bool = False) -> np.ndarray:
+    """``nucleus_mask`` of every cell of prepared arrays: (N, S, S) uint8 0/1 (about half a ms a cell)."""
+    from tqdm.auto import tqdm
+
+    out = np.empty(np.shape(cell_masks), dtype=np.uint8)
+    for row in tqdm(range(len(out)), desc="nucleus masks", unit="cell", disable=not progress, mininterval=1.0):
+        out[row] = nucleus_mask(np.asarray(images[row]), np.asarray(cell_masks[row]))
+    return out
