@@ -1,25 +1,22 @@
-"""Write files so that a reader never sees half of one, and let one process at a time write a folder.
+"""Write files and folders so that a reader never sees half of one, and give a folder one writer.
 
-Every file the package writes under ``output/`` goes through ``atomic_path``: the content is
-written to a hidden sibling with a name no other process uses (``.<stem>.<random>.partial<ext>``,
-keeping the extension so Keras and Matplotlib still recognise the format), then moved onto the
-target with ``os.replace``, which is atomic on one file system. An interrupted run leaves at most
-a hidden ``*.partial*`` file behind, never a truncated file under the real name, and two runs
-writing the same name at once cannot clobber each other's temporary file.
-
-``exclusive_lock`` gives a folder one writer (an OS lock the kernel drops when its holder dies);
-its holder may then ``remove_partials``: no live process owns them.
+Files go through ``atomic_path`` and folders through ``staged_folder``: built under a hidden name
+with ``.partial`` in it, then renamed into place (atomic on one file system). An interrupted run
+leaves at most a hidden ``*.partial*`` entry, never a half-written result under the real name.
+``exclusive_lock`` gives a folder one writer; its holder may ``remove_partials``: no live process owns them.
 """
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import shutil
 import socket
 import sys
 import tempfile
 import warnings
 from collections.abc import Iterator
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -39,31 +36,21 @@ def _read_umask() -> int:
     return mask
 
 
-#: What every temporary name of ``atomic_path`` holds (``.<stem>.<random>.partial<ext>``).
+#: What every temporary name holds (``.<stem>.<random>.partial<ext>``).
 PARTIAL = ".partial"
 #: The process's umask, read once at import (reading it means setting it, which is not thread-safe).
 _UMASK = _read_umask()
 
 
 def make_public(path: str | os.PathLike) -> None:
-    """Give a file or folder made by ``tempfile`` (private: 0600 / 0700) the usual permissions.
-
-    Files become ``0666`` and folders ``0777``, less the umask, as if made by ``open`` or
-    ``mkdir``: results under ``output/`` stay readable by whoever may read the folder.
-    """
+    """Give a file (0666) or folder (0777) made by ``tempfile`` the usual permissions, less the umask."""
     os.chmod(path, (0o777 if os.path.isdir(path) else 0o666) & ~_UMASK)
 
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; on success move it onto ``path``.
-
-    Args:
-        path: The file to create or replace (its folder is created).
-
-    Yields:
-        The temporary path to write to (same folder and extension).
-    """
+    """Yield a temporary path beside ``path`` (same extension, so Keras and Matplotlib know the format);
+    on success move it onto ``path``, whose folder is created."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f"{PARTIAL}{path.suffix}", dir=path.parent)
@@ -97,13 +84,63 @@ def write_csv_atomic(table: pd.DataFrame, path: str | os.PathLike) -> Path:
     return Path(path)
 
 
+@dataclass
+class StagedFolder:
+    """The folder to fill (``path``) and where it lands (``target``, final once the block has ended)."""
+
+    path: Path
+    target: Path
+
+
+@contextlib.contextmanager
+def staged_folder(target: str | os.PathLike, replace: bool = True) -> Iterator[StagedFolder]:
+    """Build a folder as ``.<name>.<random>.partial`` beside ``target``, renamed into place on success.
+
+    ``replace``: an existing ``target`` is moved aside and removed (memory maps open on its files stay
+    valid); otherwise the folder takes the first free name of ``target``, ``target_2``, ``target_3`` …
+    On an error the partial folder is removed and ``target`` is untouched.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staged = StagedFolder(Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=PARTIAL, dir=target.parent)),
+                          target)
+    try:
+        yield staged
+        make_public(staged.path)  # mkdtemp makes it private
+        staged.target = _move_into_place(staged.path, target) if replace else _move_to_free_name(staged.path, target)
+    finally:
+        shutil.rmtree(staged.path, ignore_errors=True)  # gone already when it was moved
+
+
+def _move_into_place(folder: Path, target: Path) -> Path:
+    if target.exists():  # rename cannot replace a folder that has files: move the old one aside first
+        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=PARTIAL, dir=target.parent))
+        os.replace(target, old / target.name)
+        os.replace(folder, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(folder, target)
+    return target
+
+
+def _move_to_free_name(folder: Path, target: Path) -> Path:
+    for n in range(1, 10_000):
+        name = target.with_name(target.name if n == 1 else f"{target.name}_{n}")
+        if name.exists():
+            continue
+        try:
+            folder.rename(name)  # fails if another process took the name meanwhile
+            return name
+        except OSError:
+            if not name.exists():
+                raise
+    raise FileExistsError(f"{target}: 10,000 folders of that name already exist; remove some of them")
+
+
 def remove_partials(folder: str | os.PathLike) -> list[Path]:
-    """Remove the temporary files ``atomic_path`` left in ``folder`` (a writer killed mid-write).
+    """Remove the temporary files ``atomic_path`` left in ``folder`` (writers killed mid-write); returns them.
 
     Call it only while holding the folder's ``exclusive_lock``: then no live writer owns them.
-
-    Returns:
-        The files removed.
     """
     removed = []
     for path in Path(folder).glob(f".*{PARTIAL}*"):
@@ -121,8 +158,7 @@ def read_holder(path: str | os.PathLike) -> str:
     """The process recorded in a lock file, in words: ``process 12 on host (since …; python -m modules train)``."""
     try:
         holder = json.loads(Path(path).read_text(encoding="utf-8"))
-        return (f"process {holder['pid']} on {holder['host']} (since {holder['since']}; "
-                f"{holder['command']})")
+        return f"process {holder['pid']} on {holder['host']} (since {holder['since']}; {holder['command']})"
     except (OSError, ValueError, KeyError, TypeError):  # written a moment from now, or by other code
         return "another process (not yet recorded)"
 
@@ -135,24 +171,13 @@ def _holder_record() -> str:
 
 @contextlib.contextmanager
 def exclusive_lock(path: str | os.PathLike, what: str, wait: bool = False) -> Iterator[Path]:
-    """Hold an exclusive OS lock (``flock``) on the file ``path`` for the whole ``with`` block.
+    """Hold an exclusive ``flock`` on the file ``path`` (its folder must exist) for the ``with`` block.
 
-    The kernel releases the lock when its holder exits or is killed, so a lock is never left
-    behind and needs no staleness rule. The holder writes its pid, host, start time and command
-    into the file, so a process that finds it taken names who holds it. The file stays (emptied):
-    removing it would let a late opener lock a file nobody else sees. Windows has no ``flock``:
-    there the lock is not enforced (a warning says so).
-
-    Args:
-        path: The lock file, e.g. ``<run folder>/.lock`` (its folder must exist).
-        what: What the lock guards, for the message (``the run folder output/models/…``).
-        wait: Wait for the holder to finish (saying so on stderr) instead of raising.
-
-    Yields:
-        ``path``.
-
-    Raises:
-        LockHeldError: Another process (or another open in this one) holds it and ``wait`` is False.
+    The kernel drops the lock when its holder dies, so no stale lock is ever left. The holder writes
+    its pid, host, start time and command into the file for the message of a process that finds it
+    taken; the file stays, emptied (a late opener must not lock a file nobody else sees). ``what``
+    names the guarded folder in messages; ``wait`` waits for the holder (saying so on stderr) instead
+    of raising LockHeldError. Windows has no ``flock``: there a warning says the lock is not enforced.
     """
     path = Path(path)
     if fcntl is None:  # pragma: no cover - Windows

@@ -21,27 +21,30 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pandas as pd
+import xxhash
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 from modules.data.layout import DIGEST_COLUMN, patient_sort_key
 
-DIGEST_BYTES = 16  # 128 bits: no two different cells among millions share one by chance
+def pixel_digest(image: np.ndarray, bgr: bool = False) -> str:
+    """xxh3_128 of an (H, W, 3) image's pixels in BGR order and its shape (32 hex digits).
 
-
-def pixel_digest(rgb: np.ndarray) -> str:
-    """blake2b of an image's decoded pixels and shape (any channel order, the same everywhere)."""
-    digest = hashlib.blake2b(np.ascontiguousarray(rgb).data, digest_size=DIGEST_BYTES)  # no tobytes() copy
-    digest.update(str(rgb.shape).encode())
+    BGR is the order OpenCV decodes to, so ``prepare`` hashes its decoded buffer without a copy
+    (``bgr=True``); an RGB image is flipped first. XXH3 reads 600 KB in about 15 us, 25 times faster
+    than sha256; 128 bits leave no chance collision among millions of cells.
+    """
+    digest = xxhash.xxh3_128(np.ascontiguousarray(image if bgr else image[..., ::-1]).data)
+    digest.update(str(image.shape).encode())
     return digest.hexdigest()
 
 
 def file_digest(path: str | os.PathLike) -> str | None:
-    """blake2b of a file's bytes, read in blocks (memory stays flat on any file size); None when it cannot
-    be read (``prepare`` names such files; a copy of it cannot be told)."""
+    """xxh3_128 of a file's bytes, read in blocks; None when it cannot be read (``prepare`` names such
+    files; a copy of it cannot be told)."""
     try:
         with open(path, "rb") as file:
-            return hashlib.file_digest(file, lambda: hashlib.blake2b(digest_size=DIGEST_BYTES)).hexdigest()
+            return hashlib.file_digest(file, xxhash.xxh3_128).hexdigest()
     except OSError:
         return None
 

@@ -1,12 +1,11 @@
-"""The arrays cache: every cell of a dataset prepared once into memory-mapped ``.npy`` files.
+"""The arrays cache: every cell of a dataset prepared once into ``.npy`` files read memory-mapped.
 
 ``prepare_arrays`` writes ``output/arrays/<dataset>_<size>/``: ``images.npy`` (N,S,S,3) uint8 RGB,
 ``masks.npy`` (N,S,S) uint8 0/1, ``labels.npy`` (N,) int8 (1 all, 0 hem, -1 unlabeled),
-``manifest.csv`` (row i = array row i) and ``meta.json``. A thread pool fills the memory maps
-chunk by chunk (OpenCV and NumPy release the GIL) in a staging folder that is renamed into place
-only when complete. A second call on unchanged files returns the cached folder. One process at a
-time prepares a folder (it holds ``arrays/.<name>.lock``; another waits, then finds it cached), so
-a staging folder found while holding that lock was left by a killed prepare and is removed.
+``manifest.csv`` (row i = array row i, with each cell's ``pixel_digest``) and ``meta.json``, in a
+``files.staged_folder``. A thread pool prepares the cells (OpenCV releases the GIL); a second call on
+unchanged files returns the cached folder. One process at a time prepares a folder (it holds
+``arrays/.<name>.lock``; another waits, then finds it cached).
 """
 from __future__ import annotations
 
@@ -16,7 +15,6 @@ import hashlib
 import os
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,17 +28,18 @@ from modules.data import schema
 from modules.data.duplicates import DIGEST_COLUMN, pixel_digest
 from modules.data.layout import MANIFEST_DTYPES, DatasetError, read_manifest, scan_dataset, write_manifest
 from modules.data.synthetic import is_synthetic
-from modules.files import exclusive_lock, make_public, write_json_atomic
+from modules.files import exclusive_lock, staged_folder, write_json_atomic
 from modules.preprocessing.cells import ImageError, check_settings, preprocess_image, quiet_opencv, read_bgr
 
-#: Part of the cache digest: bump it whenever the pixels ``preprocess_image`` produces change, so
-#: that arrays cached by older code are rebuilt, not trusted (4: OpenCV's resize replaced the C kernel;
-#: 5: shrinks by two or more go through an integer-factor area average, see ``cells.resize_square``;
-#: 6: manifest.csv gains each cell's ``pixel_digest``, which the patient splits group copies by).
-META_VERSION = 6
+#: Part of the cache digest: bump it whenever the arrays ``prepare_arrays`` writes change, so that
+#: arrays of older code are rebuilt, not trusted (7: the pixel digest is xxh3_128 of the BGR pixels).
+META_VERSION = 7
 ARRAYS = ("images", "masks", "labels")
 #: Rows one worker prepares per task: enough to amortise the pool, few enough to balance the threads.
 CHUNK = 32
+
+Settings = tuple[int, int, int, int]  # size, margin, threshold, canvas
+Errors = list[tuple[int, str, str]]  # row, path, message
 
 
 @dataclass
@@ -96,48 +95,62 @@ def _dataset_for(manifest: pd.DataFrame) -> str:
     return f"{dataset}_subset-{subset}" if dataset else f"manifest-{subset}"
 
 
-def _prepare_chunk(start: int, paths: list[str], images: np.ndarray, masks: np.ndarray, digests: list[str],
-                   settings: tuple[int, int, int, int]) -> tuple[int, list[tuple[int, str, str]]]:
-    """Prepare rows ``start…`` into the memory maps and ``digests`` (each cell's ``pixel_digest``); returns
-    how many and the errors (row, path, message)."""
-    errors = []
-    for row, path in enumerate(paths, start):
+def _prepare_chunk(start: int, paths: list[str],
+                   settings: Settings) -> tuple[np.ndarray, np.ndarray, list[str], Errors]:
+    """Rows ``start…`` prepared: their images (RGB), masks and pixel digests (zeros and "" where a file
+    failed), and the errors."""
+    size = settings[0]
+    images, masks = np.zeros((len(paths), size, size, 3), np.uint8), np.zeros((len(paths), size, size), np.uint8)
+    digests, errors = [""] * len(paths), []
+    for row, path in enumerate(paths):
         try:
             decoded = read_bgr(path)
-            image, mask = preprocess_image(decoded, *settings)
+            image, masks[row] = preprocess_image(decoded, *settings)
         except ImageError as error:
-            errors.append((row, path, str(error) if path in str(error) else f"{path}: {error}"))
+            errors.append((start + row, path, str(error) if path in str(error) else f"{path}: {error}"))
         except OSError as error:
-            errors.append((row, path, f"{path} cannot be read ({error}); check the file and its permissions"))
+            errors.append((start + row, path, f"{path} cannot be read ({error}); check the file and its permissions"))
         else:
-            images[row] = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)  # converted small: cheaper than the input
-            masks[row] = mask
-            # Of the RGB pixels, as the EDA's content hash; cvtColor is one fast contiguous copy.
-            digests[row] = pixel_digest(cv2.cvtColor(decoded, cv2.COLOR_BGR2RGB))
-    return len(paths), errors
+            cv2.cvtColor(image, cv2.COLOR_BGR2RGB, dst=images[row])  # the small output, not the input
+            digests[row] = pixel_digest(decoded, bgr=True)  # OpenCV's order: hashed without a copy
+    return images, masks, digests, errors
 
 
-def _fill(paths: list[str], images: np.ndarray, masks: np.ndarray, digests: list[str],
-          settings: tuple[int, int, int, int], workers: int, skip_bad: bool, progress: bool,
-          desc: str) -> list[tuple[int, str, str]]:
-    """Prepare every path on a thread pool; stops at the first chunk with a bad image unless ``skip_bad``."""
-    errors = []
-    # OpenCV's log level is process-wide: silenced once around the whole run.
-    with quiet_opencv(), futures.ThreadPoolExecutor(workers) as pool, \
-            tqdm(total=len(paths), desc=desc, unit="img", disable=not progress, dynamic_ncols=True) as bar:
-        jobs = [pool.submit(_prepare_chunk, start, paths[start:start + CHUNK], images, masks, digests, settings)
-                for start in range(0, len(paths), CHUNK)]
+def _write_header(file, shape: tuple[int, ...]) -> None:
+    """The ``.npy`` header of a C-ordered uint8 array; its rows are then written in order."""
+    np.lib.format.write_array_header_1_0(file, {"descr": "|u1", "fortran_order": False, "shape": shape})
+
+
+def _fill(folder: Path, paths: list[str], settings: Settings, workers: int, skip_bad: bool, progress: bool,
+          desc: str) -> tuple[list[str], Errors]:
+    """Prepare every path on a thread pool into images.npy and masks.npy; returns the digests and the errors.
+
+    Stops at the first chunk with a bad image unless ``skip_bad``. The chunks are written in order with
+    plain writes: cheaper than filling memory maps page by page.
+    """
+    n, size = len(paths), settings[0]
+    digests, errors = [], []
+    with quiet_opencv(), open(folder / "images.npy", "wb") as images, open(folder / "masks.npy", "wb") as masks, \
+            futures.ThreadPoolExecutor(workers) as pool, \
+            tqdm(total=n, desc=desc, unit="img", disable=not progress, dynamic_ncols=True) as bar:
+        _write_header(images, (n, size, size, 3))
+        _write_header(masks, (n, size, size))
+        jobs = [pool.submit(_prepare_chunk, start, paths[start:start + CHUNK], settings)
+                for start in range(0, n, CHUNK)]
         try:
-            for job in futures.as_completed(jobs):
-                count, chunk_errors = job.result()
+            for job in jobs:
+                chunk_images, chunk_masks, chunk_digests, chunk_errors = job.result()
+                images.write(chunk_images.data)
+                masks.write(chunk_masks.data)
+                digests += chunk_digests
                 errors += chunk_errors
-                bar.update(count)
+                bar.update(len(chunk_digests))
                 if chunk_errors and not skip_bad:
                     break
         finally:  # a bad image, an interrupt: drop the chunks not started
             for job in jobs:
                 job.cancel()
-    return sorted(errors)
+    return digests, errors
 
 
 def _compact(folder: Path, keep: np.ndarray) -> None:
@@ -166,21 +179,17 @@ def _as_manifest(data) -> pd.DataFrame:
     return manifest
 
 
-def _write_arrays(folder: Path, manifest: pd.DataFrame, settings: tuple[int, int, int, int], workers: int,
-                  skip_bad: bool, progress: bool, desc: str) -> tuple[pd.DataFrame, list[dict]]:
+def _write_arrays(folder: Path, manifest: pd.DataFrame, settings: Settings, workers: int, skip_bad: bool,
+                  progress: bool, desc: str) -> tuple[pd.DataFrame, list[dict]]:
     """images/masks/labels.npy and manifest.csv into ``folder``; returns the manifest kept and the files skipped."""
-    n, size = len(manifest), settings[0]
-    images = np.lib.format.open_memmap(folder / "images.npy", "w+", np.uint8, (n, size, size, 3))
-    masks = np.lib.format.open_memmap(folder / "masks.npy", "w+", np.uint8, (n, size, size))
-    digests = [""] * n
-    errors = _fill(manifest["path"].tolist(), images, masks, digests, settings, workers, skip_bad, progress, desc)
-    manifest = manifest.assign(**{DIGEST_COLUMN: digests})
-    del images, masks  # no msync: only the rename of a complete folder publishes it
+    n = len(manifest)
+    digests, errors = _fill(folder, manifest["path"].tolist(), settings, workers, skip_bad, progress, desc)
     if errors and (not skip_bad or len(errors) == n):
         listed = "\n  ".join(message for _, _, message in errors[:10])
         more = f"\n  … and {len(errors) - 10} more" if len(errors) > 10 else ""
         raise ImageError(f"{len(errors)} image(s) cannot be used:\n  {listed}{more}\nFix or remove them, or leave "
                          "them out with --skip-bad (skip_bad=True); skipped files are listed in meta.json.")
+    manifest = manifest.assign(**{DIGEST_COLUMN: digests})
     if errors:
         keep = np.setdiff1d(np.arange(n), [row for row, _, _ in errors])
         _compact(folder, keep)
@@ -214,24 +223,11 @@ def _is_cached(folder: Path, digest: str, skip_bad: bool) -> bool:
 def prepare_arrays(data, size: int = config.DEFAULT_IMAGE_SIZE, output_dir: str | os.PathLike | None = None,
                    skip_bad: bool = False, workers: int | None = None, progress: bool = True,
                    margin: int = config.DEFAULT_MARGIN, canvas: int = config.DEFAULT_CANVAS) -> Path:
-    """Prepare (or reuse) the cached arrays of a dataset, each cell through ``preprocess_image``.
+    """Prepare (or reuse) the cached arrays of a dataset folder or manifest table, each cell through
+    ``preprocess_image``; returns ``config.arrays_dir(dataset, size, output_dir, canvas, margin)``.
 
-    Args:
-        data: Dataset folder (anything ``data.scan_dataset`` accepts) or a manifest table.
-        size: Side of the square images in pixels.
-        output_dir: Output root (``config.OUTPUT_DIR`` by default).
-        skip_bad: Leave out unusable images (listed in ``meta.json["skipped"]``) instead of raising.
-        workers: Threads (``default_workers()`` by default).
-        progress: Show a tqdm progress bar.
-        margin, canvas: As for ``preprocess_image``.
-
-    Returns:
-        The arrays folder, ``config.arrays_dir(dataset, size, output_dir, canvas, margin)``.
-
-    Raises:
-        ImageError: Images cannot be used and ``skip_bad`` is False (the bad files found are
-            named), or every image was skipped.
-        DatasetError, FileNotFoundError: From scanning ``data``.
+    ``skip_bad`` leaves unusable images out (listed in ``meta.json["skipped"]``) instead of raising
+    ImageError naming them; ``workers`` threads (``default_workers()`` by default).
     """
     manifest, threshold = _as_manifest(data), config.BACKGROUND_THRESHOLD
     check_settings(size, margin, threshold, canvas)
@@ -247,32 +243,26 @@ def prepare_arrays(data, size: int = config.DEFAULT_IMAGE_SIZE, output_dir: str 
         if _is_cached(target, digest, skip_bad):  # prepared by the process this one waited for
             return target
         remove_staging(target)
-        with tempfile.TemporaryDirectory(prefix=f".{target.name}.", suffix=".partial", dir=target.parent,
-                                         ignore_cleanup_errors=True) as staging:  # gone once published
-            make_public(staging)
+        with staged_folder(target) as staged:
             desc = f"{'SYNTHETIC ' if synthetic else ''}{dataset} @ {size}px"
-            manifest, skipped = _write_arrays(Path(staging), manifest, settings,
-                                              max(1, workers or default_workers()), skip_bad, progress, desc)
+            manifest, skipped = _write_arrays(staged.path, manifest, settings, max(1, workers or default_workers()),
+                                              skip_bad, progress, desc)
             labels = manifest["label"].fillna(-1)
-            write_json_atomic(Path(staging) / "meta.json", {
+            write_json_atomic(staged.path / "meta.json", {
                 "size": settings[0], "margin": settings[1], "background_threshold": threshold, "canvas": settings[3],
                 "source": str(source), "dataset": dataset, "count": len(manifest),
                 "counts": {"all": int((labels == 1).sum()), "hem": int((labels == 0).sum()),
                            "unlabeled": int((labels == -1).sum())},
                 "digest": digest, "skipped": skipped, "synthetic": synthetic, "meta_version": META_VERSION,
                 "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")})
-            shutil.rmtree(target, ignore_errors=True)  # outdated: memory maps already open on it stay valid
-            os.replace(staging, target)  # no race: every writer of this folder holds the lock
     return target
 
 
 def load_arrays(arrays_dir: str | os.PathLike) -> PreparedArrays:
     """Open a folder ``prepare_arrays`` made (memory-mapped, read-only).
 
-    Raises:
-        FileNotFoundError: The folder or one of its files is missing (prepare it again).
-        SchemaError: meta.json or an array is not what ``prepare_arrays`` writes (a pickled ``.npy``, a
-            value of the wrong type), or they disagree on the row count; the message names the file.
+    Raises FileNotFoundError when a file is missing, SchemaError when meta.json or an array is not what
+    ``prepare_arrays`` writes (a pickled ``.npy``, a wrong type or row count), naming the file.
     """
     folder = Path(arrays_dir)
     missing = [name for name in (*(f"{n}.npy" for n in ARRAYS), "manifest.csv", "meta.json")

@@ -207,8 +207,8 @@ def read_bgr(path: str | os.PathLike) -> np.ndarray:
     the file is read, so memory stays bounded whatever the file holds.
     """
     path = os.fspath(path)
-    try:  # Python's open() also takes paths cv2.imread cannot (non-ASCII on Windows)
-        with open(path, "rb") as handle:
+    try:  # Python's open() also takes paths cv2.imread cannot (non-ASCII on Windows); unbuffered: read once
+        with open(path, "rb", buffering=0) as handle:
             file_size = os.fstat(handle.fileno()).st_size
             if not file_size:
                 raise ImageError(f"{path} is empty (0 bytes), probably an interrupted copy; copy it again from the "
@@ -315,9 +315,10 @@ def preprocess_image(rgb: np.ndarray, size: int, margin: int = config.DEFAULT_MA
     check_settings(size, margin, threshold, canvas, min_size=1)
     _, (top, left, side) = cell_square(rgb, margin, threshold, canvas)
     height, width = rgb.shape[:2]
-    square = cv2.copyMakeBorder(rgb[max(top, 0):top + side, max(left, 0):left + side],
-                                max(-top, 0), max(top + side - height, 0), max(-left, 0), max(left + side - width, 0),
-                                cv2.BORDER_CONSTANT, value=0)
+    square = rgb[max(top, 0):top + side, max(left, 0):left + side]
+    if square.shape[:2] != (side, side):  # the square reaches past the image: black beyond its edges
+        square = cv2.copyMakeBorder(square, max(-top, 0), max(top + side - height, 0), max(-left, 0),
+                                    max(left + side - width, 0), cv2.BORDER_CONSTANT, value=0)
     image = resize_square(square, size)
     return image, cell_mask(image, threshold)
 
