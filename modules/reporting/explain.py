@@ -19,11 +19,9 @@ def _output_tensor(model, output: str):
 
 
 def default_layer_name(model, output: str = OUTPUT_NAME) -> str:
-    """The last convolution feeding the output at its lowest resolution above 1x1 (ANNa's: the bottleneck's).
-
-    The decoder's full-resolution maps, which ANNa's head also reads, mostly encode the cell's outline: their
-    maps lit the background on real cells.
-    """
+    """The last convolution feeding the output at its lowest resolution above 1x1 (ANNa's: the bottleneck's); the
+    decoder's full-resolution maps, which ANNa's head also reads, mostly encode the outline (they lit the background
+    on real cells)."""
     import keras
 
     # A sub-model from the inputs to the output holds exactly the layers it depends on, in topological order.
@@ -84,11 +82,8 @@ def grad_cam_batch(model, images: np.ndarray, layer_name: str | None = None, tar
         score = tf.cast(tf.reshape(score, [-1]), tf.float32)
         if score_kind == "probability":
             score = tf.math.log(score + 1e-7) - tf.math.log(1.0 - score + 1e-7)
-        leukemic = tf.cast(tf.reshape(probability, [-1]) >= 0.5, tf.float32)
-        if target == "normal":
-            score = -score
-        elif target == "predicted":
-            score = score * (2.0 * leukemic - 1.0)
+        called = 2.0 * tf.cast(tf.reshape(probability, [-1]) >= 0.5, tf.float32) - 1.0  # +1 leukemic, -1 normal
+        score = {"leukemia": score, "normal": -score, "predicted": score * called}[target]
         # Images are independent, so the gradient of the sum is each image's own gradient.
         total = tf.reduce_sum(score)
     gradients = tape.gradient(total, features)
