@@ -44,3 +44,18 @@ def test_csv_and_json_round_trip(tmp_path):
     pd.testing.assert_frame_equal(pd.read_csv(csv, dtype={"patient_id": str}), table)
     path = write_json_atomic(tmp_path / "m.json", {"auc": 0.5, "where": tmp_path})
     assert '"auc": 0.5' in path.read_text() and path.read_text().endswith("\n")
+
+
+def test_staged_folder_replaces_or_takes_a_free_name_and_leaves_nothing_on_error(tmp_path):
+    target = tmp_path / "run"
+    for content in ("old", "new"):
+        with files.staged_folder(target) as staged:
+            assert staged.path.parent == tmp_path and staged.path.name.startswith(".run.")
+            (staged.path / "f").write_text(content)
+    assert (target / "f").read_text() == "new" and staged.target == target
+    with files.staged_folder(target, replace=False) as staged:
+        (staged.path / "f").write_text("third")
+    assert staged.target == tmp_path / "run_2" and (target / "f").read_text() == "new"
+    with pytest.raises(RuntimeError), files.staged_folder(target) as staged:
+        raise RuntimeError("interrupted")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run", "run_2"] and (target / "f").read_text() == "new"

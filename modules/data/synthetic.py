@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import itertools
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -18,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from modules import config
-from modules.files import make_public
+from modules.files import staged_folder
 
 IMAGE_SIDE = 450
 #: Bumped whenever the drawing changes, so that a cached synthetic tree is redrawn.
@@ -230,18 +228,8 @@ def make_synthetic_dataset(out_dir: str | os.PathLike, seed: int = 0, scale: str
         wanted = {"seed": str(seed), "scale": scale, "generator_version": str(GENERATOR_VERSION)}
         if all(_read_marker(root).get(k) == v for k, v in wanted.items()):
             return root
-    out_dir.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{config.DATASET_FOLDER_NAME}.", suffix=".partial", dir=out_dir))
-    make_public(staging)
-    try:
-        _draw_tree(staging, seed, scale)
-        if root.exists():  # an older synthetic tree: move it aside, then delete it
-            old = Path(tempfile.mkdtemp(prefix=".old.", suffix=".partial", dir=out_dir))
-            os.replace(root, old / root.name)
-            shutil.rmtree(old)
-        os.replace(staging, root)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    with staged_folder(root) as staged:
+        _draw_tree(staged.path, seed, scale)
     return root
 
 

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 import warnings
 from collections.abc import Sequence
 from datetime import datetime, timezone
@@ -17,7 +15,7 @@ import pandas as pd
 from modules import config
 from modules.evaluation import predict
 from modules.metrics import EvaluationError, compute_metrics, per_patient_table
-from modules.files import make_public
+from modules.files import staged_folder
 
 SPLITS = config.EVALUATION_SPLITS
 PREDICTION_COLUMNS = ("path", "name", "original_name", "patient_id", "label", "p_leukemia", "prediction")
@@ -186,41 +184,20 @@ def _write_evaluation(output_root: Path, metrics: dict, predictions: pd.DataFram
     """Write the numbers, let reporting draw the charts and the report from them, then move the folder into place."""
     from modules.reporting import report
 
-    parent = output_root / config.EVALUATIONS_SUBDIR
-    parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".evaluation-", suffix=".partial", dir=parent))
-    try:
+    name = f"{metrics['run_id']}__{metrics['dataset']}_{metrics['split']}"
+    with staged_folder(output_root / config.EVALUATIONS_SUBDIR / name, replace=False) as staged:  # never overwrites
         per_patient = per_patient_table(predictions)
-        predictions.to_csv(staging / "predictions.csv", index=False)
-        per_patient.to_csv(staging / "per_patient.csv", index=False)
-        (staging / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-        report.write_evaluation_report(staging, metrics, predictions, per_patient, model,
+        predictions.to_csv(staged.path / "predictions.csv", index=False)
+        per_patient.to_csv(staged.path / "per_patient.csv", index=False)
+        (staged.path / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        report.write_evaluation_report(staged.path, metrics, predictions, per_patient, model,
                                        partial(predict.prepare_cell, settings=settings), run_config, seed)
-        make_public(staging)  # mkdtemp makes it private
-        folder = _new_folder(parent, f"{metrics['run_id']}__{metrics['dataset']}_{metrics['split']}", staging)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    folder = staged.target
     if publish:
         from modules.reporting import gallery
 
         gallery.publish_evaluation(folder, output_root / config.VIZ_SUBDIR, metrics, run_config)
     return folder
-
-
-def _new_folder(parent: Path, name: str, staging: Path) -> Path:
-    """Move the staging folder to ``parent/name`` (or ``name_2``, ``_3``…): never overwrite."""
-    for n in range(1, 10_000):
-        target = parent / (name if n == 1 else f"{name}_{n}")
-        if target.exists():
-            continue
-        try:
-            staging.rename(target)  # atomic; fails if another process took the name meanwhile
-            return target
-        except OSError:
-            if not target.exists():
-                raise
-    raise EvaluationError(f"too many evaluations named {name} in {parent}")
 
 
 def load_evaluation(folder: str | Path) -> dict:
