@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from modules import config
-from modules.notebooks import NotebookError  # standard library only, like this module
+from modules.notebooks import NotebookError, metrics_table  # standard library only, like this module
 
 
 class CommandError(Exception):
@@ -82,10 +82,8 @@ def _print_duplicates(table) -> None:
 
 
 def _run_prepare(args: argparse.Namespace) -> None:
-    """Decode every cell, crop it to its bounding box plus a margin, make it square (tightly by default, so each cell
-    fills the frame; with --canvas C on a black square of at least C source pixels, so cells keep their relative
-    size), resize it and derive its mask; write OUT/arrays/<dataset>_<size>/ (reused while the files are
-    unchanged). The last line printed is that folder."""
+    """Decode every cell, crop it to its bounding box plus a margin, make it square (see --canvas), resize it and
+    derive its mask; write OUT/arrays/<dataset>_<size>/ (reused while the files are unchanged) and print it last."""
     from modules import preprocessing
 
     folder = preprocessing.prepare_arrays(_scan(args.data), size=args.size, output_dir=args.out,
@@ -104,9 +102,8 @@ def _run_prepare(args: argparse.Namespace) -> None:
 
 # ----------------------------------------------------------------------------- modeling
 def _run_train(args: argparse.Namespace) -> None:
-    """Train ANNa (U-Net + classification head). Validation is always patient-disjoint: by C-NMC fold when the data
-    has several folds, otherwise whole patients of each class are held out. Writes OUT/models/<run_id>/ and prints
-    that folder as the last line."""
+    """Train ANNa (U-Net + classification head), validated on other patients: a C-NMC fold when the data has several,
+    otherwise whole patients of each class held out. Writes OUT/models/<run_id>/ and prints it last."""
     from modules.modeling import training
 
     val_patients = [p for p in (args.val_patients or "").split(",") if p.strip()] or None
@@ -117,7 +114,9 @@ def _run_train(args: argparse.Namespace) -> None:
         val_patients=val_patients, val_fold=args.val_fold, seed=args.seed, output_dir=args.out,
         base_filters=args.base_filters, depth=args.depth, segmentation=False if args.no_segmentation else None,
         policy=args.policy, resume=args.resume, skip_bad=args.skip_bad or None, canvas=args.canvas,
-        strategy=args.strategy,
+        strategy=args.strategy, input_transform=args.input, colour_augment=args.colour_augment,
+        mask_target=args.mask_target, stem_stride=args.stem_stride, subject_weighting=args.subject_weighting,
+        threshold_rule=args.threshold_rule,
     )
     print(run_dir or "this worker is done; the chief (worker 0) wrote the run folder")
 
@@ -137,12 +136,9 @@ def _run_evaluate(args: argparse.Namespace) -> None:
     metrics = json.loads((folder / "metrics.json").read_text())
     print(f"{metrics['n']} cells ({metrics['n_positive']} all, {metrics['n_negative']} hem), "
           f"threshold {metrics['threshold']:.3f} ({metrics['threshold_source']})")
-    for name in ("roc_auc", "balanced_accuracy", "sensitivity", "specificity", "weighted_f1"):
-        value, interval = metrics[name], (metrics.get("ci") or {}).get(name)
-        ci = f"  [{interval[0]:.3f}, {interval[1]:.3f}]" if interval else ""
-        print(f"  {name:18s} {'n/a' if value is None else f'{value:.3f}'}{ci}")
+    print(metrics_table(metrics).to_string())  # the notebooks' table
     if metrics.get("ci"):
-        print(f"  95 % intervals resample {metrics['ci_resampling']}")
+        print(f"95 % intervals resample {metrics['ci_resampling']}")
     for item in metrics["skipped"]:
         print(f"skipped {item['path']}: {item['error']}")
     if metrics["preprocessing_check"]["matches"] is False:
@@ -152,10 +148,9 @@ def _run_evaluate(args: argparse.Namespace) -> None:
 
 
 def _run_predict(args: argparse.Namespace) -> None:
-    """Predict cell images (files or folders, searched recursively) with the run's preprocessing and threshold. For
-    cells of a C-NMC testing folder (testing_data or C-NMC_test_final_phase_data) the challenge submission
-    (new_names, labels) is written beside the predictions CSV as <stem>_submission.csv; both paths are printed,
-    the CSV last."""
+    """Predict cell images (files or folders, searched recursively) with the run's preprocessing and threshold; for
+    the cells of a C-NMC testing folder, the challenge submission (new_names, labels) is written beside the
+    predictions CSV as <stem>_submission.csv. Both paths are printed, the CSV last."""
     from modules.evaluation import predict
 
     table = predict.predict_images(args.model, args.images, threshold=args.threshold, skip_bad=args.skip_bad)
@@ -178,10 +173,9 @@ def _run_predict(args: argparse.Namespace) -> None:
 
 def _run_cv(args: argparse.Namespace) -> None:
     """Hold out each fold's subjects in turn, train on the others (inner validation by patient picks the epoch and
-    the threshold), and report per fold ROC AUC, balanced accuracy, sensitivity, specificity and, per held-out
-    subject, the share of its cells called right (mean and worst over healthy subjects). Each (fold, model) job
-    writes OUT/fold<k>_<model>/; jobs may run as separate processes into one OUT (--folds) and be merged
-    (--merge-only)."""
+    the threshold); report per fold ROC AUC, balanced accuracy, sensitivity, specificity and the share of each
+    held-out subject's cells called right. Each (fold, model) job writes OUT/fold<k>_<model>/; jobs may run as
+    separate processes into one OUT (--folds) and be merged (--merge-only)."""
     from modules.evaluation import cv
 
     if args.merge_only:
@@ -196,6 +190,16 @@ def _run_cv(args: argparse.Namespace) -> None:
     print(Path(args.out).resolve() / "summary.csv")
 
 
+def _run_ensemble(args: argparse.Namespace) -> None:
+    """Combine finished runs into one model: each member's score is centred on its own validation threshold and
+    the ensemble calls a cell leukemic when their mean is above it (threshold 0.5). Writes a run folder (printed
+    last) that evaluate, predict and 4.Test take like any run; its training patients are every member's."""
+    from modules.modeling import ensemble
+
+    runs = list(args.runs) + (ensemble.cv_runs(args.cv, args.cv_model) if args.cv else [])
+    print(ensemble.write_ensemble(runs, args.out))
+
+
 # ----------------------------------------------------------------------------- notebooks
 def _run_demo(args: argparse.Namespace) -> None:
     """Run notebooks 1.EDA, 2.Image_preprocessing, 3.ANNa and 4.Test in order with papermill, writing the executed
@@ -206,9 +210,8 @@ def _run_demo(args: argparse.Namespace) -> None:
 
 
 def _run_notebooks(args: argparse.Namespace) -> None:
-    """Execute the notebooks with papermill. Parameters are the names in each notebook's `parameters` cell:
-    DATA_DIR, OUTPUT_DIR, IMAGE_SIZE, EPOCHS, BATCH_SIZE, SEED, MODEL_PATH, SAMPLE_LIMIT, BASE_FILTERS, DEPTH,
-    SPLIT, THRESHOLD, SYNTHETIC_SCALE."""
+    """Execute the notebooks with papermill, setting names of their `parameters` cells: DATA_DIR, OUTPUT_DIR, EPOCHS,
+    IMAGE_SIZE, BATCH_SIZE, SEED, MODEL_PATH, SAMPLE_LIMIT, BASE_FILTERS, DEPTH, SPLIT, THRESHOLD, SYNTHETIC_SCALE."""
     from modules import notebooks
 
     parameters = {name: notebooks.parse_value(value) for name, value in args.parameters}
@@ -217,68 +220,56 @@ def _run_notebooks(args: argparse.Namespace) -> None:
 
 
 # ----------------------------------------------------------------------------- parsers
-def _data_argument(parser: argparse.ArgumentParser, **kwargs) -> None:
-    parser.add_argument("--data", type=Path, help="the C-NMC_Leukemia root or a folder inside it "
-                                                  "(training_data, fold_0, …)", **kwargs)
+#: Flags that several commands take alike.
+SHARED_FLAGS = {
+    "--model": {"required": True, "help": "run folder (output/models/<run_id>) or its model.keras"},
+    "--out": {"default": None, "help": f"output root (default {config.OUTPUT_DIR})"},
+    "--threshold": {"default": "auto", "help": "'auto' (default): the threshold stored in the run, chosen on its "
+                    "own patient-held-out validation cells, never on those scored; a number in [0,1] overrides it"},
+    "--skip-bad": {"action": "store_true", "help": "list unreadable images and go on without them (default: stop)"},
+    "--no-progress": {"action": "store_true", "help": "hide the progress bars"},
+}
+DATA_HELP = "the C-NMC_Leukemia root or a folder inside it (training_data, fold_0, …)"
+
+
+def _command(subparsers, name: str, func: Callable, summary: str, *shared: str) -> argparse.ArgumentParser:
+    """A sub-command running ``func``, described by its docstring, with the ``SHARED_FLAGS`` named."""
+    parser = subparsers.add_parser(name, help=summary, description=func.__doc__)
+    parser.set_defaults(func=func)
+    for flag in shared:
+        parser.add_argument(flag, **SHARED_FLAGS[flag])
+    return parser
 
 
 def _add_data_commands(subparsers) -> None:
-    synth = subparsers.add_parser(
-        "synth", help="write a synthetic C-NMC_Leukemia dataset (Kaggle layout)",
-        description="Draw a synthetic stand-in for C-NMC 2019 in the Kaggle layout (training folds, renamed "
-                    "validation cells with their labels CSV, testing cells). The last line printed is the "
-                    "dataset root.")
+    synth = _command(subparsers, "synth", _run_synth, "write a synthetic C-NMC_Leukemia dataset (Kaggle layout)")
     synth.add_argument("--out", type=Path, default=config.SYNTHETIC_DATA_DIR.parent,
                        help="folder that will hold C-NMC_Leukemia/ (default: %(default)s)")
     synth.add_argument("--seed", type=int, default=0, help="random seed; same seed, same files (default: 0)")
     synth.add_argument("--scale", choices=config.SYNTHETIC_SCALES, default="small",
                        help="tiny: ~90 cells for tests; small: ~470 cells for the demo (default: small)")
-    synth.set_defaults(func=_run_synth)
-
-    scan = subparsers.add_parser(
-        "scan", help="list the images of a C-NMC dataset and count them",
-        description="Scan a C-NMC_Leukemia folder (or any folder inside it), print the cells per split, "
-                    "class, fold and patient and the byte-identical files (subjects sharing cells are named: "
-                    "splits keep them together), and write OUT/csv/<dataset>_manifest.csv (its path is the last "
-                    "line).")
-    _data_argument(scan, required=True)
-    scan.add_argument("--out", type=Path, default=config.OUTPUT_DIR,
-                      help="output root; the manifest goes to OUT/csv/ (default: %(default)s)")
-    scan.set_defaults(func=_run_scan)
-
-    prepare = subparsers.add_parser(
-        "prepare", help="crop, mask and resize the cells into cached .npy arrays",
-        description="Decode every cell, crop it to its bounding box plus a margin, make it square (tightly by "
-                    "default, so each cell fills the frame; with --canvas C on a black square of at least C "
-                    "source pixels, so cells keep their relative size), resize it and derive its mask; write "
-                    "OUT/arrays/<dataset>_<size>/ (reused while the files are unchanged). "
-                    "The last line printed is that folder.")
-    _data_argument(prepare, required=True)
+    scan = _command(subparsers, "scan", _run_scan, "list the images of a C-NMC dataset and count them")
+    prepare = _command(subparsers, "prepare", _run_prepare, "crop, mask and resize the cells into cached .npy arrays",
+                       "--skip-bad", "--no-progress")
+    for parser, what in ((scan, "the manifest goes to OUT/csv/"), (prepare, "arrays go to OUT/arrays/")):
+        parser.add_argument("--data", type=Path, required=True, help=DATA_HELP)
+        parser.add_argument("--out", type=Path, default=config.OUTPUT_DIR,
+                            help=f"output root; {what} (default: %(default)s)")
     prepare.add_argument("--size", type=int, default=config.DEFAULT_IMAGE_SIZE,
                          help="side of the square images in pixels (default: %(default)s)")
-    prepare.add_argument("--out", type=Path, default=config.OUTPUT_DIR,
-                         help="output root; arrays go to OUT/arrays/ (default: %(default)s)")
-    prepare.add_argument("--skip-bad", action="store_true",
-                         help="leave out unreadable images (listed in the summary and meta.json) instead of stopping")
     prepare.add_argument("--workers", type=int, default=None,
                          help="parallel threads (default: one per core; one for a few images)")
     prepare.add_argument("--margin", type=int, default=config.DEFAULT_MARGIN,
-                         help="background pixels kept around each cell, at the source resolution "
-                              "(default: %(default)s)")
+                         help="background pixels kept around each cell, in source pixels (default: %(default)s)")
     prepare.add_argument("--canvas", type=int, default=config.DEFAULT_CANVAS,
-                         help="smallest side of the square around each cell, in source pixels, so that cells "
-                              "keep their relative size; 0 crops tightly (each cell fills the frame; its size is "
-                              "lost) (default: %(default)s)")
-    prepare.add_argument("--no-progress", action="store_true", help="do not show the progress bar")
-    prepare.set_defaults(func=_run_prepare)
+                         help="smallest side of the square around each cell, in source pixels, so that cells keep "
+                              "their relative size; 0 crops tightly (each cell fills the frame; its size is lost) "
+                              "(default: %(default)s)")
 
 
 def _add_train_command(subparsers) -> None:
-    train = subparsers.add_parser(
-        "train", help="train ANNa on patient-disjoint splits; prints the run folder last",
-        description="Train ANNa (U-Net + classification head). Validation is always patient-disjoint: by "
-                    "C-NMC fold when the data has several folds, otherwise whole patients of each class are "
-                    "held out. Writes OUT/models/<run_id>/ and prints that folder as the last line.")
+    train = _command(subparsers, "train", _run_train,
+                     "train ANNa on patient-disjoint splits; prints the run folder last", "--out", "--skip-bad")
     train.add_argument("--data", help="C-NMC_Leukemia folder (or any folder inside it); prepared first "
                                       "when its arrays are missing (optional with --resume)")
     train.add_argument("--size", type=int, default=None,
@@ -292,79 +283,64 @@ def _add_train_command(subparsers) -> None:
     group.add_argument("--val-fold", type=int, default=None,
                        help="C-NMC fold to validate on (default: the last fold when there are several)")
     train.add_argument("--seed", type=int, default=None, help=f"random seed (default {config.TrainSettings.seed})")
-    train.add_argument("--out", default=None, help="output folder (default output/)")
-    train.add_argument("--policy", default=None, choices=config.POLICIES,
-                       help="precision: auto = mixed_float16 on CUDA, mixed_bfloat16 on a CPU with "
-                            "AMX/AVX512-BF16, float32 otherwise")
+    train.add_argument("--policy", default=None, choices=config.POLICIES, help="precision: auto = mixed_float16 "
+                       "on CUDA, mixed_bfloat16 on a CPU with AMX/AVX512-BF16, float32 otherwise")
     train.add_argument("--strategy", default=None, choices=config.STRATEGIES,
                        help="tf.distribute strategy: auto = multi-worker when TF_CONFIG names several workers, "
-                            "TPU on a TPU host, mirrored over several GPUs, one device otherwise; multi-worker: "
-                            "run the same command on every machine, each with its TF_CONFIG (README, "
+                            "TPU on a TPU host, mirrored over several GPUs, one device otherwise (README, "
                             "'More than one machine')")
     train.add_argument("--base-filters", type=int, default=None,
                        help=f"U-Net filters at the first level (default {config.ModelSettings.base_filters})")
     train.add_argument("--depth", type=int, default=None,
                        help=f"U-Net down-sampling steps (default {config.ModelSettings.depth})")
     train.add_argument("--no-segmentation", action="store_true", help="train the classifier only, no cell_mask")
-    train.add_argument("--skip-bad", action="store_true", help="skip unreadable images when preparing (listed)")
+    train.add_argument("--input", default=None, choices=("rgb", "od"), help="what the network sees: RGB or "
+                       f"optical density (default {config.ModelSettings.input_transform})")
+    train.add_argument("--stem-stride", type=int, default=None, help="2: a strided convolution first, the U-Net "
+                       f"at half the image's side (default {config.ModelSettings.stem_stride})")
+    train.add_argument("--colour-augment", default=None, choices=("rgb", "stain"), help="colour jitter: RGB or "
+                       f"each stain's amount (default {config.TrainSettings.colour_augment})")
+    train.add_argument("--mask-target", default=None, choices=("cell", "nucleus"), help="what the U-Net "
+                       f"segments (default {config.TrainSettings.mask_target})")
+    train.add_argument("--subject-weighting", default=None, action=argparse.BooleanOptionalAction,
+                       help=f"weigh subjects more evenly (default {config.TrainSettings.subject_weighting})")
+    train.add_argument("--threshold-rule", default=None, choices=("youden", "subject_youden"), help="how the "
+                       f"threshold is chosen on validation (default {config.TrainSettings.threshold_rule})")
     train.add_argument("--canvas", type=int, default=None,
                        help="smallest side of the square around each cell in source pixels, as for prepare; "
                             f"0 crops tightly (default {config.DEFAULT_CANVAS}; the run's own on --resume)")
     train.add_argument("--resume", default=None, metavar="RUN_DIR",
                        help="continue an interrupted run from its last finished epoch, with its own settings "
                             "(only --epochs may change)")
-    train.set_defaults(func=_run_train)
 
 
 def _add_evaluation_commands(subparsers) -> None:
-    evaluate = subparsers.add_parser(
-        "evaluate", help="score a saved run on labeled cells: metrics, charts, report",
-        description="Predict every labeled cell of the chosen split with the run's preprocessing and write "
-                    "OUT/evaluations/<run_id>__<dataset>_<split>[_N]/ (metrics.json, predictions.csv, "
-                    "per_patient.csv, charts as PNG+CSV, report.md, report.html). Prints that folder last. "
-                    "Held-out patients of a cross-validation run: --split test-labeled --patients unseen.")
-    evaluate.add_argument("--model", required=True, help="run folder (output/models/<run_id>) or its model.keras")
-    evaluate.add_argument("--data", required=True, metavar="DIR",
-                          help="dataset folder in the Kaggle layout (root or any part)")
-    evaluate.add_argument("--split", choices=config.EVALUATION_SPLITS, default="validation", help=SPLIT_HELP)
-    evaluate.add_argument("--threshold", default="auto",
-                          help="'auto' (default): the threshold stored in the run, chosen on its own patient-held-"
-                               "out validation predictions; a number in [0,1] overrides it. Never tuned on DIR.")
+    evaluate = _command(subparsers, "evaluate", _run_evaluate, "score a saved run on labeled cells: metrics, charts, "
+                        "report", "--model", "--out", "--threshold", "--skip-bad")
+    evaluate.add_argument("--data", required=True, metavar="DIR", help=DATA_HELP)
+    evaluate.add_argument("--split", choices=config.EVALUATION_SPLITS, default="validation", help=(
+        "which labeled cells of DIR to score. 'validation' (default): the Kaggle validation_data cells (labels "
+        "joined by file name from its CSV). 'train': training_data cells; they may be the very cells the model "
+        "learned from, so the report says how many belong to the run's training and validation patients. "
+        "'test-labeled': every labeled cell in DIR, for a labeled folder of OTHER patients; refused when any of its "
+        "patients trained or validated the run (add --patients unseen to keep only the others)."))
     evaluate.add_argument("--patients", default=None,
                           help="'unseen': keep only patients the run neither trained nor validated on (e.g. the "
                                "held-out patients of a cross-validation fold); or a comma list of patient ids")
-    evaluate.add_argument("--out", default=None, help=f"output root (default {config.OUTPUT_DIR})")
-    evaluate.add_argument("--skip-bad", action="store_true",
-                          help="list images that fail to decode and go on (default: stop at the first)")
     evaluate.add_argument("--bootstrap", type=int, default=1000, help="bootstrap replicates for the 95%% intervals")
     evaluate.add_argument("--seed", type=int, default=0, help="seed for the bootstrap and the image samples")
     evaluate.add_argument("--no-viz", action="store_true", help="do not copy the charts to OUT/viz")
-    evaluate.set_defaults(func=_run_evaluate)
 
-    predict = subparsers.add_parser(
-        "predict", help="P(leukemia) and the label for any cell images",
-        description="Predict cell images (files or folders, searched recursively) with the run's preprocessing "
-                    "and threshold. For cells of a C-NMC testing folder (testing_data or "
-                    "C-NMC_test_final_phase_data) the challenge submission (new_names, labels) is written beside "
-                    "the predictions CSV as <stem>_submission.csv; both paths are printed, the CSV last.")
-    predict.add_argument("--model", required=True, help="run folder (output/models/<run_id>) or its model.keras")
+    predict = _command(subparsers, "predict", _run_predict, "P(leukemia) and the label for any cell images",
+                       "--model", "--out", "--threshold", "--skip-bad")
     predict.add_argument("images", nargs="+", metavar="IMAGE_OR_DIR", help="image files or folders")
     predict.add_argument("--csv", default=None,
                          help="write path, name, p_leukemia, prediction, label_name, testing, model_trained_on here; "
                               "by default up to 50 cells are printed and more (or any testing cells) go to "
                               "OUT/predictions/<run_id>__<dataset>[_N].csv")
-    predict.add_argument("--out", default=None, help=f"output root for the default CSV (default {config.OUTPUT_DIR})")
-    predict.add_argument("--threshold", default="auto", help="'auto' (the run's stored threshold) or a number")
-    predict.add_argument("--skip-bad", action="store_true", help="list images that fail to decode and go on")
-    predict.set_defaults(func=_run_predict)
 
-    cv = subparsers.add_parser(
-        "cv", help="patient-grouped cross-validation with subject-level figures (the README's table)",
-        description="Hold out each fold's subjects in turn, train on the others (inner validation by patient "
-                    "picks the epoch and the threshold), and report per fold ROC AUC, balanced accuracy, "
-                    "sensitivity, specificity and, per held-out subject, the share of its cells called right "
-                    "(mean and worst over healthy subjects). Each (fold, model) job writes OUT/fold<k>_<model>/; "
-                    "jobs may run as separate processes into one OUT (--folds) and be merged (--merge-only).")
+    cv = _command(subparsers, "cv", _run_cv,
+                  "patient-grouped cross-validation with subject-level figures (the README's table)")
     cv.add_argument("--data", type=Path, default=config.SHARED_DATA_DIR / "cnmc",
                     help="a C-NMC training folder (default: %(default)s)")
     cv.add_argument("--out", type=Path, default=config.OUTPUT_DIR / "cv",
@@ -380,38 +356,29 @@ def _add_evaluation_commands(subparsers) -> None:
                     help="ANNa with settings changed, run as model NAME (list it in --models), e.g. "
                          "--variant stain colour_augment=stain,input_transform=od")
     cv.add_argument("--merge-only", action="store_true", help="only merge the finished jobs in --out")
-    cv.set_defaults(func=_run_cv)
+    ensemble = _command(subparsers, "ensemble", _run_ensemble, "combine finished runs (e.g. a cross-validation's) "
+                        "into one run folder that evaluate and predict take")
+    ensemble.add_argument("runs", nargs="*", metavar="RUN_DIR", help="run folders to combine (two or more)")
+    ensemble.add_argument("--cv", type=Path, default=None, metavar="DIR",
+                          help="take the runs of a cross-validation's anna jobs (python -m modules cv --out DIR)")
+    ensemble.add_argument("--cv-model", default="anna", help="which model's jobs of --cv (default: %(default)s)")
+    ensemble.add_argument("--out", type=Path, default=None, help="the new run folder (default output/models/<id>)")
 
 
 def _add_notebook_commands(subparsers) -> None:
-    demo = subparsers.add_parser(
-        "demo", help="run the four notebooks headless with small parameters (synthetic data unless "
-                     "input/C-NMC_Leukemia exists)",
-        description="Run notebooks 1.EDA, 2.Image_preprocessing, 3.ANNa and 4.Test in order with papermill, "
-                    "writing the executed notebooks to OUT/notebooks/<timestamp>/ and the charts to OUT/viz/.")
-    demo.add_argument("--data", default=None,
-                      help="C-NMC_Leukemia folder (default: input/C-NMC_Leukemia if present, else a "
-                           "synthetic set generated under OUT/synthetic)")
-    demo.add_argument("--out", default=None, help="output folder (default: output/)")
-    demo.add_argument("--no-progress", action="store_true", help="hide the per-cell progress bars")
-    demo.set_defaults(func=_run_demo)
-
-    run = subparsers.add_parser(
-        "run-notebooks", help="run the notebook series headless with any parameters",
-        description="Execute the notebooks with papermill. Parameters are the names in each notebook's "
-                    "`parameters` cell: DATA_DIR, OUTPUT_DIR, IMAGE_SIZE, EPOCHS, BATCH_SIZE, SEED, "
-                    "MODEL_PATH, SAMPLE_LIMIT, BASE_FILTERS, DEPTH, SPLIT, THRESHOLD, SYNTHETIC_SCALE.")
-    run.add_argument("--data", default=None,
-                     help="C-NMC_Leukemia folder (default: input/C-NMC_Leukemia if present, else synthetic)")
+    demo = _command(subparsers, "demo", _run_demo, "run the four notebooks headless with small parameters "
+                    "(synthetic data unless input/C-NMC_Leukemia exists)", "--out", "--no-progress")
+    run = _command(subparsers, "run-notebooks", _run_notebooks, "run the notebook series headless with any "
+                   "parameters", "--out", "--no-progress")
+    for parser in (demo, run):
+        parser.add_argument("--data", default=None, help="C-NMC_Leukemia folder (default: input/C-NMC_Leukemia if "
+                            "present, else a synthetic set generated under OUT/synthetic)")
     run.add_argument("-p", "--parameter", dest="parameters", nargs=2, action="append", default=[],
                      metavar=("NAME", "VALUE"), help="set a notebook parameter, e.g. -p EPOCHS 5 (repeatable)")
-    run.add_argument("--out", default=None, help="output folder (OUTPUT_DIR; default: output/)")
     run.add_argument("--only", nargs="+", default=None, metavar="NOTEBOOK",
                      help="run only these notebooks, e.g. --only 4 (4.Test on the newest run)")
     run.add_argument("--log-output", action="store_true",
                      help="stream the notebooks' output (e.g. training epochs) to the terminal")
-    run.add_argument("--no-progress", action="store_true", help="hide the per-cell progress bars")
-    run.set_defaults(func=_run_notebooks)
 
 
 def check_out(out: str | Path) -> None:
@@ -426,39 +393,27 @@ def check_out(out: str | Path) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The top-level parser; each sub-parser carries ``func``, which imports its stage when run."""
-    parser = argparse.ArgumentParser(
-        prog="python -m modules",
-        description="ANNa: tell leukemic blasts (ALL) from normal cells (HEM) in C-NMC 2019 images.",
-    )
-    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    subparsers.required = True
-    _add_data_commands(subparsers)
-    _add_train_command(subparsers)
-    _add_evaluation_commands(subparsers)
-    _add_notebook_commands(subparsers)
+    parser = argparse.ArgumentParser(prog="python -m modules", description="ANNa: tell leukemic blasts (ALL) from "
+                                     "normal cells (HEM) in C-NMC 2019 images.")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for add_commands in (_add_data_commands, _add_train_command, _add_evaluation_commands, _add_notebook_commands):
+        add_commands(subparsers)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run one command.
-
-    Args:
-        argv: Arguments without the program name; ``sys.argv[1:]`` by default.
-
-    Returns:
-        The process exit code.
-    """
+    """Run one command (``argv`` without the program name, ``sys.argv[1:]`` by default); returns the exit code."""
     args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     try:
         if getattr(args, "out", None) is not None:
             check_out(args.out)
         return int(args.func(args) or 0)
-    except (CommandError, ValueError, FileNotFoundError) as error:
-        # Errors meant for users name the file and the fix; no traceback needed.
+    except (CommandError, ValueError, FileNotFoundError, NotebookError) as error:
+        # Errors meant for users name the file and the fix; no traceback needed. A failed notebook exits 1.
         if os.environ.get("ANNA_DEBUG"):
             raise
         print(f"error: {error}", file=sys.stderr)
-        return 2
+        return 1 if isinstance(error, NotebookError) else 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
