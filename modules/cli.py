@@ -134,11 +134,9 @@ def _run_evaluate(args: argparse.Namespace) -> None:
                                    output_dir=args.out, patients=args.patients, skip_bad=args.skip_bad,
                                    n_boot=args.bootstrap, seed=args.seed, publish=not args.no_viz)
     metrics = json.loads((folder / "metrics.json").read_text())
-    print(f"{metrics['n']} cells ({metrics['n_positive']} all, {metrics['n_negative']} hem), "
-          f"threshold {metrics['threshold']:.3f} ({metrics['threshold_source']})")
-    print(metrics_table(metrics).to_string())  # the notebooks' table
-    if metrics.get("ci"):
-        print(f"95 % intervals resample {metrics['ci_resampling']}")
+    print(metrics_table(metrics).to_string())  # the notebooks' table: counts, threshold, figures, intervals
+    print(f"threshold {metrics['threshold_source']}"
+          + (f"; 95 % intervals resample {metrics['ci_resampling']}" if metrics.get("ci") else ""))
     for item in metrics["skipped"]:
         print(f"skipped {item['path']}: {item['error']}")
     if metrics["preprocessing_check"]["matches"] is False:

@@ -32,11 +32,9 @@ def _local_time(stamp: str) -> str:
 
 def publish(source: str | Path, viz_dir: str | Path | None = None, group: str | None = None, heading: str = "",
             synthetic: bool = False) -> Path:
-    """Mirror the charts saved in ``source`` into ``viz_dir/<group>/`` (replaced in place), rewrite the index.
-
-    ``heading`` is what the index says above the group; ``synthetic``: the charts come from synthetic cells or
-    a model trained on them. Returns the group's folder.
-    """
+    """Mirror the charts saved in ``source`` into ``viz_dir/<group>/`` (replaced in place) under ``heading``, marked
+    ``synthetic`` when they come from synthetic cells or a model trained on them; rewrite the index; returns the
+    group's folder."""
     source, viz_dir = Path(source), Path(viz_dir or config.VIZ_DIR)
     group = group or source.name
     if not group or "/" in group or "\\" in group or group.startswith("."):
@@ -46,11 +44,10 @@ def publish(source: str | Path, viz_dir: str | Path | None = None, group: str | 
     if not captions:
         raise FileNotFoundError(f"no charts in {source}: save them with charts.save_chart first")
     target = viz_dir / group
-    for name in captions:
-        for suffix in (".png", ".csv"):
-            if (source / f"{name}{suffix}").is_file():
-                with atomic_path(target / f"{name}{suffix}") as tmp:
-                    shutil.copyfile(source / f"{name}{suffix}", tmp)
+    for file in [source / f"{name}{suffix}" for name in captions for suffix in (".png", ".csv")]:
+        if file.is_file():
+            with atomic_path(target / file.name) as tmp:
+                shutil.copyfile(file, tmp)
     for old in [*target.glob("*.png"), *target.glob("*.csv")]:
         if old.stem not in captions and not old.name.startswith("."):  # a chart the re-run no longer makes
             old.unlink()
