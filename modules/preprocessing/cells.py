@@ -13,14 +13,12 @@ import numpy as np
 
 from modules import config
 
-#: Largest output side, margin and canvas (input pixels) accepted: far beyond the 450 px C-NMC
-#: cells, and small enough that one padded square stays within a few hundred MB.
+#: Largest output side, margin and canvas (input pixels): far beyond the 450 px C-NMC cells.
 MAX_SIZE, MAX_EXTENT = 4096, 4096
 
 
 class ImageError(ValueError):
-    """An image cannot be used (unreadable, empty, malformed, too large, wrong channels, no cell); the message
-    names it and the fix."""
+    """An image cannot be used (unreadable, malformed, too large, wrong channels, no cell); the message names it."""
 
 
 @contextlib.contextmanager
@@ -44,12 +42,8 @@ def grayscale(path: str) -> ImageError:
     return ImageError(f"{path} is grayscale; C-NMC cells are RGB and the stain colour matters, so it is not "
                       "converted: use the original RGB file")
 
-
-# ----------------------------------------------------------------------------- file headers
-
-#: Largest image read: far beyond the 450 x 450 C-NMC cells, small enough to decode in memory. Checked in
-#: the header before the file is read, so a crafted or foreign file is refused by name, not by OpenCV
-#: (whose OPENCV_IO_MAX_IMAGE_PIXELS is read when cv2 loads, before this module could set it).
+#: Largest image read, checked in its header before the file is read, so a crafted or foreign file is refused
+#: by name, not by OpenCV (whose OPENCV_IO_MAX_IMAGE_PIXELS is read when cv2 loads, before this module could set it).
 MAX_SIDE, MAX_PIXELS = 16_384, 2**26
 #: Bytes a file may hold beyond 8 per pixel (16-bit RGBA): metadata, colour profiles, thumbnails.
 SLACK_BYTES = 16 * 2**20
@@ -179,9 +173,6 @@ def check_header(path: str, header: ImageHeader, file_size: int) -> None:
         raise grayscale(path)
 
 
-# ----------------------------------------------------------------------------- decoding
-
-
 def decode(path: str, data: bytes, header: ImageHeader) -> np.ndarray:
     """OpenCV's decoding of a checked file; its errors, memory errors and a size other than the header's
     become ImageErrors naming the file."""
@@ -201,11 +192,8 @@ def decode(path: str, data: bytes, header: ImageHeader) -> np.ndarray:
 
 
 def read_bgr(path: str | os.PathLike) -> np.ndarray:
-    """Read an image file (BMP, PNG, JPEG or TIFF) as (H, W, 3) uint8 BGR, or raise ImageError naming it.
-
-    The header is checked (signature, size within ``MAX_SIDE``/``MAX_PIXELS``, file size) before
-    the file is read, so memory stays bounded whatever the file holds.
-    """
+    """An image file (BMP, PNG, JPEG or TIFF) as (H, W, 3) uint8 BGR, or ImageError naming it; its header is
+    checked before the file is read, so memory stays bounded whatever the file holds."""
     path = os.fspath(path)
     try:  # Python's open() also takes paths cv2.imread cannot (non-ASCII on Windows); unbuffered: read once
         with open(path, "rb", buffering=0) as handle:
@@ -237,13 +225,7 @@ def read_bgr(path: str | os.PathLike) -> np.ndarray:
 
 
 def load_rgb(path: str | os.PathLike) -> np.ndarray:
-    """Read one cell image (.bmp, .png, .jpg, .tif …) as (H, W, 3) uint8 RGB.
-
-    Raises:
-        ImageError: The file is empty, corrupt, truncated, malformed, not a BMP/PNG/JPEG/TIFF,
-            larger than ``MAX_SIDE``/``MAX_PIXELS``, grayscale, RGBA with transparency or not 8-bit;
-            the message names the file and the fix.
-    """
+    """One cell image as (H, W, 3) uint8 RGB (``read_bgr``, OpenCV's own log silenced)."""
     with quiet_opencv():
         return cv2.cvtColor(read_bgr(path), cv2.COLOR_BGR2RGB)
 
@@ -270,13 +252,9 @@ def cell_mask(image: np.ndarray, threshold: int = config.BACKGROUND_THRESHOLD) -
 def cell_square(rgb: np.ndarray, margin: int = config.DEFAULT_MARGIN,
                 threshold: int = config.BACKGROUND_THRESHOLD,
                 canvas: int = config.DEFAULT_CANVAS) -> tuple[tuple[int, int, int, int], tuple[int, int, int]]:
-    """The box of the pixels with a channel above ``threshold``, and the square ``preprocess_image`` keeps.
-
-    Returns:
-        ``((y, x, height, width), (top, left, side))`` in input pixels: the square, centred on the
-        box, has the box's longer side plus ``2 * margin`` (at least ``canvas``) and may reach past
-        the image's edges. Raises ImageError when no pixel is above the threshold.
-    """
+    """``((y, x, height, width), (top, left, side))``: the box of the pixels with a channel above ``threshold``
+    and the square centred on it that ``preprocess_image`` keeps (the box's longer side plus ``2 * margin``, at
+    least ``canvas``; it may reach past the image). ImageError when no pixel is above the threshold."""
     flat = rgb.reshape(rgb.shape[0], -1)  # one row of bytes per pixel row: two cheap passes, no full mask
     rows = np.flatnonzero(flat.max(axis=1) > threshold)
     if rows.size == 0:
@@ -290,25 +268,11 @@ def cell_square(rgb: np.ndarray, margin: int = config.DEFAULT_MARGIN,
 def preprocess_image(rgb: np.ndarray, size: int, margin: int = config.DEFAULT_MARGIN,
                      threshold: int = config.BACKGROUND_THRESHOLD,
                      canvas: int = config.DEFAULT_CANVAS) -> tuple[np.ndarray, np.ndarray]:
-    """Crop a cell to its square (``cell_square``), black where the square leaves the image, and resize it.
+    """``(image, mask)`` of (size, size, 3) and (size, size) uint8: the cell's square (``cell_square``; black
+    where it leaves the image) resized by ``resize_square``, and 1 where a channel is above ``threshold``.
 
-    Shrinking averages the input each output pixel covers (no aliasing), enlarging is bilinear
-    (``resize_square``). The mask marks the output pixels with a channel above
-    ``threshold``: exactly the cell the model sees. Either channel order works and is kept.
-
-    Args:
-        rgb: (H, W, 3) uint8 image.
-        size: Side of the output square in pixels.
-        margin: Background pixels kept around the cell's bounding box, at the input scale.
-        threshold: Background threshold (``config.BACKGROUND_THRESHOLD``).
-        canvas: Smallest side of the square in input pixels, so that cells keep a common scale; 0 crops tightly.
-
-    Returns:
-        ``(image, mask)``: (size, size, 3) uint8 and (size, size) uint8 with 1 on the cell.
-
-    Raises:
-        ImageError: No pixel is above the threshold (an all-black image).
-        ValueError: ``rgb`` is not a non-empty (H, W, 3) uint8 array, or a setting is out of range.
+    Either channel order works and is kept. ``canvas``: smallest side of the square in input pixels, so cells
+    keep a common scale (0 crops tightly). ImageError for an all-black image, ValueError for a wrong input.
     """
     if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3 or 0 in rgb.shape:
         raise ValueError(f"preprocess_image needs a non-empty (H, W, 3) uint8 image, not {rgb.dtype} {rgb.shape}")
@@ -324,11 +288,10 @@ def preprocess_image(rgb: np.ndarray, size: int, margin: int = config.DEFAULT_MA
 
 
 def resize_square(square: np.ndarray, size: int) -> np.ndarray:
-    """Resize a square image to ``size``: area-averaged when shrinking (no aliasing), bilinear when enlarging.
+    """A square image resized to ``size``: area-averaged when shrinking (no aliasing), bilinear when enlarging.
 
-    A shrink by ``k = side // size >= 2`` first goes bilinear to ``k * size`` (a step of less than
-    ``1 + 1/k``, too small to alias) and then averages ``k x k`` blocks: OpenCV's integer-factor
-    INTER_AREA path, about twice as fast as its general one, within 0.2 grey levels of it on C-NMC cells.
+    A shrink by ``k = side // size >= 2`` goes bilinear to ``k * size`` (too small a step to alias), then
+    through OpenCV's integer-factor INTER_AREA: twice as fast as its general path, within 0.2 grey levels of it.
     """
     side = square.shape[0]
     if side <= size:
