@@ -1,10 +1,8 @@
-"""The notebook series: run it headless (papermill) and the helpers its cells call.
-
-``run_notebooks`` executes ``1.EDA`` … ``4.Test`` in order on the kernel of this interpreter;
-``demo`` is the README's first command. The other functions keep the notebooks' cells short.
-"""
+"""The notebook series: ``run_notebooks`` executes ``1.EDA`` … ``4.Test`` headless (papermill) on this
+interpreter's kernel, ``demo`` is the README's first command, the other functions keep the cells short."""
 from __future__ import annotations
 
+import ast
 import contextlib
 import importlib.util
 import json
@@ -23,7 +21,6 @@ from modules import config
 if TYPE_CHECKING:  # pandas loads lazily: the CLI's --help stays fast
     import pandas
 
-#: The series, in the order it runs.
 NOTEBOOK_NAMES = ("1.EDA.ipynb", "2.Image_preprocessing.ipynb", "3.ANNa.ipynb", "4.Test.ipynb")
 #: The kernel name written in the notebooks (resolved to the current interpreter when run).
 KERNEL_NAME = "python3"
@@ -42,7 +39,6 @@ class NotebookError(RuntimeError):
     """A notebook of the series failed; the message names it and its executed copy."""
 
 
-# ----------------------------------------------------------------------------- session and data
 def setup_session(drive_data_dir: str = "") -> None:
     """Work from the repository root, install requirements.txt if an import is missing, mount Drive if asked
     (standard library only: the setup cell calls it before anything is installed)."""
@@ -93,7 +89,7 @@ def data_banner_html(data_dir: str | os.PathLike) -> str:
 
 
 def show_data_banner(data_dir: str | os.PathLike) -> None:
-    """Display ``data_banner_html`` in the notebook (and print the synthetic banner for the terminal)."""
+    """Display ``data_banner_html`` (and print the synthetic banner for the terminal)."""
     from IPython.display import HTML, display
 
     from modules.data import synthetic
@@ -128,11 +124,8 @@ def find_model(model_path: str | os.PathLike | None = None, output_dir: str | os
 
 def evaluation_split(data_dir: str | os.PathLike, run: Mapping, split: str = "auto"
                      ) -> tuple[str, list[str] | None, str]:
-    """Which labeled cells 4.Test scores: ``(split, patients, note)`` for ``evaluate_run``.
-
-    The labeled validation_data cells when the data has them; otherwise the run's own held-out
-    validation patients, whose cells chose the best epoch and the threshold (the note says so).
-    """
+    """``(split, patients, note)`` for ``evaluate_run``: the labeled validation_data cells when the data has
+    them, else the run's held-out validation patients, who chose the best epoch and the threshold (the note says so)."""
     from modules.data import layout
 
     if split != "auto":
@@ -201,49 +194,26 @@ def show_charts(folder: str | os.PathLike, names: Sequence[str] | None = None) -
     return shown
 
 
-def show_evaluation(evaluation_dir: str | os.PathLike, max_rows: int = 40) -> dict:
-    """Show an evaluation folder inline (metrics, charts, per-patient table); returns its metrics."""
-    import pandas as pd
-    from IPython.display import Markdown, display
-
-    folder = Path(evaluation_dir)
-    metrics = json.loads((folder / "metrics.json").read_text())
-    display(metrics_table(metrics))
-    show_charts(folder)
-    per_patient = folder / "per_patient.csv"
-    if per_patient.is_file():
-        display(Markdown("**Per patient**"), pd.read_csv(per_patient).head(max_rows))
-    return metrics
-
-
-# ----------------------------------------------------------------------------- running
 def parse_value(text: str):
-    """Turn a ``-p NAME VALUE`` string into int, float, bool or None when it reads as one."""
-    if text in ("True", "False", "None"):
-        return {"True": True, "False": False, "None": None}[text]
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
+    """A ``-p NAME VALUE`` string as the int, float, bool or None it reads as, else as itself."""
+    with contextlib.suppress(ValueError, SyntaxError):
+        value = ast.literal_eval(text)
+        if value is None or isinstance(value, (int, float)):
+            return value
     return text
 
 
 @contextlib.contextmanager
 def _kernel_environment() -> Iterator[None]:
-    """A temporary ``python3`` kernelspec (first on ``JUPYTER_PATH``) that runs ``sys.executable``.
-
-    So the notebooks use this virtual environment whatever other kernels are installed; matplotlib
-    draws inline even when ``MPLBACKEND=Agg`` is set.
-    """
+    """A temporary ``python3`` kernelspec, first on ``JUPYTER_PATH``, that runs ``sys.executable`` (this virtual
+    environment, whatever other kernels exist), with matplotlib inline even when ``MPLBACKEND=Agg`` is set."""
     settings = {"MPLBACKEND": "module://matplotlib_inline.backend_inline", "PYDEVD_DISABLE_FILE_VALIDATION": "1"}
     saved = {key: os.environ.get(key) for key in ("JUPYTER_PATH", "PYTHONPATH", *settings)}
     with tempfile.TemporaryDirectory(prefix="anna-kernel-") as folder:
         spec_dir = Path(folder) / "kernels" / KERNEL_NAME
         spec_dir.mkdir(parents=True)
-        # The kernel app's own log is silenced: its plain-TCP notice at every start, and the "KeyboardInterrupt
-        # caught in kernel" that jupyter_client's interrupt-then-shutdown sometimes provokes, are noise for a
-        # local kernel. Warnings and errors of the notebooks' code reach the notebooks as before.
+        # The kernel app's own log is noise for a local kernel (its plain-TCP notice at every start, the
+        # "KeyboardInterrupt caught in kernel" of an interrupt-then-shutdown); the cells' own output stays.
         spec = {"argv": [sys.executable, "-Xfrozen_modules=off", "-m", "ipykernel_launcher",
                          "-f", "{connection_file}", "--IPKernelApp.log_level=CRITICAL"],
                 "display_name": "Python 3 (ANNa)", "language": "python"}
@@ -274,15 +244,11 @@ def _new_folder(parent: Path) -> Path:
 def run_notebooks(data: str | os.PathLike | None, parameters: Mapping[str, object] | None = None,
                   output_dir: str | os.PathLike | None = None, notebooks: Sequence[str] | None = None,
                   progress: bool = True, log_output: bool = False) -> list[Path]:
-    """Execute the notebooks (all, or names/prefixes such as ``"4"``) in order with papermill.
+    """Execute the notebooks (all, or names/prefixes such as ``"4"``) in order with papermill; returns the executed
+    copies, under ``<output_dir>/notebooks/<timestamp>/``.
 
-    ``data`` (``DATA_DIR``) resolves as ``resolve_data_dir`` does; ``parameters`` are the notebooks'
-    (``IMAGE_SIZE``, ``EPOCHS``, …); ``log_output`` streams their output to the terminal.
-    Returns the executed notebooks, under ``<output_dir>/notebooks/<timestamp>/``.
-
-    Raises:
-        NotebookError: A cell failed; the message names the notebook and its executed copy.
-        ValueError: A parameter name that the notebooks do not have.
+    ``data`` (``DATA_DIR``) resolves as ``resolve_data_dir`` does; ``parameters`` are the notebooks' (``EPOCHS``, …);
+    ``log_output`` streams their output. NotebookError names a failed notebook, ValueError an unknown parameter.
     """
     import papermill
 
@@ -346,10 +312,8 @@ def select_notebooks(notebooks: Sequence[str] | None = None) -> list[str]:
 
 def demo(output_dir: str | os.PathLike | None = None, data: str | os.PathLike | None = None,
          progress: bool = True) -> list[Path]:
-    """Run the four notebooks with small parameters: the README's first command.
-
-    On ``data``, else ``input/C-NMC_Leukemia`` when present, else a synthetic set drawn (once) under the outputs.
-    """
+    """Run the four notebooks with small parameters (the README's first command) on ``data``, else
+    ``input/C-NMC_Leukemia`` when present, else a synthetic set drawn once under the outputs."""
     from modules.data import synthetic
 
     real = (not synthetic.is_synthetic(data)) if data else config.REAL_DATA_DIR.is_dir()
