@@ -1,21 +1,11 @@
 """Benchmark ``prepare_arrays`` against a plain ``cv2.imread`` + ``cv2.resize`` loop on the same cells.
 
-The 3,526 shared real cells (``../shared/data/cnmc``, PNG) are converted once to BMP copies in
-the Kaggle layout (not timed; BMP is what the Kaggle download holds); before each method the
-page cache is warmed by reading every file. Then, in one run, best of ``--repeats``:
-
-- ``floor``: read every file's bytes, nothing else;
-- ``cv2_loop``: ``cv2.imread`` + ``cv2.resize`` to the size (bilinear, no crop, no mask), stacked;
-- ``cv2_area_loop``: the same with ``INTER_AREA``, the alias-free resize ``prepare`` uses when shrinking;
-- ``prepare``: ``preprocessing.prepare_arrays`` end to end (scan, digest, decode, crop, resize,
-  mask, memory-mapped .npy, manifest, meta) into an empty output folder, with its thread pool;
-- ``prepare_cached``: the same call again (the cache is reused).
-
-Each measurement runs in a fresh process (imports done before the clock), so its peak memory
-(``ru_maxrss``; for ``prepare`` it includes the pages of the memory-mapped arrays) is its own.
-Wall time is what the target is about (prepare at least as fast as the loop); CPU time (user +
-system, all threads) is printed beside it because it stays meaningful when other jobs share the cores.
-Usage::
+The shared real cells (``../shared/data/cnmc``, PNG) are converted once to BMP (the Kaggle download's format;
+not timed). Each method runs in a fresh process, after its imports and with the page cache warmed; the best of
+``--repeats`` is reported: ``floor`` (read every file's bytes), ``cv2_loop`` (imread + bilinear resize, stacked),
+``cv2_area_loop`` (the same with INTER_AREA), ``prepare`` (end to end into an empty folder, its thread pool) and
+``prepare_cached`` (the same call again). Wall time is the target; CPU time (all threads) is printed beside it
+because it stays meaningful when other jobs share the cores.
 
     python benchmarks/bench_prepare.py [--size 128] [--repeats 3] [--bmp-dir DIR] [--workers N]
 """
@@ -39,26 +29,28 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from modules import config, preprocessing  # noqa: E402
 
+METHODS = ("floor", "cv2_loop", "cv2_area_loop", "prepare", "prepare_cached")
+
 
 def make_bmp_copies(source_root: Path, bmp_root: Path) -> Path:
-    """Convert the shared PNG cells to BMP once (Kaggle layout); reuse the copies already made."""
+    """The shared PNG cells as BMP in the Kaggle layout, converted once."""
     sources = sorted(source_root.glob("training_data/fold_*/*/*.png"))
     if not sources:
         raise FileNotFoundError(f"no PNG cells under {source_root}")
     dataset = bmp_root / config.DATASET_FOLDER_NAME
-    jobs = [(source, dataset / source.relative_to(source_root).with_suffix(".bmp")) for source in sources]
+    jobs = [(s, dataset / s.relative_to(source_root).with_suffix(".bmp")) for s in sources]
     jobs = [(source, target) for source, target in jobs if not target.exists()]
+
+    def convert(job: tuple[Path, Path]) -> None:
+        source, target = job
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = target.with_suffix(".partial.bmp")
+        if not cv2.imwrite(str(partial), cv2.imread(str(source), cv2.IMREAD_UNCHANGED)):
+            raise OSError(f"cannot write {partial}")
+        os.replace(partial, target)
+
     if jobs:
         print(f"converting {len(jobs)} PNG cells to BMP in {dataset} (once, not timed)…", flush=True)
-
-        def convert(job: tuple[Path, Path]) -> None:
-            source, target = job
-            target.parent.mkdir(parents=True, exist_ok=True)
-            partial = target.with_suffix(".partial.bmp")
-            if not cv2.imwrite(str(partial), cv2.imread(str(source), cv2.IMREAD_UNCHANGED)):
-                raise OSError(f"cannot write {partial}")
-            os.replace(partial, target)
-
         with ThreadPoolExecutor() as pool:
             list(pool.map(convert, jobs))
     return dataset
@@ -66,31 +58,26 @@ def make_bmp_copies(source_root: Path, bmp_root: Path) -> Path:
 
 def read_bytes(paths: list[str]) -> None:
     for path in paths:
-        with open(path, "rb") as handle:
-            handle.read()
+        Path(path).read_bytes()
 
 
 def cv2_loop(paths: list[str], size: int, interpolation: int = cv2.INTER_LINEAR) -> np.ndarray:
     return np.stack([cv2.resize(cv2.imread(path), (size, size), interpolation=interpolation) for path in paths])
 
 
-METHODS = ("floor", "cv2_loop", "cv2_area_loop", "prepare", "prepare_cached")
-
-
 def measure(method: str, dataset: Path, size: int, workers: int, output: Path) -> dict:
-    """Time one method in this (fresh) process; libraries are imported and the page cache warmed first."""
+    """Time one method in this (fresh) process."""
     paths = sorted(str(p) for p in dataset.glob("training_data/fold_*/*/*.bmp"))
     runs = {"floor": lambda: read_bytes(paths), "cv2_loop": lambda: cv2_loop(paths, size),
             "cv2_area_loop": lambda: cv2_loop(paths, size, cv2.INTER_AREA),
             "prepare": lambda: preprocessing.prepare_arrays(dataset, size=size, output_dir=output, workers=workers,
                                                             progress=False)}
     read_bytes(paths)  # other jobs may have pushed some files out of the page cache meanwhile
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    start = time.perf_counter()
+    before, start = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
     runs[method.removesuffix("_cached")]()
     seconds, after = time.perf_counter() - start, resource.getrusage(resource.RUSAGE_SELF)
     return {"images": len(paths), "seconds": seconds, "peak_mb": after.ru_maxrss / 1024,
-            "cpu": after.ru_utime + after.ru_stime - usage.ru_utime - usage.ru_stime}
+            "cpu": after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime}
 
 
 def main() -> None:
@@ -108,8 +95,7 @@ def main() -> None:
         dataset = args.bmp_dir / config.DATASET_FOLDER_NAME
         print(json.dumps(measure(args.measure, dataset, args.size, workers, args.out)))
         return
-
-    dataset = make_bmp_copies(config.SHARED_DATA_DIR / "cnmc", args.bmp_dir)
+    make_bmp_copies(config.SHARED_DATA_DIR / "cnmc", args.bmp_dir)
     print(f"{args.size} px, {workers} prepare threads, {os.cpu_count()} CPUs, load average "
           f"{os.getloadavg()[0]:.2f}; each method in a fresh process", flush=True)
     best: dict[str, dict] = {}
@@ -123,8 +109,8 @@ def main() -> None:
                       f"peak {result['peak_mb']:5.0f} MB", flush=True)
                 if result["seconds"] < best.get(method, {"seconds": float("inf")})["seconds"]:
                     best[method] = result
-    print(f"\n{best['floor']['images']} BMP cells, best of {args.repeats}:")
-    print(f"{'method':15s} {'seconds':>8s} {'img/s':>8s} {'cpu s':>8s} {'peak MB':>8s}")
+    print(f"\n{best['floor']['images']} BMP cells, best of {args.repeats}:\n"
+          f"{'method':15s} {'seconds':>8s} {'img/s':>8s} {'cpu s':>8s} {'peak MB':>8s}")
     for method, result in best.items():
         print(f"{method:15s} {result['seconds']:8.2f} {result['images'] / result['seconds']:8.0f} "
               f"{result['cpu']:8.2f} {result['peak_mb']:8.0f}")

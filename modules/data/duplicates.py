@@ -1,15 +1,9 @@
 """Identical cells under different names, and the subjects they link.
 
-The public C-NMC download files some cells under two subjects (71 cells of fold_0 subject 20 are
-fold_2 subject 21's). A split by patient that puts such subjects on two sides has the same cells on
-both: the leak it exists to prevent. Two digests find the copies:
-
-- ``pixel_digest``: of the decoded RGB pixels. ``prepare`` stores it per cell in the arrays'
-  ``manifest.csv``, so it costs no extra read; it also finds a BMP and a PNG of one cell. The
-  patient splits (``splits.split_patients``) and the EDA notebook use it.
-- ``file_digest``: of the file's bytes. ``scan`` does not decode, so it uses this one (a byte-identical
-  copy is also pixel-identical: the C-NMC copies are byte-identical), and so do the CV folds
-  (``folds.cv_folds``) when given a scan's manifest without ``pixel_digest``.
+The C-NMC download files some cells under two subjects (71 cells of fold_0 subject 20 are fold_2 subject
+21's); a split by patient that puts such subjects on two sides leaks them. ``pixel_digest`` (of the decoded
+pixels, stored per cell by ``prepare``; it also matches a BMP and a PNG of one cell) finds them for the
+patient splits and the EDA, ``file_digest`` (of the bytes) for ``scan`` and CV folds of a scan's manifest.
 """
 from __future__ import annotations
 
@@ -56,14 +50,9 @@ def file_digests(paths: Sequence[str], workers: int = 8) -> list[str | None]:
 
 
 def find_duplicates(table: pd.DataFrame, column: str = DIGEST_COLUMN) -> pd.DataFrame:
-    """The rows of ``table`` whose digest (``column``) another row shares (rows without one are left out).
-
-    Returns:
-        One row per copy, by digest then path: ``column, copies`` and the table's ``path, name,
-        patient_id, class, label, split`` (those it has), plus ``label_conflict`` (the copies carry
-        different labels), ``crosses_splits`` (copies in different splits: a leak between training and
-        evaluation) and ``crosses_subjects`` (copies filed under different subjects).
-    """
+    """The rows whose digest (``column``) another row shares, by digest then path: ``column, copies``, the
+    table's ``path, name, patient_id, class, label, split`` (those it has) and whether the copies carry different
+    labels (``label_conflict``), splits (``crosses_splits``: a leak) or subjects (``crosses_subjects``)."""
     copies = table.groupby(column)[column].transform("size")
     kept = [c for c in (column, "path", "name", "patient_id", "class", "label", "split") if c in table]
     duplicates = table.loc[copies > 1, kept].copy()
@@ -80,13 +69,9 @@ def find_duplicates(table: pd.DataFrame, column: str = DIGEST_COLUMN) -> pd.Data
 def subject_groups(table: pd.DataFrame, column: str = DIGEST_COLUMN) -> pd.DataFrame:
     """Subjects linked by identical cells, directly or through others (A shares a cell with B, B with C).
 
-    Args:
-        table: Rows with ``patient_id`` and the digest ``column``; rows without a patient id are left out.
-
-    Returns:
-        One row per group of two or more subjects: ``group`` (the subjects joined by ``+`` in numeric
-        order, e.g. ``20+21``), ``subjects`` (a list) and ``shared_cells`` (digests found under more
-        than one of them), largest first. None for a table without ``column`` (a manifest never prepared).
+    One row per group of two or more subjects, largest first: ``group`` (``20+21``, in numeric order),
+    ``subjects`` and ``shared_cells`` (digests found under more than one of them). Rows without a patient id
+    are left out; a table without ``column`` (a manifest never prepared) has no groups.
     """
     if column not in table:
         return pd.DataFrame(columns=["group", "subjects", "shared_cells"])

@@ -23,19 +23,12 @@ class FoldError(ValueError):
 
 
 def cv_folds(manifest: pd.DataFrame, n_folds: int = 3) -> dict[int, list[str]]:
-    """Held-out subjects per fold for the labeled training cells of a manifest.
+    """Held-out subjects per fold for the labeled training cells of a scan's manifest (copies found by file
+    bytes) or the arrays' (by ``pixel_digest``).
 
-    The shared fold_0 gets ``FOLD0_FOLDS``; other data is dealt group by group (a subject, or the
-    subjects sharing identical cells), largest first, to the fold with the fewest cells of that
-    group's class, so that each fold holds both classes and a similar number of cells.
-
-    Args:
-        manifest: A scan's manifest (copies found by file bytes: each training file is read once) or the
-            arrays' manifest (by its ``pixel_digest``).
-        n_folds: How many folds.
-
-    Raises:
-        FoldError: Fewer groups of a class than folds.
+    The shared fold_0 gets ``FOLD0_FOLDS``; other data is dealt group by group (a subject, or the subjects
+    sharing identical cells), largest first, to the fold with the fewest cells of that group's class, so each
+    fold holds both classes and a similar number of cells. FoldError: fewer groups of a class than folds.
     """
     cells = manifest[(manifest["split"] == "train") & manifest["label"].notna()]
     cells = cells.assign(patient_id=cells["patient_id"].astype(str).str.upper())

@@ -1,11 +1,8 @@
-"""What ANNa reads back from its own files, checked: a run's ``config.json``, its ``backup/state.json``
-and an arrays folder's ``meta.json``.
+"""What ANNa reads back from its own files, checked: a run's ``config.json``, ``backup/state.json`` and an
+arrays folder's ``meta.json`` (a person or a crash may change them, and a threshold of 5.0 would pass silently).
 
-These files are written by ANNa, but a person, another tool or a crash may change them, and a wrong
-value would pass silently (a stored threshold of 5.0 calls every cell normal; patients stored as a
-string make ``--patients unseen`` count the run's own patients as unseen). Each schema maps a key
-(``a.b`` for a key inside an object) to a ``Rule``; unlisted keys are not checked, and an absent key
-passes unless its rule is ``required`` (older runs and a model copied alone record less).
+Each schema maps a key (``a.b`` inside an object) to a ``Rule``; unlisted keys are not checked, and an absent
+key passes unless its rule is ``required`` (older runs and a model copied alone record less).
 """
 from __future__ import annotations
 
@@ -128,19 +125,9 @@ def _fits(value: Any, rule: Rule) -> bool:
 
 def validate(document: Any, schema: dict[str, Rule], file: str | Path, fix: str,
              error: type[ValueError] = SchemaError, prefix: str = "") -> dict:
-    """Check a parsed JSON file against a schema; returns it unchanged.
-
-    Args:
-        document: The parsed file.
-        schema: Key (``a.b`` inside objects) to ``Rule``.
-        file: The file, for the message.
-        fix: What the user should do, for the message.
-        error: The exception raised (the caller's own ValueError subclass).
-        prefix: Where ``document`` sits in the file (for a nested schema).
-
-    Raises:
-        error: The document is not an object, or a key is missing, of the wrong type or out of range.
-    """
+    """Check a parsed JSON ``document`` against a schema and return it; raise ``error`` (naming ``file``, the key
+    and ``fix``) when it is not an object or a key is missing, of the wrong type or out of range. ``prefix``:
+    where ``document`` sits in the file (a nested schema)."""
     if not isinstance(document, dict):
         where = f"{file}: the key {prefix!r}" if prefix else str(file)
         raise error(f"{where} holds {JSON_NAMES.get(type(document), type(document).__name__)}, not an object; {fix}")

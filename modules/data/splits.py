@@ -107,23 +107,12 @@ def split_patients(
     exclude_patients: tuple[str, ...] | list[str] = (),
     source: str = "the data",
 ) -> PatientSplit:
-    """Split the labeled training cells into patient-disjoint training and validation sets.
+    """Split the labeled training cells of the arrays' manifest (``labels`` aligned with it: 1, 0 or -1) into
+    patient-disjoint training and validation sets.
 
-    By the named ``val_patients``, by C-NMC fold when the data has several folds (``val_fold``,
-    the last by default), or else by holding out ``val_fraction`` of the patients of each class.
-
-    Args:
-        manifest: The arrays' manifest (row i = array row i).
-        labels: Labels aligned with the manifest (1, 0, or -1 unlabeled).
-        val_patients: Patient ids to validate on.
-        val_fold: C-NMC fold to validate on.
-        val_fraction: Share of each class's patients held out when splitting by patient.
-        seed: Seed of the patient draw.
-        exclude_patients: Patients left out of both (held out for cross-validation).
-        source: What to name in error messages.
-
-    Raises:
-        SplitError: The split cannot be made, or one side would lack a class.
+    By the named ``val_patients``, by C-NMC fold when the data has several folds (``val_fold``, the last by
+    default), or else by drawing ``val_fraction`` of each class's patients with ``seed``. ``exclude_patients``
+    are left out of both (held out for cross-validation); ``source`` names the data in a SplitError.
     """
     if val_patients and val_fold is not None:
         raise SplitError("give either validation patients or a validation fold, not both")
