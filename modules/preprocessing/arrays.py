@@ -10,9 +10,11 @@ unchanged files returns the cached folder. One process at a time prepares a fold
 from __future__ import annotations
 
 import concurrent.futures as futures
+import contextlib
 import datetime as dt
 import hashlib
 import os
+import queue
 import re
 import shutil
 from dataclasses import dataclass
@@ -95,53 +97,73 @@ def _dataset_for(manifest: pd.DataFrame) -> str:
     return f"{dataset}_subset-{subset}" if dataset else f"manifest-{subset}"
 
 
-def _prepare_chunk(start: int, paths: list[str],
-                   settings: Settings) -> tuple[np.ndarray, np.ndarray, list[str], Errors]:
-    """Rows ``start…`` prepared: their images (RGB), masks and pixel digests (zeros and "" where a file
-    failed), and the errors."""
-    size = settings[0]
-    images, masks = np.zeros((len(paths), size, size, 3), np.uint8), np.zeros((len(paths), size, size), np.uint8)
-    digests, errors = [""] * len(paths), []
-    for row, path in enumerate(paths):
-        try:
-            decoded = read_bgr(path)
-            image, masks[row] = preprocess_image(decoded, *settings)
-        except ImageError as error:
-            errors.append((start + row, path, str(error) if path in str(error) else f"{path}: {error}"))
-        except OSError as error:
-            errors.append((start + row, path, f"{path} cannot be read ({error}); check the file and its permissions"))
-        else:
-            cv2.cvtColor(image, cv2.COLOR_BGR2RGB, dst=images[row])  # the small output, not the input
-            digests[row] = pixel_digest(decoded, bgr=True)  # OpenCV's order: hashed without a copy
-    return images, masks, digests, errors
+def _create_npy(path: Path, shape: tuple[int, ...]) -> int:
+    """A uint8 ``.npy`` file of ``shape``, zeros until written; returns the byte at which its rows start."""
+    with open(path, "wb") as file:
+        np.lib.format.write_array_header_1_0(file, {"descr": "|u1", "fortran_order": False, "shape": shape})
+        first = file.tell()
+        file.truncate(first + int(np.prod(shape)))
+    return first
 
 
-def _write_header(file, shape: tuple[int, ...]) -> None:
-    """The ``.npy`` header of a C-ordered uint8 array; its rows are then written in order."""
-    np.lib.format.write_array_header_1_0(file, {"descr": "|u1", "fortran_order": False, "shape": shape})
+def _write_rows(fd: int, first: int, start: int, rows: np.ndarray) -> None:
+    """Write ``rows`` in place as rows ``start…`` of an ``.npy`` file (``os.pwrite``: threads may write at once)."""
+    if os.pwrite(fd, rows.data, first + start * rows[0].nbytes) != rows.nbytes:
+        raise OSError("a short write to the arrays being prepared (is the disk full?); free space and run again")
+
+
+def _prepare_chunk(start: int, paths: list[str], settings: Settings, buffers: queue.SimpleQueue,
+                   files: list[tuple[int, int]]) -> tuple[list[str], Errors]:
+    """Prepare rows ``start…`` into a reused pair of chunk buffers and write them into images.npy and masks.npy
+    (``files``: the descriptor and first-row byte of each); returns their pixel digests and the errors."""
+    images, masks = buffers.get()
+    try:
+        digests, errors = [""] * len(paths), []
+        for row, path in enumerate(paths):
+            try:
+                decoded = read_bgr(path)
+                image, masks[row] = preprocess_image(decoded, *settings)
+            except ImageError as error:  # the row keeps stale pixels: it is left out or the run fails
+                errors.append((start + row, path, str(error) if path in str(error) else f"{path}: {error}"))
+            except OSError as error:
+                errors.append((start + row, path, f"{path} cannot be read ({error}); check the file and its "
+                                                  "permissions"))
+            else:
+                cv2.cvtColor(image, cv2.COLOR_BGR2RGB, dst=images[row])  # the small output, not the input
+                digests[row] = pixel_digest(decoded, bgr=True)  # OpenCV's order: hashed without a copy
+        for (fd, first), rows in zip(files, (images, masks)):
+            _write_rows(fd, first, start, rows[:len(paths)])
+        return digests, errors
+    finally:
+        buffers.put((images, masks))
 
 
 def _fill(folder: Path, paths: list[str], settings: Settings, workers: int, skip_bad: bool, progress: bool,
           desc: str) -> tuple[list[str], Errors]:
     """Prepare every path on a thread pool into images.npy and masks.npy; returns the digests and the errors.
 
-    Stops at the first chunk with a bad image unless ``skip_bad``. The chunks are written in order with
-    plain writes: cheaper than filling memory maps page by page.
+    Each worker fills one chunk buffer again and again and writes it in place: no fresh pages per chunk, no
+    memory map filled page by page. Stops at the first chunk with a bad image unless ``skip_bad``.
     """
     n, size = len(paths), settings[0]
+    shapes = {"images": (n, size, size, 3), "masks": (n, size, size)}
+    firsts = {name: _create_npy(folder / f"{name}.npy", shape) for name, shape in shapes.items()}
+    buffers = queue.SimpleQueue()
+    for _ in range(workers):
+        buffers.put(tuple(np.zeros((CHUNK, *shape[1:]), np.uint8) for shape in shapes.values()))
     digests, errors = [], []
-    with quiet_opencv(), open(folder / "images.npy", "wb") as images, open(folder / "masks.npy", "wb") as masks, \
-            futures.ThreadPoolExecutor(workers) as pool, \
-            tqdm(total=n, desc=desc, unit="img", disable=not progress, dynamic_ncols=True) as bar:
-        _write_header(images, (n, size, size, 3))
-        _write_header(masks, (n, size, size))
-        jobs = [pool.submit(_prepare_chunk, start, paths[start:start + CHUNK], settings)
+    with contextlib.ExitStack() as stack:
+        files = [(os.open(folder / f"{name}.npy", os.O_WRONLY), first) for name, first in firsts.items()]
+        for fd, _ in files:
+            stack.callback(os.close, fd)
+        pool = stack.enter_context(futures.ThreadPoolExecutor(workers))
+        bar = stack.enter_context(tqdm(total=n, desc=desc, unit="img", disable=not progress, dynamic_ncols=True))
+        stack.enter_context(quiet_opencv())
+        jobs = [pool.submit(_prepare_chunk, start, paths[start:start + CHUNK], settings, buffers, files)
                 for start in range(0, n, CHUNK)]
         try:
             for job in jobs:
-                chunk_images, chunk_masks, chunk_digests, chunk_errors = job.result()
-                images.write(chunk_images.data)
-                masks.write(chunk_masks.data)
+                chunk_digests, chunk_errors = job.result()
                 digests += chunk_digests
                 errors += chunk_errors
                 bar.update(len(chunk_digests))
