@@ -30,16 +30,11 @@ except ImportError:  # pragma: no cover - Windows
     fcntl = None
 
 
-def _read_umask() -> int:
-    mask = os.umask(0o022)  # the only portable way to read it is to set it, then put it back
-    os.umask(mask)
-    return mask
-
-
 #: What every temporary name holds (``.<stem>.<random>.partial<ext>``).
 PARTIAL = ".partial"
-#: The process's umask, read once at import (reading it means setting it, which is not thread-safe).
-_UMASK = _read_umask()
+#: The process's umask, read once at import: reading it means setting it (then putting it back), not thread-safe.
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
 
 
 def make_public(path: str | os.PathLike) -> None:
@@ -86,10 +81,8 @@ def write_csv_atomic(table: pd.DataFrame, path: str | os.PathLike) -> Path:
 
 @dataclass
 class StagedFolder:
-    """The folder to fill (``path``) and where it lands (``target``, final once the block has ended)."""
-
-    path: Path
-    target: Path
+    path: Path  # the folder to fill
+    target: Path  # where it lands: final once the ``with`` block has ended
 
 
 @contextlib.contextmanager
@@ -138,10 +131,8 @@ def _move_to_free_name(folder: Path, target: Path) -> Path:
 
 
 def remove_partials(folder: str | os.PathLike) -> list[Path]:
-    """Remove the temporary files ``atomic_path`` left in ``folder`` (writers killed mid-write); returns them.
-
-    Call it only while holding the folder's ``exclusive_lock``: then no live writer owns them.
-    """
+    """Remove (and return) the temporary files killed writers left in ``folder``; call it only while holding the
+    folder's ``exclusive_lock``: then no live writer owns them."""
     removed = []
     for path in Path(folder).glob(f".*{PARTIAL}*"):
         if path.is_file() and not path.is_symlink():

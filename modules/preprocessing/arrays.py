@@ -1,11 +1,8 @@
-"""The arrays cache: every cell of a dataset prepared once into ``.npy`` files read memory-mapped.
+"""The arrays cache: every cell of a dataset prepared once (on a thread pool) into ``.npy`` files read memory-mapped.
 
-``prepare_arrays`` writes ``output/arrays/<dataset>_<size>/``: ``images.npy`` (N,S,S,3) uint8 RGB,
-``masks.npy`` (N,S,S) uint8 0/1, ``labels.npy`` (N,) int8 (1 all, 0 hem, -1 unlabeled),
-``manifest.csv`` (row i = array row i, with each cell's ``pixel_digest``) and ``meta.json``, in a
-``files.staged_folder``. A thread pool prepares the cells (OpenCV releases the GIL); a second call on
-unchanged files returns the cached folder. One process at a time prepares a folder (it holds
-``arrays/.<name>.lock``; another waits, then finds it cached).
+``output/arrays/<dataset>_<size>/`` holds ``images.npy`` (N,S,S,3) uint8 RGB, ``masks.npy`` (N,S,S) uint8 0/1,
+``labels.npy`` (N,) int8 (1 all, 0 hem, -1 unlabeled), ``manifest.csv`` (row i = array row i, with its
+``pixel_digest``) and ``meta.json``. One process at a time writes it (``arrays/.<name>.lock``).
 """
 from __future__ import annotations
 
@@ -33,8 +30,8 @@ from modules.data.synthetic import is_synthetic
 from modules.files import exclusive_lock, staged_folder, write_json_atomic
 from modules.preprocessing.cells import ImageError, check_settings, preprocess_image, quiet_opencv, read_bgr
 
-#: Part of the cache digest: bump it whenever the arrays ``prepare_arrays`` writes change, so that
-#: arrays of older code are rebuilt, not trusted (7: the pixel digest is xxh3_128 of the BGR pixels).
+#: Part of the cache digest: bumped whenever the arrays written change, so older caches are rebuilt (7: the
+#: pixel digest is xxh3_128 of the BGR pixels).
 META_VERSION = 7
 ARRAYS = ("images", "masks", "labels")
 #: Rows one worker prepares per task: enough to amortise the pool, few enough to balance the threads.
@@ -71,8 +68,8 @@ def _source_root(manifest: pd.DataFrame) -> Path:
 
 def compute_digest(manifest: pd.DataFrame, size: int, margin: int, threshold: int = config.BACKGROUND_THRESHOLD,
                    root: Path | None = None, canvas: int = config.DEFAULT_CANVAS) -> str:
-    """sha256 of the settings, ``META_VERSION`` and, per file (sorted by its path relative to ``root``,
-    the manifest's source by default), its path, size, mtime and manifest fields (a changed labels CSV counts)."""
+    """sha256 of the settings, ``META_VERSION`` and each file's path (relative to ``root``, by default the
+    manifest's source), size, mtime and manifest fields (a changed labels CSV counts)."""
     prefix = str(root or _source_root(manifest)).rstrip(os.sep) + os.sep
     digest = hashlib.sha256(f"v{META_VERSION}|{size}|{margin}|{threshold}|canvas={int(canvas)}\n".encode())
     entries = []
@@ -140,11 +137,9 @@ def _prepare_chunk(start: int, paths: list[str], settings: Settings, buffers: qu
 
 def _fill(folder: Path, paths: list[str], settings: Settings, workers: int, skip_bad: bool, progress: bool,
           desc: str) -> tuple[list[str], Errors]:
-    """Prepare every path on a thread pool into images.npy and masks.npy; returns the digests and the errors.
-
-    Each worker fills one chunk buffer again and again and writes it in place: no fresh pages per chunk, no
-    memory map filled page by page. Stops at the first chunk with a bad image unless ``skip_bad``.
-    """
+    """Prepare every path on a thread pool into images.npy and masks.npy; returns the digests and the errors,
+    stopping at the first chunk with a bad image unless ``skip_bad``. Each worker reuses one chunk buffer: no
+    fresh pages per chunk (page faults cost more than the pixels here), no memory map filled page by page."""
     n, size = len(paths), settings[0]
     shapes = {"images": (n, size, size, 3), "masks": (n, size, size)}
     firsts = {name: _create_npy(folder / f"{name}.npy", shape) for name, shape in shapes.items()}
@@ -222,10 +217,8 @@ def _write_arrays(folder: Path, manifest: pd.DataFrame, settings: Settings, work
 
 
 def remove_staging(target: Path) -> list[Path]:
-    """Remove the staging folders of ``target`` (``.<name>.<random>.partial``) that killed prepares left.
-
-    Call it only while holding the lock of ``target``: every live writer of those folders holds it.
-    """
+    """Remove the staging folders of ``target`` (``.<name>.<random>.partial``) killed prepares left; call it
+    only while holding the lock of ``target``: every live writer of those folders holds it."""
     name = re.compile(rf"\.{re.escape(target.name)}\.[a-z0-9_]{{8}}\.partial")  # tempfile's random part
     left = [folder for folder in target.parent.glob(".*.partial") if folder.is_dir() and name.fullmatch(folder.name)]
     for folder in left:
