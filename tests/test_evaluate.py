@@ -18,7 +18,8 @@ EXPECTED_FILES = [
     "metrics.json", "predictions.csv", "per_patient.csv", "report.md", "report.html",
     *(f"{chart}.{ext}" for chart in ("confusion_matrix", "roc_curve", "precision_recall_curve",
                                      "probability_histogram", "calibration_curve", "training_curves",
-                                     "per_patient_accuracy", "confident_errors", "gradcam", "predicted_masks")
+                                     "per_patient_accuracy", "confident_errors", "gradcam", "predicted_masks",
+                                     "nucleus_by_class")
       for ext in ("png", "csv")),
 ]
 
@@ -39,6 +40,7 @@ def test_evaluation_writes_every_file(evaluation, tiny_run_dir):
     assert not list(evaluation.parent.glob("*.partial*"))  # the staging folder is gone
     predictions = pd.read_csv(evaluation / "predictions.csv")
     assert list(predictions.columns) == list(evaluate.PREDICTION_COLUMNS)
+    assert predictions["nucleus_share"].between(0, 1).all()  # the nucleus lies inside the cell
     per_patient = pd.read_csv(evaluation / "per_patient.csv")
     assert per_patient["cells"].sum() == len(predictions)
     errors = pd.read_csv(evaluation / "confident_errors.csv")

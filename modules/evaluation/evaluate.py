@@ -18,7 +18,8 @@ from modules.metrics import EvaluationError, compute_metrics, per_patient_table
 from modules.files import staged_folder
 
 SPLITS = config.EVALUATION_SPLITS
-PREDICTION_COLUMNS = ("path", "name", "original_name", "patient_id", "label", "p_leukemia", "prediction")
+PREDICTION_COLUMNS = ("path", "name", "original_name", "patient_id", "label", "p_leukemia", "prediction",
+                      "nucleus_share", "nucleus_cytoplasm_ratio")
 SPLIT_NOTES = {
     "validation": "the labeled C-NMC validation (preliminary test) cells, labels joined by file name from the "
                   "labels CSV",
@@ -166,6 +167,7 @@ def evaluate_run(model_path: str | Path, data: str | Path, split: str = "validat
         "cells_from_run_validation_patients": int(patient.isin(run_val).sum()),
         "cells_from_unseen_patients": int((~patient.isin(run_train | run_val)).sum()) if run_train | run_val else None,
         "mask_dice_mean": float(scored["mask_dice"].mean()) if "mask_dice" in scored else None,
+        "mask_target": settings["mask_target"] if "mask_dice" in scored else None,
         "skipped": skipped, "n_scanned": int(len(cells)),
         "data": str(data_path.resolve()), "dataset": layout.dataset_name(data_path),
         "synthetic_data": bool(synthetic.is_synthetic(data_path)),

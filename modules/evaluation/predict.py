@@ -86,7 +86,9 @@ def preprocessing_settings(model, run_config: dict, model_path: Path) -> dict:
     guessed = [key for key in defaults if run_config.get(key) is None]
     settings = {"image_size": size, **{key: int(run_config.get(key) if key not in guessed else value)
                                        for key, value in defaults.items()},
-                "recorded": not guessed and run_config.get("image_size") is not None}
+                "recorded": not guessed and run_config.get("image_size") is not None,
+                # What the U-Net's mask output was trained on: its predictions are compared with that.
+                "mask_target": (run_config.get("training") or {}).get("mask_target") or "cell"}
     if guessed:
         source = "the run's config.json does not record" if run_config else "no config.json beside it records"
         warnings.warn(
@@ -99,24 +101,36 @@ def preprocessing_settings(model, run_config: dict, model_path: Path) -> dict:
 
 # ----------------------------------------------------------------------------- images to probabilities
 def prepare_cell(path: str, settings: dict) -> tuple[np.ndarray, np.ndarray]:
-    """Decode one image and preprocess it as the run did: (image (S,S,3) uint8, mask (S,S) uint8)."""
+    """Decode one image and preprocess it as the run did: (image (S,S,3) uint8, the run's mask target (S,S) uint8:
+    the cell mask, or the nucleus where the run was trained on it)."""
     from modules import preprocessing
+    from modules.preprocessing.nucleus import nucleus_mask
 
     try:
-        return preprocessing.preprocess_image(preprocessing.load_rgb(path), settings["image_size"],
-                                              margin=settings["margin"], threshold=settings["background_threshold"],
-                                              canvas=settings["canvas"])
+        image, cell = preprocessing.preprocess_image(
+            preprocessing.load_rgb(path), settings["image_size"], margin=settings["margin"],
+            threshold=settings["background_threshold"], canvas=settings["canvas"])
+        return image, nucleus_mask(image, cell) if settings.get("mask_target") == "nucleus" else cell
     except preprocessing.ImageError as error:
         message = str(error)
         raise preprocessing.ImageError(message if str(path) in message else f"{path}: {message}") from error
 
 
+def nucleus_figures(image: np.ndarray, settings: dict) -> tuple[float, float]:
+    """The nucleus's share of the cell and the nucleus-to-cytoplasm area ratio of a prepared cell, from the
+    nucleus found in the stain (``preprocessing.nucleus``; not the model's output)."""
+    from modules.preprocessing.nucleus import nucleus_mask, nucleus_measures
+
+    cell = (image.max(axis=-1) > settings["background_threshold"]).astype(np.uint8)  # as preprocessing derives it
+    return nucleus_measures(nucleus_mask(image, cell), cell)
+
+
 def score_cells(predictor: Predictor, rows: pd.DataFrame, skip_bad: bool = False, batch_size: int = 64,
                 progress: bool = True) -> tuple[pd.DataFrame, list[dict]]:
     """The ``rows`` (a ``path`` column) that decoded, with ``p_leukemia``, ``prediction`` (1 = leukemic, when
-    p_leukemia >= the threshold) and, for a model with a mask output, ``mask_dice`` (its agreement with the mask of
-    preprocessing); and the ``{path, error}`` of those skipped. Cells are decoded in threads (OpenCV releases the
-    GIL) a chunk ahead of the model."""
+    p_leukemia >= the threshold), ``nucleus_share`` and ``nucleus_cytoplasm_ratio`` (``nucleus_figures``) and, for
+    a model with a mask output, ``mask_dice`` (its agreement with the run's mask target); and the ``{path, error}``
+    of those skipped. Cells are decoded in threads (OpenCV releases the GIL) a chunk ahead of the model."""
     from tqdm.auto import tqdm
 
     from modules import preprocessing
@@ -124,7 +138,8 @@ def score_cells(predictor: Predictor, rows: pd.DataFrame, skip_bad: bool = False
 
     def prepare(path):
         try:
-            return prepare_cell(path, predictor.settings)
+            image, reference = prepare_cell(path, predictor.settings)
+            return image, reference, nucleus_figures(image, predictor.settings)
         except (preprocessing.ImageError, OSError) as error:
             if not skip_bad:
                 raise preprocessing.ImageError(f"{error}. Remove or replace the file, or pass --skip-bad to "
@@ -132,7 +147,7 @@ def score_cells(predictor: Predictor, rows: pd.DataFrame, skip_bad: bool = False
             return error
 
     paths = rows["path"].tolist()
-    kept, probabilities, dices, skipped = [], [], [], []
+    kept, probabilities, dices, nuclei, skipped = [], [], [], [], []
     with ThreadPoolExecutor(min(8, preprocessing.default_workers())) as pool, \
             tqdm(total=len(paths), desc="predicting", unit="img", disable=not progress) as bar:
         def submit(start: int) -> list:
@@ -151,11 +166,14 @@ def score_cells(predictor: Predictor, rows: pd.DataFrame, skip_bad: bool = False
                 probabilities.append(np.asarray(outputs["p_leukemia"], dtype="float64").reshape(-1))
                 if "cell_mask" in outputs:
                     dices.append(mask_dice(np.asarray(outputs["cell_mask"]), np.stack([results[i][1] for i in good])))
+                nuclei += [results[i][2] for i in good]
                 kept += [start + i for i in good]
             bar.update(len(results))
     p = np.concatenate(probabilities) if probabilities else np.zeros(0)
+    share, ratio = (np.asarray(nuclei, dtype="float64").reshape(-1, 2).T if nuclei else (np.zeros(0), np.zeros(0)))
     scored = rows.iloc[kept].reset_index(drop=True).assign(p_leukemia=p,
-                                                            prediction=(p >= predictor.threshold).astype("int64"))
+                                                            prediction=(p >= predictor.threshold).astype("int64"),
+                                                            nucleus_share=share, nucleus_cytoplasm_ratio=ratio)
     return scored.assign(mask_dice=np.concatenate(dices)) if dices else scored, skipped
 
 

@@ -86,7 +86,28 @@ def metric_charts(predictions: pd.DataFrame, threshold: float, per_patient: pd.D
     charts["probability_histogram"] = histogram_chart(labels, p, threshold, note)
     if len(per_patient):
         charts["per_patient_accuracy"] = per_patient_chart(per_patient, note)
+    if "nucleus_share" in predictions and predictions["nucleus_share"].notna().any():
+        charts["nucleus_by_class"] = nucleus_chart(predictions, note)
     return charts
+
+
+def nucleus_chart(predictions: pd.DataFrame, note: str = "") -> Chart:
+    """Box plots by true class of the nucleus's share of the cell and the nucleus-to-cytoplasm ratio."""
+    import seaborn as sns
+
+    table = predictions[["name", "patient_id", "label", "nucleus_share", "nucleus_cytoplasm_ratio"]].assign(
+        **{"class": predictions["label"].map(config.CLASS_NAMES)})
+    fig, axes = plt.subplots(1, 2, figsize=(8, 3.6), layout="constrained")
+    for ax, column, label in ((axes[0], "nucleus_share", "nucleus area / cell area"),
+                              (axes[1], "nucleus_cytoplasm_ratio", "nucleus : cytoplasm area")):
+        sns.boxplot(data=table, x="class", y=column, hue="class", order=["all", "hem"],
+                    palette={config.CLASS_NAMES[k]: CLASS_COLORS[k] for k in (0, 1)}, ax=ax, showfliers=False)
+        ax.set(ylabel=label, xlabel="true class (all = leukemic blast, hem = normal)")
+    axes[1].set_yscale("log")
+    fig.suptitle(f"Nucleus size by class (nucleus found from the stain's colour){note}")
+    return Chart(fig, table, "Each cell's nucleus, found from the stain's colour in preprocessing (not the model's "
+                             "output): its share of the cell and the nucleus-to-cytoplasm area ratio, by true "
+                             "class (boxes: quartiles, whiskers: 1.5 IQR, outliers not drawn).")
 
 
 def confusion_chart(labels: np.ndarray, called: np.ndarray, threshold: float, note: str = "") -> Chart:

@@ -336,6 +336,45 @@ def plot_prepared_arrays(arrays_dir: str | Path, n: int = 6, seed: int = config.
                        "masks.npy) with their labels.", PREPROCESSING_RUN, output_dir, note)
 
 
+def plot_nucleus_targets(arrays_dir: str | Path, per_class: int = 6, seed: int = config.DEFAULT_SEED,
+                         output_dir: str | Path | None = None) -> Plot:
+    """Cells of each class with the nucleus found from the stain's colour outlined (yellow): the U-Net's target
+    with ``--mask-target nucleus``; the table holds every cell's nucleus share and N:C ratio."""
+    import cv2
+
+    from modules.preprocessing.nucleus import find_nucleus, nucleus_measures
+
+    arrays = preprocessing.load_arrays(arrays_dir)
+    note = charts.synthetic_note(cells_synthetic=bool(arrays.meta.get("synthetic"))
+                                 or manifest_is_synthetic(arrays.manifest))
+    labels = np.asarray(arrays.labels).astype(int)
+    rng = np.random.default_rng(seed)
+    rows = [row for label in (1, 0) for row in np.sort(rng.choice(np.flatnonzero(labels == label),
+                                                                  size=min(per_class, int((labels == label).sum())),
+                                                                  replace=False))]
+    images, titles, records = [], [], []
+    for row in rows:
+        image, cell = np.asarray(arrays.images[row]), np.asarray(arrays.masks[row])
+        found = find_nucleus(image, cell)
+        share, ratio = nucleus_measures(found.mask, cell)
+        outlined = charts.for_display(image).copy()
+        contours, _ = cv2.findContours(found.mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+        cv2.drawContours(outlined, contours, -1, (255, 230, 0), 1)
+        images.append(outlined)
+        titles.append(f"{config.CLASS_NAMES[int(labels[row])]}, {arrays.manifest['patient_id'].iloc[row]}\n"
+                      f"nucleus {share:.2f}" + (" (cell: fallback)" if found.fallback else ""))
+        records.append({"row": int(row), "label": int(labels[row]), "nucleus_share": share,
+                        "nucleus_cytoplasm_ratio": ratio, "fallback": found.fallback})
+    table = pd.DataFrame(records).merge(arrays.manifest[["name", "patient_id"]].reset_index(names="row"), on="row")
+    fig = charts.plot_image_grid(images, titles, ncols=per_class,
+                                 row_labels=["all (leukemic)", "hem (normal)"],
+                                 title=f"The nucleus, found from the stain's colour (yellow outline){note}")
+    return save_figure(fig, table, "nucleus_targets", "Cells of each class with the nucleus found from the stain's "
+                       "colour (a purple score log R + log B - 2 log G against the cell's median, closed, "
+                       "filled, largest piece); where it is not trusted the cell mask is used (fallback).",
+                       PREPROCESSING_RUN, output_dir, note)
+
+
 # ----------------------------------------------------------------------------- model and training
 def model_blocks(model) -> pd.DataFrame:
     """``block, layers, output_shape, parameters`` per block in layer order (``down0``, ``down0_pool``,

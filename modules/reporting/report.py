@@ -36,7 +36,8 @@ def write_evaluation_report(folder: str | Path, metrics: dict, predictions: pd.D
                                    charts.synthetic_note(metrics.get("synthetic_model")))
     if curves is not None:
         drawn["training_curves"] = curves
-    drawn.update(image_charts(model, predictions, load_cell, note, seed=seed))
+    drawn.update(image_charts(model, predictions, load_cell, note, seed=seed,
+                              mask_target=(run_config.get("training") or {}).get("mask_target") or "cell"))
     for name, chart in drawn.items():
         charts.save_chart(chart.figure, chart.data, name, chart.caption, folder)
         plt.close(chart.figure)
@@ -51,7 +52,7 @@ def _cell_title(row) -> str:
 
 
 def image_charts(model, predictions: pd.DataFrame, load_cell: CellLoader, note: str = "", per_group: int = 3,
-                 n_errors: int = 6, seed: int = 0) -> dict[str, Chart]:
+                 n_errors: int = 6, seed: int = 0, mask_target: str = "cell") -> dict[str, Chart]:
     """Charts of the cell images: the ``n_errors`` most confident errors of each kind, Grad-CAM on ``per_group``
     random cells of each true class right and wrong, and the predicted masks (a model with a mask output)."""
     frame = predictions.reset_index(drop=True)
@@ -72,7 +73,7 @@ def image_charts(model, predictions: pd.DataFrame, load_cell: CellLoader, note: 
     outputs = saving.predict_outputs(model, cells)
     if "cell_mask" in outputs:
         drawn["predicted_masks"] = mask_chart(cells, np.stack([mask for _, mask in prepared]),
-                                              np.asarray(outputs["cell_mask"]), sample, note)
+                                              np.asarray(outputs["cell_mask"]), sample, note, mask_target)
     return drawn
 
 
@@ -114,21 +115,23 @@ def gradcam_chart(model, cells: np.ndarray, sample: pd.DataFrame, ncols: int, no
 
 
 def mask_chart(cells: np.ndarray, reference: np.ndarray, predicted: np.ndarray, sample: pd.DataFrame,
-               note: str = "") -> Chart:
-    """Up to 6 cells spread over the groups: the cell, the U-Net's soft mask and the reference mask."""
+               note: str = "", target: str = "cell") -> Chart:
+    """Up to 6 cells spread over the groups: the cell, the U-Net's soft mask and its target (cell or nucleus)."""
     picks = np.unique(np.linspace(0, len(sample) - 1, min(len(sample), 6)).astype(int))
     dice = mask_dice(predicted[picks], reference[picks])
     images, titles = [], []
     for k, overlap in zip(picks, dice):
         images += [charts.for_display(cells[k]), predicted[k].astype("float32"), (reference[k] > 0).astype("float32")]
-        titles += [_cell_title(sample.iloc[k]), f"predicted mask\nDice {overlap:.2f}", "mask from preprocessing"]
-    fig = charts.plot_image_grid(images, titles, ncols=6, cmap="gray", title=f"U-Net cell masks{note}",
-                                 colorbar=("gray", "predicted P(cell pixel); reference: 0 or 1"))
+        titles += [_cell_title(sample.iloc[k]), f"predicted {target}\nDice {overlap:.2f}", f"{target} target"]
+    fig = charts.plot_image_grid(images, titles, ncols=6, cmap="gray", title=f"U-Net output against its {target} "
+                                 f"target{note}", colorbar=("gray", f"predicted P({target} pixel); target: 0 or 1"))
     table = sample.iloc[picks][["path", "name"]].assign(
         dice=dice, predicted_area=(predicted[picks] >= 0.5).sum(axis=(1, 2)),
         reference_area=(reference[picks] > 0).sum(axis=(1, 2)))
-    return Chart(fig, table, "Each cell (brightened), the U-Net's predicted cell mask on the colour bar's scale, and "
-                             "the mask derived from the background in preprocessing, with their Dice overlap.")
+    source = ("the nucleus found from the stain's colour (preprocessing.nucleus)" if target == "nucleus" else
+              "the cell mask derived from the black background in preprocessing")
+    return Chart(fig, table, f"Each cell (brightened), the U-Net's predicted {target} mask on the colour bar's "
+                             f"scale, and its training target, {source}, with their Dice overlap.")
 
 
 # ----------------------------------------------------------------------------- report documents
