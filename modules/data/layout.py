@@ -44,8 +44,7 @@ PART_KINDS = {config.VALIDATION_IMAGES_DIR.lower(): "validation_images", config.
 KIND_DEPTH = {"root": 0, "training": 1, "validation": 1, "testing": 1, "fold": 2, "validation_images": 2,
               "testing_images": 2, "class": 3}
 
-#: Write a manifest CSV atomically (temporary name, then rename).
-write_manifest = write_csv_atomic
+write_manifest = write_csv_atomic  # a manifest CSV, written atomically
 
 
 def _child(folder: Path, name: str) -> Path | None:
@@ -208,9 +207,7 @@ def _read_validation_labels(csv_path: Path) -> pd.DataFrame:
 
 def _scan_validation(images_dir: Path, csv_path: Path) -> list[dict]:
     labels = _read_validation_labels(csv_path)
-    images = [Path(p) for p in _list_images(images_dir)]
-    if not images:
-        raise DatasetError(f"no images in the validation folder {images_dir}; copy the renamed cells (1.bmp …) there")
+    images = _images_in(images_dir, "validation", "the renamed cells (1.bmp …)")
     by_name = {p.name.lower(): p for p in images}
     by_stem: dict[str, list[Path]] = {}
     for path in images:
@@ -249,9 +246,8 @@ def _scan_validation(images_dir: Path, csv_path: Path) -> list[dict]:
     if unparsed:
         warnings.warn(f"{len(unparsed)} row(s) of {csv_path} have a Patient_ID that is not a C-NMC cell name (e.g. "
                       f"{', '.join(unparsed[:5])}; expected UID_<patient>_<image>_<cell>_<all|hem>.bmp): those cells "
-                      "have no patient id, so their labels cannot be checked against the name, and an evaluation "
-                      "that includes them resamples cells instead of patients for its intervals; restore the CSV "
-                      "from the download", stacklevel=3)
+                      "have no patient id (labels unchecked, intervals by cell); restore the CSV from the download",
+                      stacklevel=3)
     if matched_by_stem:
         warnings.warn(f"{matched_by_stem} validation image(s) in {images_dir} matched their CSV row by name without "
                       "the extension (e.g. the CSV says 1.bmp, the folder holds 1.png)", stacklevel=3)
@@ -259,11 +255,16 @@ def _scan_validation(images_dir: Path, csv_path: Path) -> list[dict]:
 
 
 def _scan_testing(images_dir: Path) -> list[dict]:
-    images = [Path(p) for p in _list_images(images_dir)]
-    if not images:
-        raise DatasetError(f"no images in the testing folder {images_dir}; copy the cells (1.bmp …) there")
+    images = _images_in(images_dir, "testing", "the cells (1.bmp …)")
     return [{"path": str(p), "name": p.name, "original_name": p.name, "patient_id": "", "label": None,
              "split": "test", "fold": None} for p in images]
+
+
+def _images_in(folder: Path, part: str, what: str) -> list[Path]:
+    images = [Path(p) for p in _list_images(folder)]
+    if not images:
+        raise DatasetError(f"no images in the {part} folder {folder}; copy {what} there")
+    return images
 
 
 def _images_dir(folder: Path, name: str) -> Path:
