@@ -143,19 +143,19 @@ def _fill(folder: Path, paths: list[str], settings: Settings, workers: int, skip
     n, size = len(paths), settings[0]
     shapes = {"images": (n, size, size, 3), "masks": (n, size, size)}
     firsts = {name: _create_npy(folder / f"{name}.npy", shape) for name, shape in shapes.items()}
-    buffers = queue.SimpleQueue()
-    for _ in range(workers):
+    buffers, starts = queue.SimpleQueue(), range(0, n, CHUNK)
+    for _ in range(min(workers, len(starts))):  # one pair per thread that will run
         buffers.put(tuple(np.zeros((CHUNK, *shape[1:]), np.uint8) for shape in shapes.values()))
     digests, errors = [], []
     with contextlib.ExitStack() as stack:
         files = [(os.open(folder / f"{name}.npy", os.O_WRONLY), first) for name, first in firsts.items()]
         for fd, _ in files:
             stack.callback(os.close, fd)
-        pool = stack.enter_context(futures.ThreadPoolExecutor(workers))
+        pool = stack.enter_context(futures.ThreadPoolExecutor(min(workers, len(starts))))
         bar = stack.enter_context(tqdm(total=n, desc=desc, unit="img", disable=not progress, dynamic_ncols=True))
         stack.enter_context(quiet_opencv())
         jobs = [pool.submit(_prepare_chunk, start, paths[start:start + CHUNK], settings, buffers, files)
-                for start in range(0, n, CHUNK)]
+                for start in starts]
         try:
             for job in jobs:
                 chunk_digests, chunk_errors = job.result()
