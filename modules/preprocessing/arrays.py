@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import concurrent.futures as futures
-import contextlib
 import datetime as dt
 import hashlib
 import os
@@ -103,16 +102,17 @@ def _create_npy(path: Path, shape: tuple[int, ...]) -> int:
     return first
 
 
-def _write_rows(fd: int, first: int, start: int, rows: np.ndarray) -> None:
-    """Write ``rows`` in place as rows ``start…`` of an ``.npy`` file (``os.pwrite``: threads may write at once)."""
-    if os.pwrite(fd, rows.data, first + start * rows[0].nbytes) != rows.nbytes:
-        raise OSError("a short write to the arrays being prepared (is the disk full?); free space and run again")
+def _write_rows(path: Path, first: int, start: int, rows: np.ndarray) -> None:
+    """Write ``rows`` in place as rows ``start…`` of the ``.npy`` file whose rows start at byte ``first``."""
+    with open(path, "r+b") as file:  # a handle of its own: threads write other rows of the file at once
+        file.seek(first + start * rows[0].nbytes)
+        file.write(rows.data)
 
 
 def _prepare_chunk(start: int, paths: list[str], settings: Settings, buffers: queue.SimpleQueue,
-                   files: list[tuple[int, int]]) -> tuple[list[str], Errors]:
+                   files: list[tuple[Path, int]]) -> tuple[list[str], Errors]:
     """Prepare rows ``start…`` into a reused pair of chunk buffers and write them into images.npy and masks.npy
-    (``files``: the descriptor and first-row byte of each); returns their pixel digests and the errors."""
+    (``files``: each with the byte at which its rows start); returns their pixel digests and the errors."""
     images, masks = buffers.get()
     try:
         digests, errors = [""] * len(paths), []
@@ -128,8 +128,8 @@ def _prepare_chunk(start: int, paths: list[str], settings: Settings, buffers: qu
             else:
                 cv2.cvtColor(image, cv2.COLOR_BGR2RGB, dst=images[row])  # the small output, not the input
                 digests[row] = pixel_digest(decoded, bgr=True)  # OpenCV's order: hashed without a copy
-        for (fd, first), rows in zip(files, (images, masks)):
-            _write_rows(fd, first, start, rows[:len(paths)])
+        for (path, first), rows in zip(files, (images, masks)):
+            _write_rows(path, first, start, rows[:len(paths)])
         return digests, errors
     finally:
         buffers.put((images, masks))
@@ -141,19 +141,15 @@ def _fill(folder: Path, paths: list[str], settings: Settings, workers: int, skip
     stopping at the first chunk with a bad image unless ``skip_bad``. Each worker reuses one chunk buffer: no
     fresh pages per chunk (page faults cost more than the pixels here), no memory map filled page by page."""
     n, size = len(paths), settings[0]
-    shapes = {"images": (n, size, size, 3), "masks": (n, size, size)}
-    firsts = {name: _create_npy(folder / f"{name}.npy", shape) for name, shape in shapes.items()}
+    shapes = {folder / "images.npy": (n, size, size, 3), folder / "masks.npy": (n, size, size)}
+    files = [(path, _create_npy(path, shape)) for path, shape in shapes.items()]
     buffers, starts = queue.SimpleQueue(), range(0, n, CHUNK)
-    for _ in range(min(workers, len(starts))):  # one pair per thread that will run
+    threads = min(workers, len(starts))
+    for _ in range(threads):  # one pair per thread
         buffers.put(tuple(np.zeros((CHUNK, *shape[1:]), np.uint8) for shape in shapes.values()))
     digests, errors = [], []
-    with contextlib.ExitStack() as stack:
-        files = [(os.open(folder / f"{name}.npy", os.O_WRONLY), first) for name, first in firsts.items()]
-        for fd, _ in files:
-            stack.callback(os.close, fd)
-        pool = stack.enter_context(futures.ThreadPoolExecutor(min(workers, len(starts))))
-        bar = stack.enter_context(tqdm(total=n, desc=desc, unit="img", disable=not progress, dynamic_ncols=True))
-        stack.enter_context(quiet_opencv())
+    with quiet_opencv(), futures.ThreadPoolExecutor(threads) as pool, \
+            tqdm(total=n, desc=desc, unit="img", disable=not progress, dynamic_ncols=True) as bar:
         jobs = [pool.submit(_prepare_chunk, start, paths[start:start + CHUNK], settings, buffers, files)
                 for start in starts]
         try:
