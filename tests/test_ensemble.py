@@ -58,5 +58,25 @@ def test_ensemble_refuses_one_run_an_unfinished_one_and_an_existing_folder(tiny_
 
 
 def test_ensemble_of_a_cross_validation_needs_its_runs(tmp_path):
-    with pytest.raises(ensemble.EnsembleError, match="no finished anna run"):
+    with pytest.raises(ensemble.EnsembleError, match="no finished anna job"):
         ensemble.cv_runs(tmp_path)
+
+
+def test_an_ensemble_loads_in_a_fresh_process_and_is_evaluated_like_a_run(tiny_run_dir, second_run, synthetic_root,
+                                                                           tmp_path):
+    import subprocess
+    import sys
+
+    from modules.evaluation import evaluate
+
+    run_dir = ensemble.write_ensemble([tiny_run_dir, second_run], tmp_path / "ens")
+    # A new process that never imports modules.modeling.ensemble must still load it (safe mode).
+    code = ("import sys; from modules.modeling import saving; "
+            f"m = saving.load_model({str(run_dir)!r}); print(m.name)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().endswith("anna_ensemble")
+    folder = evaluate.evaluate_run(run_dir, synthetic_root, split="validation", output_dir=tmp_path / "out",
+                                   n_boot=50, progress=False)
+    metrics = json.loads((folder / "metrics.json").read_text())
+    assert metrics["threshold"] == 0.5 and (folder / "gradcam.png").is_file()

@@ -86,6 +86,8 @@ def test_cv_variants_are_parsed_checked_and_named():
         cv.parse_variant("x", "seed=3")
     with pytest.raises(cv.CrossValidationError, match="other than"):
         cv.parse_variant("anna", "input_transform=od")
+    with pytest.raises(cv.CrossValidationError, match="not listed in --models"):
+        cv.run_cv("unused", "unused", models=("anna",), variants={"od": {"input_transform": "od"}})
 
 
 @pytest.mark.slow

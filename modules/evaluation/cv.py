@@ -272,6 +272,10 @@ def run_cv(data: str | Path, out: str | Path, folds: list[int] | None = None,
     from modules.data import layout
 
     variants = dict(variants or {})
+    unused = sorted(set(variants) - set(models))
+    if unused:
+        raise CrossValidationError(f"variant(s) {', '.join(unused)} not listed in --models; add them there "
+                                   "(e.g. --models anna,cell_area," + ",".join(unused) + ")")
     unknown = sorted(set(models) - set(MODELS) - set(variants))
     if unknown:
         raise CrossValidationError(f"unknown model(s) {', '.join(unknown)}; choose from {', '.join(MODELS)} "

@@ -19,7 +19,8 @@ from modules.metrics import EvaluationError, mask_dice
 from modules.files import write_csv_atomic
 
 CHUNK = 256  # images decoded and predicted at a time: memory stays bounded on any dataset size
-PREDICT_COLUMNS = ("path", "name", "p_leukemia", "prediction", "label_name", "testing", "model_trained_on")
+PREDICT_COLUMNS = ("path", "name", "p_leukemia", "prediction", "label_name", "nucleus_share",
+                   "nucleus_cytoplasm_ratio", "testing", "model_trained_on")
 
 
 # ----------------------------------------------------------------------------- the run
@@ -118,11 +119,13 @@ def prepare_cell(path: str, settings: dict) -> tuple[np.ndarray, np.ndarray]:
 
 def nucleus_figures(image: np.ndarray, settings: dict) -> tuple[float, float]:
     """The nucleus's share of the cell and the nucleus-to-cytoplasm area ratio of a prepared cell, from the
-    nucleus found in the stain (``preprocessing.nucleus``; not the model's output)."""
-    from modules.preprocessing.nucleus import nucleus_mask, nucleus_measures
+    nucleus found in the stain (``preprocessing.nucleus``; not the model's output); NaN where none is trusted."""
+    from modules.preprocessing.nucleus import find_nucleus, nucleus_measures
 
     cell = (image.max(axis=-1) > settings["background_threshold"]).astype(np.uint8)  # as preprocessing derives it
-    return nucleus_measures(nucleus_mask(image, cell), cell)
+    found = find_nucleus(image, cell)
+    # Where no nucleus is trusted the finder hands back the cell mask: no measurement, not a share of 1.
+    return (float("nan"), float("nan")) if found.fallback else nucleus_measures(found.mask, cell)
 
 
 def score_cells(predictor: Predictor, rows: pd.DataFrame, skip_bad: bool = False, batch_size: int = 64,

@@ -13,36 +13,18 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import keras
-import numpy as np
 from keras import layers
 
 from modules import config
-from modules.files import atomic_path, write_json_atomic
+from modules.files import staged_folder, write_json_atomic
 from modules.modeling import saving
-from modules.modeling.network import MASK_OUTPUT, PROB_OUTPUT
+from modules.modeling.network import MASK_OUTPUT, PROB_OUTPUT, CentredLogit
 
 ENSEMBLE_TAG = "ensemble"
 
 
 class EnsembleError(ValueError):
     """Runs that cannot be combined; the message says which and why."""
-
-
-@keras.saving.register_keras_serializable(package="anna")
-class CentredLogit(layers.Layer):
-    """``logit(p) - logit(threshold)``: a member's score, 0 at its own threshold."""
-
-    def __init__(self, threshold: float = 0.5, **kwargs):
-        super().__init__(**kwargs)
-        self.threshold = float(threshold)
-
-    def call(self, p):
-        p = keras.ops.clip(keras.ops.cast(p, "float32"), 1e-6, 1 - 1e-6)
-        t = float(np.clip(self.threshold, 1e-6, 1 - 1e-6))
-        return keras.ops.log(p / (1 - p)) - float(np.log(t / (1 - t)))
-
-    def get_config(self) -> dict:
-        return {**super().get_config(), "threshold": self.threshold}
 
 
 def build_ensemble(members: list[keras.Model], thresholds: list[float]) -> keras.Model:
@@ -64,11 +46,14 @@ def build_ensemble(members: list[keras.Model], thresholds: list[float]) -> keras
 
 
 def cv_runs(cv_dir: str | Path, model: str = "anna") -> list[Path]:
-    """The finished run folders of a cross-validation's ``model`` jobs (``fold<k>_<model>/runs/*``)."""
-    runs = sorted(p.parent for p in Path(cv_dir).glob(f"fold*_{model}/runs/*/{saving.MODEL_FILENAME}"))
+    """The run folder of each finished ``model`` job of a cross-validation (``fold<k>_<model>/result.json``)."""
+    import json
+
+    results = [json.loads(p.read_text()) for p in sorted(Path(cv_dir).glob("fold*/result.json"))]
+    runs = [Path(r["run_dir"]) for r in results if r.get("model") == model and r.get("run_dir")]
     if not runs:
-        raise EnsembleError(f"no finished {model} run under {cv_dir} (fold<k>_{model}/runs/<run>/model.keras); "
-                            "run `python -m modules cv` first, or name the run folders")
+        raise EnsembleError(f"no finished {model} job under {cv_dir} (fold<k>_{model}/result.json); run "
+                            "`python -m modules cv` first, or name the run folders")
     return runs
 
 
@@ -85,22 +70,22 @@ def write_ensemble(run_dirs: list[str | Path], out: str | Path | None = None) ->
     for run, cfg in zip(runs, configs):
         if cfg.get("status") != "complete" or cfg.get("threshold") is None:
             raise EnsembleError(f"{run} has not finished training (no threshold yet); finish it or leave it out")
-    for key in ("image_size", "canvas", "margin", "architecture"):
-        if len({str(c.get(key)) for c in configs}) > 1:
-            raise EnsembleError(f"the runs differ in {key} ({', '.join(str(c.get(key)) for c in configs)}); "
-                                "combine runs trained on the same arrays settings")
+    for key, read in (*((k, lambda c, k=k: c.get(k)) for k in ("image_size", "canvas", "margin",
+                                                                 "background_threshold", "architecture")),
+                      ("mask target", lambda c: (c.get("training") or {}).get("mask_target") or "cell")):
+        values = [str(read(c)) for c in configs]
+        if len(set(values)) > 1:
+            raise EnsembleError(f"the runs differ in {key} ({', '.join(values)}); combine runs trained on the "
+                                "same arrays settings and mask target")
     members = [saving.load_model(r) for r in runs]
     model = build_ensemble(members, [float(c["threshold"]) for c in configs])
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
     run_dir = Path(out) if out else config.OUTPUT_DIR / config.MODELS_SUBDIR / f"{stamp}-{ENSEMBLE_TAG}{len(runs)}"
     if run_dir.exists():
         raise EnsembleError(f"{run_dir} exists already; choose a new --out (a run folder is never overwritten)")
-    run_dir.mkdir(parents=True)
-    with atomic_path(run_dir / saving.MODEL_FILENAME) as partial:
-        model.save(partial)
     seen = sorted({p for c in configs for p in c["train_patients"] + c["val_patients"]}, key=str)
     first = configs[0]
-    write_json_atomic(run_dir / saving.CONFIG_FILENAME, {
+    run_config = {
         **first, "run_id": run_dir.name, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "threshold": 0.5, "threshold_method": "members' own validation thresholds: sigmoid of the mean of "
         "logit(p) - logit(threshold), called at 0.5",
@@ -109,5 +94,11 @@ def write_ensemble(run_dirs: list[str | Path], out: str | Path | None = None) ->
         "validation": {}, "ensemble": {"members": [str(r.resolve()) for r in runs],
                                        "thresholds": [float(c["threshold"]) for c in configs]},
         "data": {**first["data"], "synthetic": any(c["data"].get("synthetic") for c in configs)},
-    })
-    return run_dir
+        # The members' training, not the ensemble's: member 0's figures with every member's best epoch.
+        "training": {**first["training"], "best_epoch": None, "member_best_epochs": [
+            c["training"].get("best_epoch") for c in configs]},
+    }
+    with staged_folder(run_dir, replace=False) as staged:  # a failed save leaves no folder behind
+        model.save(staged.path / saving.MODEL_FILENAME)
+        write_json_atomic(staged.path / saving.CONFIG_FILENAME, {**run_config, "run_id": run_dir.name})
+    return staged.target

@@ -41,15 +41,36 @@ class OpticalDensity(layers.Layer):
         return {**super().get_config(), "background_threshold": self.background_threshold}
 
 
+@keras.saving.register_keras_serializable(package="anna")
+class CentredLogit(layers.Layer):
+    """``logit(p) - logit(threshold)``: a member's score, 0 at its own threshold."""
+
+    def __init__(self, threshold: float = 0.5, **kwargs):
+        super().__init__(**kwargs)
+        self.threshold = float(threshold)
+
+    def call(self, p):
+        p = keras.ops.clip(keras.ops.cast(p, "float32"), 1e-6, 1 - 1e-6)
+        t = float(np.clip(self.threshold, 1e-6, 1 - 1e-6))
+        return keras.ops.log(p / (1 - p)) - float(np.log(t / (1 - t)))
+
+    def get_config(self) -> dict:
+        return {**super().get_config(), "threshold": self.threshold}
+
+
+def _normalize(x, batch_norm: bool | str, name: str, suffix: str = ""):
+    """Batch normalization (True), per image and channel ("instance") or none (False)."""
+    if batch_norm == "instance":
+        return layers.GroupNormalization(groups=-1, name=f"{name}_in{suffix}")(x)
+    return layers.BatchNormalization(momentum=0.9, name=f"{name}_bn{suffix}")(x) if batch_norm else x
+
+
 def _conv_block(x, filters: int, batch_norm: bool | str, name: str):
     """Two 3x3 convolutions, each normalized (True: batch, "instance": per image and channel, False: not), ReLU."""
     for i in (1, 2):
         x = layers.Conv2D(filters, 3, padding="same", use_bias=not batch_norm,
                           kernel_initializer="he_normal", name=f"{name}_conv{i}")(x)
-        if batch_norm == "instance":
-            x = layers.GroupNormalization(groups=-1, name=f"{name}_in{i}")(x)
-        elif batch_norm:
-            x = layers.BatchNormalization(momentum=0.9, name=f"{name}_bn{i}")(x)
+        x = _normalize(x, batch_norm, name, str(i))
         x = layers.Activation("relu", name=f"{name}_relu{i}")(x)
     return x
 
@@ -86,7 +107,7 @@ def build_anna(input_shape: tuple[int, int, int] = (_MODEL.image_size, _MODEL.im
     if stem_stride > 1:
         x = layers.Conv2D(base_filters, 3, strides=stem_stride, padding="same", use_bias=not batch_norm,
                           kernel_initializer="he_normal", name="stem_conv")(x)
-        x = layers.BatchNormalization(momentum=0.9, name="stem_bn")(x) if batch_norm else x
+        x = _normalize(x, batch_norm, "stem")
         x = layers.Activation("relu", name="stem_relu")(x)
     skips = []
     for level in range(depth):

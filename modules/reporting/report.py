@@ -69,7 +69,10 @@ def image_charts(model, predictions: pd.DataFrame, load_cell: CellLoader, note: 
         return drawn
     prepared = [load_cell(path) for path in sample["path"]]
     cells = np.stack([image for image, _ in prepared])
-    drawn["gradcam"] = gradcam_chart(model, cells, sample, min(len(sample), 2 * per_group), note)
+    # An ensemble's members are nested models: Grad-CAM explains its first member.
+    members = [layer for layer in model.layers if hasattr(layer, "layers") and layer.name.startswith("member")]
+    explained, whose = (members[0], f" (ensemble member {members[0].name})") if members else (model, "")
+    drawn["gradcam"] = gradcam_chart(explained, cells, sample, min(len(sample), 2 * per_group), whose + note)
     outputs = saving.predict_outputs(model, cells)
     if "cell_mask" in outputs:
         drawn["predicted_masks"] = mask_chart(cells, np.stack([mask for _, mask in prepared]),
