@@ -356,13 +356,13 @@ def plot_nucleus_targets(arrays_dir: str | Path, per_class: int = 6, seed: int =
     for row in rows:
         image, cell = np.asarray(arrays.images[row]), np.asarray(arrays.masks[row])
         found = find_nucleus(image, cell)
-        share, ratio = nucleus_measures(found.mask, cell)
+        share, ratio = (np.nan, np.nan) if found.fallback else nucleus_measures(found.mask, cell)
         outlined = charts.for_display(image).copy()
         contours, _ = cv2.findContours(found.mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
         cv2.drawContours(outlined, contours, -1, (255, 230, 0), 1)
         images.append(outlined)
         titles.append(f"{config.CLASS_NAMES[int(labels[row])]}, {arrays.manifest['patient_id'].iloc[row]}\n"
-                      f"nucleus {share:.2f}" + (" (cell: fallback)" if found.fallback else ""))
+                      + ("no nucleus trusted" if found.fallback else f"nucleus {share:.2f}"))
         records.append({"row": int(row), "label": int(labels[row]), "nucleus_share": share,
                         "nucleus_cytoplasm_ratio": ratio, "fallback": found.fallback})
     table = pd.DataFrame(records).merge(arrays.manifest[["name", "patient_id"]].reset_index(names="row"), on="row")
