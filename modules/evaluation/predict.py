@@ -120,9 +120,10 @@ def prepare_cell(path: str, settings: dict) -> tuple[np.ndarray, np.ndarray]:
 def nucleus_figures(image: np.ndarray, settings: dict) -> tuple[float, float]:
     """The nucleus's share of the cell and the nucleus-to-cytoplasm area ratio of a prepared cell, from the
     nucleus found in the stain (``preprocessing.nucleus``; not the model's output); NaN where none is trusted."""
+    from modules.preprocessing.cells import cell_mask
     from modules.preprocessing.nucleus import find_nucleus, nucleus_measures
 
-    cell = (image.max(axis=-1) > settings["background_threshold"]).astype(np.uint8)  # as preprocessing derives it
+    cell = cell_mask(image, settings["background_threshold"])
     found = find_nucleus(image, cell)
     # Where no nucleus is trusted the finder hands back the cell mask: no measurement, not a share of 1.
     return (float("nan"), float("nan")) if found.fallback else nucleus_measures(found.mask, cell)

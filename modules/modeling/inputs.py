@@ -32,7 +32,7 @@ def cell_weights(labels: np.ndarray, rows: np.ndarray, balance_classes: bool = T
     weights = np.zeros(len(labels), "float64")
     weights[rows] = 1.0
     if subject_ids is not None:
-        subjects, inverse, counts = np.unique(np.asarray(subject_ids)[rows], return_inverse=True, return_counts=True)
+        _, inverse, counts = np.unique(np.asarray(subject_ids)[rows], return_inverse=True, return_counts=True)
         weights[rows] = 1.0 / np.sqrt(counts[inverse])
     row_labels = np.asarray(labels).astype(int)[rows]
     if balance_classes:
