@@ -116,7 +116,7 @@ def _run_train(args: argparse.Namespace) -> None:
         policy=args.policy, resume=args.resume, skip_bad=args.skip_bad or None, canvas=args.canvas,
         strategy=args.strategy, input_transform=args.input, colour_augment=args.colour_augment,
         mask_target=args.mask_target, stem_stride=args.stem_stride, subject_weighting=args.subject_weighting,
-        threshold_rule=args.threshold_rule,
+        threshold_rule=args.threshold_rule, geometric_augment=args.geometry, lr_schedule=args.lr_schedule,
     )
     print(run_dir or "this worker is done; the chief (worker 0) wrote the run folder")
 
@@ -298,6 +298,11 @@ def _add_train_command(subparsers) -> None:
                        f"at half the image's side (default {config.ModelSettings.stem_stride})")
     train.add_argument("--colour-augment", default=None, choices=("rgb", "stain"), help="colour jitter: RGB or "
                        f"each stain's amount (default {config.TrainSettings.colour_augment})")
+    train.add_argument("--geometry", default=None, choices=("flips", "affine"), help="geometric augmentation: "
+                       "flips and 90° turns, or also any angle, scale and blur "
+                       f"(default {config.TrainSettings.geometric_augment})")
+    train.add_argument("--lr-schedule", default=None, choices=("plateau", "cosine"), help="learning rate: halved "
+                       f"on a plateau, or a cosine decay (default {config.TrainSettings.lr_schedule})")
     train.add_argument("--mask-target", default=None, choices=("cell", "nucleus"), help="what the U-Net "
                        f"segments (default {config.TrainSettings.mask_target})")
     train.add_argument("--subject-weighting", default=None, action=argparse.BooleanOptionalAction,

@@ -96,6 +96,11 @@ class TrainSettings:
     #: The colour part of the augmentation: "rgb" jitters gain, contrast, saturation and hue; "stain" scales
     #: and shifts each stain's amount (colour deconvolution, scikit-image's haematoxylin-eosin-DAB basis).
     colour_augment: str = "rgb"
+    #: "flips": the 8 flips and 90° rotations of a square; "affine": then any angle, a scale of 0.9-1.1 and a blur.
+    geometric_augment: str = "flips"
+    #: "plateau": the rate halves after ``lr_patience`` epochs without progress; "cosine": it falls from
+    #: ``learning_rate`` to near 0 over ``epochs`` along a half cosine.
+    lr_schedule: str = "plateau"
     class_weighting: bool = True
     #: Weigh each training cell by 1/sqrt(cells of its subject) (both classes still weigh the same), so that a
     #: subject with 400 cells does not outweigh ten with 20.

@@ -45,7 +45,8 @@ from modules.data.splits import PatientSplit, SplitError, split_patients
 from modules.metrics import point_metrics, youden_threshold
 from modules.files import atomic_path, exclusive_lock, remove_partials, write_csv_atomic, write_json_atomic
 from modules.modeling import hardware, network, saving
-from modules.modeling.inputs import COLOUR_AUGMENTS, balanced_class_weights, cell_weights, count_batches, make_dataset
+from modules.modeling.inputs import (COLOUR_AUGMENTS, GEOMETRIC_AUGMENTS, balanced_class_weights, cell_weights,
+                                     count_batches, make_dataset)
 from modules.modeling.saving import load_run
 
 #: train_model's settings besides the fields of ``config.ModelSettings`` and ``config.TrainSettings``.
@@ -56,6 +57,7 @@ RESUMABLE = ("epochs", "skip_bad")
 MODEL_KEYS = tuple(f.name for f in fields(config.ModelSettings) if f.name != "image_size")
 THRESHOLD_RULES = ("youden", "subject_youden")
 MASK_TARGETS = ("cell", "nucleus")
+LR_SCHEDULES = ("plateau", "cosine")
 BACKUP_DIRNAME, STATE_FILENAME, LOCK_FILENAME = "backup", "state.json", ".lock"
 
 
@@ -76,7 +78,8 @@ def default_settings() -> dict:
 def _normalize(settings: dict) -> dict:
     for key, choices in (("architecture", network.ARCHITECTURES), ("colour_augment", COLOUR_AUGMENTS),
                          ("threshold_rule", THRESHOLD_RULES), ("input_transform", network.INPUT_TRANSFORMS),
-                         ("mask_target", MASK_TARGETS)):
+                         ("mask_target", MASK_TARGETS), ("geometric_augment", GEOMETRIC_AUGMENTS),
+                         ("lr_schedule", LR_SCHEDULES)):
         if settings[key] not in choices:
             raise ValueError(f"unknown {key} {settings[key]!r}; use one of {', '.join(choices)}")
     for key in ("image_size", "epochs", "batch_size", "seed", "base_filters", "depth", "canvas", "stem_stride"):
@@ -317,8 +320,15 @@ def fit_model(model: keras.Model, train_data: Callable[[int], tf.data.Dataset], 
     monitor, mode = monitor_of(settings)
     stopping = keras.callbacks.EarlyStopping(monitor=monitor, mode=mode, patience=settings["patience"],
                                              restore_best_weights=True, verbose=min(verbose, 1))
+    cosine = settings.get("lr_schedule") == "cosine"
+    # With the cosine schedule the plateau rule never fires (its patience outlasts the run); it stays so
+    # that every run's saved state has the same form.
+    lr_patience = settings["epochs"] + 1 if cosine else settings["lr_patience"]
     reduce_lr = keras.callbacks.ReduceLROnPlateau(monitor=monitor, mode=mode, factor=0.5, min_lr=1e-5,
-                                                  patience=settings["lr_patience"], verbose=min(verbose, 1))
+                                                  patience=lr_patience, verbose=min(verbose, 1))
+    schedule = [keras.callbacks.LearningRateScheduler(
+        lambda epoch: settings["learning_rate"] * 0.5 * (1.0 + np.cos(np.pi * epoch / settings["epochs"])))
+        ] if cosine else []
     state, timer = ResumeState(run_dir, stopping, reduce_lr), ThroughputTimer()
     latest = state.entries.get(str(state.epochs_done), {})
     if latest.get("stopped") or state.epochs_done >= settings["epochs"]:  # it had finished: take its best epoch
@@ -328,7 +338,7 @@ def fit_model(model: keras.Model, train_data: Callable[[int], tf.data.Dataset], 
     # ResumeState comes after the callbacks whose state it saves; tf.data shuffles.
     model.fit(train_data(state.epochs_done), validation_data=val_data, epochs=settings["epochs"],
               initial_epoch=state.epochs_done, steps_per_epoch=steps_per_epoch, verbose=verbose,
-              callbacks=[stopping, reduce_lr, state, timer], shuffle=False)
+              callbacks=[*schedule, stopping, reduce_lr, state, timer], shuffle=False)
     return state, timer
 
 
@@ -444,7 +454,8 @@ def describe_run(run_dir: Path, settings: dict, split: PatientSplit, arrays, arr
     labels = np.asarray(arrays.labels).astype(int)
     builder = {"builder": f"build_{settings['architecture']}", "input_shape": [size, size, 3]}
     training = {key: settings[key] for key in ("epochs", "batch_size", "learning_rate", "augment", "colour_augment",
-                                               "subject_weighting", "patience", "lr_patience")}
+                                               "geometric_augment", "subject_weighting", "patience", "lr_patience",
+                                               "lr_schedule")}
     training.update(optimizer="adam", monitor=monitor_of(settings)[0], mask_target=settings["mask_target"]
                     if settings["segmentation"] else None,
                     class_weights=balanced_class_weights(labels[split.train_index]) if settings["class_weighting"]
@@ -569,7 +580,7 @@ def train_model(data=None, *, resume: str | Path | None = None, output_dir: str 
         augment = settings["colour_augment"] if settings["augment"] and training else False
         return sharded(make_dataset(arrays.images, masks, labels, rows, settings["batch_size"], training,
                                     settings["seed"], weights, settings["segmentation"], augment,
-                                    range(first_epoch, settings["epochs"])))
+                                    range(first_epoch, settings["epochs"]), settings["geometric_augment"]))
 
     cells = cells_key(arrays.manifest, split)
     with worker_run_dir(strategy, parent, tag, Path(resume) if resume else None, cells) as run_dir:
