@@ -101,6 +101,7 @@ def test_a_nucleus_target_run_trains_records_and_is_scored_against_its_target(sy
     config = json.loads((run_dir / "config.json").read_text())
     assert config["training"]["mask_target"] == "nucleus" and config["training"]["subject_weighting"]
     assert "subjects_weighted_equally" in config["threshold_method"]
+    assert 0 <= config["training"]["nucleus_fallbacks"] <= config["data"]["count"]
     assert predict.load_predictor(run_dir).settings["mask_target"] == "nucleus"
 
 

@@ -101,38 +101,43 @@ def preprocessing_settings(model, run_config: dict, model_path: Path) -> dict:
 
 
 # ----------------------------------------------------------------------------- images to probabilities
-def prepare_cell(path: str, settings: dict) -> tuple[np.ndarray, np.ndarray]:
-    """Decode one image and preprocess it as the run did: (image (S,S,3) uint8, the run's mask target (S,S) uint8:
-    the cell mask, or the nucleus where the run was trained on it)."""
+def decode_cell(path: str, settings: dict) -> tuple[np.ndarray, np.ndarray]:
+    """Decode one image and preprocess it as the run did: (image (S,S,3) uint8, cell mask (S,S) uint8)."""
     from modules import preprocessing
-    from modules.preprocessing.nucleus import nucleus_mask
 
     try:
-        image, cell = preprocessing.preprocess_image(
+        return preprocessing.preprocess_image(
             preprocessing.load_rgb(path), settings["image_size"], margin=settings["margin"],
             threshold=settings["background_threshold"], canvas=settings["canvas"])
-        return image, nucleus_mask(image, cell) if settings.get("mask_target") == "nucleus" else cell
     except preprocessing.ImageError as error:
         message = str(error)
         raise preprocessing.ImageError(message if str(path) in message else f"{path}: {message}") from error
 
 
-def nucleus_figures(image: np.ndarray, settings: dict) -> tuple[float, float]:
-    """The nucleus's share of the cell and the nucleus-to-cytoplasm area ratio of a prepared cell, from the
-    nucleus found in the stain (``preprocessing.nucleus``; not the model's output); NaN where none is trusted."""
-    from modules.preprocessing.cells import cell_mask
+def target_and_nucleus(image: np.ndarray, cell: np.ndarray, settings: dict) -> tuple[np.ndarray, tuple[float, float]]:
+    """The run's mask target of a prepared cell (its cell mask, or the nucleus where the run was trained on it),
+    and the nucleus's share of the cell and nucleus-to-cytoplasm area ratio, from the nucleus found in the stain
+    (``preprocessing.nucleus``; not the model's output), NaN where none is trusted. One nucleus search a cell."""
     from modules.preprocessing.nucleus import find_nucleus, nucleus_measures
 
-    cell = cell_mask(image, settings["background_threshold"])
     found = find_nucleus(image, cell)
+    target = found.mask if settings.get("mask_target") == "nucleus" else cell
     # Where no nucleus is trusted the finder hands back the cell mask: no measurement, not a share of 1.
-    return (float("nan"), float("nan")) if found.fallback else nucleus_measures(found.mask, cell)
+    return target, ((float("nan"), float("nan")) if found.fallback else nucleus_measures(found.mask, cell))
+
+
+def prepare_cell(path: str, settings: dict) -> tuple[np.ndarray, np.ndarray]:
+    """Decode one image and preprocess it as the run did: (image (S,S,3) uint8, the run's mask target (S,S) uint8)."""
+    image, cell = decode_cell(path, settings)
+    if settings.get("mask_target") != "nucleus":
+        return image, cell
+    return image, target_and_nucleus(image, cell, settings)[0]
 
 
 def score_cells(predictor: Predictor, rows: pd.DataFrame, skip_bad: bool = False, batch_size: int = 64,
                 progress: bool = True) -> tuple[pd.DataFrame, list[dict]]:
     """The ``rows`` (a ``path`` column) that decoded, with ``p_leukemia``, ``prediction`` (1 = leukemic, when
-    p_leukemia >= the threshold), ``nucleus_share`` and ``nucleus_cytoplasm_ratio`` (``nucleus_figures``) and, for
+    p_leukemia >= the threshold), ``nucleus_share`` and ``nucleus_cytoplasm_ratio`` (``target_and_nucleus``) and, for
     a model with a mask output, ``mask_dice`` (its agreement with the run's mask target); and the ``{path, error}``
     of those skipped. Cells are decoded in threads (OpenCV releases the GIL) a chunk ahead of the model."""
     from tqdm.auto import tqdm
@@ -142,8 +147,8 @@ def score_cells(predictor: Predictor, rows: pd.DataFrame, skip_bad: bool = False
 
     def prepare(path):
         try:
-            image, reference = prepare_cell(path, predictor.settings)
-            return image, reference, nucleus_figures(image, predictor.settings)
+            image, cell = decode_cell(path, predictor.settings)
+            return image, *target_and_nucleus(image, cell, predictor.settings)
         except (preprocessing.ImageError, OSError) as error:
             if not skip_bad:
                 raise preprocessing.ImageError(f"{error}. Remove or replace the file, or pass --skip-bad to "

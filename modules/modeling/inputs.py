@@ -145,7 +145,7 @@ def augment_batch(images: tf.Tensor, masks: tf.Tensor, draws: tf.Tensor, colour:
     # The cell's pixels from the image itself: the target mask may be the nucleus only.
     cell = tf.reduce_max(images, axis=-1, keepdims=True) > config.BACKGROUND_THRESHOLD
     if colour == "stain":
-        return augment_stain(images, cell, draws[:, RGB_DRAWS:]), masks
+        return augment_stain(images, cell, draws[:, RGB_DRAWS:RGB_DRAWS + STAIN_DRAWS]), masks
     angle = uniform(3, -0.15, 0.15)
     saturation = uniform(4, 0.8, 1.2)
     zeros, ones = tf.zeros([batch]), tf.ones([batch])

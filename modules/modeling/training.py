@@ -569,11 +569,11 @@ def train_model(data=None, *, resume: str | Path | None = None, output_dir: str 
     tag = settings["run_tag"] or f"{settings['architecture']}-s{settings['image_size']}"
 
     subject_ids = arrays.manifest["patient_id"].astype(str).to_numpy() if settings["subject_weighting"] else None
-    masks = arrays.masks
+    masks, nucleus_fallbacks = arrays.masks, None
     if settings["segmentation"] and settings["mask_target"] == "nucleus":
         from modules.preprocessing.nucleus import nucleus_masks
 
-        masks = nucleus_masks(arrays.images, arrays.masks, progress=verbose > 0)
+        masks, nucleus_fallbacks = nucleus_masks(arrays.images, arrays.masks, progress=verbose > 0)
 
     def dataset(rows: np.ndarray, training: bool, first_epoch: int = 0) -> tf.data.Dataset:
         weights = cell_weights(labels, rows, settings["class_weighting"], subject_ids if training else None)
@@ -585,6 +585,8 @@ def train_model(data=None, *, resume: str | Path | None = None, output_dir: str 
     cells = cells_key(arrays.manifest, split)
     with worker_run_dir(strategy, parent, tag, Path(resume) if resume else None, cells) as run_dir:
         run_config = describe_run(run_dir, settings, split, arrays, arrays_dir, source, policy, strategy, previous)
+        if nucleus_fallbacks is not None:  # cells whose target is their cell mask: no nucleus trusted
+            run_config["training"]["nucleus_fallbacks"] = nucleus_fallbacks
         write_json_atomic(run_dir / saving.CONFIG_FILENAME, run_config)
         started = time.perf_counter()
         with hardware.dtype_policy(policy), strategy.scope():
