@@ -109,15 +109,17 @@ def _run_train(args: argparse.Namespace) -> None:
     val_patients = [p for p in (args.val_patients or "").split(",") if p.strip()] or None
     # None = not given: train_model takes the default (config.ModelSettings / TrainSettings) or, with
     # --resume, the run's own setting.
-    run_dir = training.train_model(
-        args.data, image_size=args.size, epochs=args.epochs, batch_size=args.batch_size,
-        val_patients=val_patients, val_fold=args.val_fold, seed=args.seed, output_dir=args.out,
-        base_filters=args.base_filters, depth=args.depth, segmentation=False if args.no_segmentation else None,
-        policy=args.policy, resume=args.resume, skip_bad=args.skip_bad or None, canvas=args.canvas,
-        strategy=args.strategy, input_transform=args.input, colour_augment=args.colour_augment,
-        mask_target=args.mask_target, stem_stride=args.stem_stride, subject_weighting=args.subject_weighting,
-        threshold_rule=args.threshold_rule, geometric_augment=args.geometry, lr_schedule=args.lr_schedule,
-    )
+    given = dict(
+        image_size=args.size, epochs=args.epochs, batch_size=args.batch_size, val_patients=val_patients,
+        val_fold=args.val_fold, seed=args.seed, output_dir=args.out, base_filters=args.base_filters, depth=args.depth,
+        segmentation=False if args.no_segmentation else None, policy=args.policy, resume=args.resume,
+        skip_bad=args.skip_bad or None, canvas=args.canvas, strategy=args.strategy, input_transform=args.input,
+        colour_augment=args.colour_augment, mask_target=args.mask_target, stem_stride=args.stem_stride,
+        subject_weighting=args.subject_weighting, threshold_rule=args.threshold_rule,
+        geometric_augment=args.geometry, lr_schedule=args.lr_schedule)
+    # Flags given explicitly win over the preset's values.
+    settings = {**config.PRESETS[args.preset], **{key: value for key, value in given.items() if value is not None}}
+    run_dir = training.train_model(args.data, **settings)
     print(run_dir or "this worker is done; the chief (worker 0) wrote the run folder")
 
 
@@ -274,6 +276,8 @@ def _add_train_command(subparsers) -> None:
                        help=f"image side in pixels (default {config.DEFAULT_IMAGE_SIZE})")
     train.add_argument("--epochs", type=int, default=None,
                        help=f"maximum epochs; early stopping may end sooner (default {config.DEFAULT_EPOCHS})")
+    train.add_argument("--preset", default="cpu", choices=tuple(config.PRESETS), help="cpu: the defaults; gpu: "
+                       + ", ".join(f"{k} {v}" for k, v in config.PRESETS["gpu"].items()) + " (not measured)")
     train.add_argument("--batch-size", type=int, default=None,
                        help=f"cells per batch (default {config.TrainSettings.batch_size})")
     group = train.add_mutually_exclusive_group()

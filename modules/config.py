@@ -111,6 +111,10 @@ class TrainSettings:
     strategy: str = "auto"  # see STRATEGIES
 
 
+#: ``train --preset gpu``: a larger network for a GPU (e.g. Colab's), the resolution published C-NMC systems use;
+#: built and tested for building only, its accuracy not measured (this project's machines have no GPU).
+PRESETS = {"cpu": {}, "gpu": {"image_size": 384, "stem_stride": 2, "base_filters": 16, "batch_size": 32}}
+
 #: Single values of the settings above, for the stages that need one (never restated elsewhere).
 DEFAULT_SEED = TrainSettings.seed
 DEFAULT_EPOCHS = TrainSettings.epochs

@@ -121,7 +121,7 @@ def test_patients_are_listed_in_numeric_order():
 def test_model_diagram_draws_pools_between_blocks_and_every_level_into_the_head(tmp_path):
     from modules.modeling import network
 
-    model = network.build_anna((32, 32, 3), depth=2, base_filters=4)
+    model = network.build_anna((32, 32, 3), depth=2, base_filters=4, stem_stride=1)
     fig, blocks = eda.plot_model_diagram(model, output_dir=tmp_path, synthetic=True)
     order = blocks["block"].tolist()
     assert order.index("down0") < order.index("down0_pool") < order.index("down1") < order.index("down1_pool")
@@ -132,6 +132,13 @@ def test_model_diagram_draws_pools_between_blocks_and_every_level_into_the_head(
         assert level in head
     caption = json.loads((tmp_path / config.CHARTS_SUBDIR / "3.ANNa" / "charts.json").read_text())["model_diagram"]
     assert "reads every level" in caption
+    assert "stem" not in blocks["block"].tolist()
+    # The defaults' strided stem is drawn between the image and the first block, at half its side.
+    stemmed = network.build_anna((32, 32, 3), depth=2, base_filters=4, stem_stride=2)
+    fig, blocks = eda.plot_model_diagram(stemmed, output_dir=tmp_path)
+    shapes = blocks.set_index("block")["output_shape"]
+    assert shapes["stem"] == "16x16x4" and shapes["down0"] == "16x16x4" and shapes["cell_mask"] == "32x32x1"
+    assert any(text.get_text().startswith("stem: strided conv") for text in fig.axes[0].texts)
 
 
 @pytest.mark.shared_data

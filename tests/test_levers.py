@@ -160,3 +160,15 @@ def test_cosine_schedule_runs_from_the_learning_rate_to_near_zero(synthetic_root
     np.testing.assert_allclose(rates, 1e-3 * 0.5 * (1 + np.cos(np.pi * np.arange(4) / 4)), rtol=1e-5)
     with pytest.raises(ValueError, match="unknown lr_schedule"):
         training.train_model(synthetic_root, image_size=32, epochs=1, output_dir=tmp_path, lr_schedule="step")
+
+
+def test_the_gpu_preset_builds_a_larger_network_at_384_px():
+    from modules import config
+    from modules.modeling import training
+
+    settings = training.resolve_settings(config.PRESETS["gpu"])
+    model = training.build_model(settings)
+    assert model.input_shape == (None, 384, 384, 3) and model.get_layer("stem_conv").strides == (2, 2)
+    assert model.get_layer("cell_mask").output.shape[1:3] == (384, 384)
+    default = training.build_model(training.resolve_settings({}))
+    assert model.count_params() > 3 * default.count_params()  # twice the filters at every level

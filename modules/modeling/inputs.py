@@ -103,6 +103,7 @@ def rotate_scale_blur(images: tf.Tensor, masks: tf.Tensor, draws: tf.Tensor) -> 
     moved = tf.raw_ops.ImageProjectiveTransformV3(
         images=tf.concat([images, masks], axis=-1), transforms=transforms, output_shape=tf.shape(images)[1:3],
         fill_value=0.0, interpolation="BILINEAR", fill_mode="CONSTANT")
+    moved = tf.ensure_shape(moved, [None, *images.shape[1:3], 4])  # the op forgets the static side
     images, masks = moved[..., :3], tf.cast(moved[..., 3:] >= 0.5, tf.float32)
     blurred = tf.nn.depthwise_conv2d(images, _BLUR_KERNEL, strides=[1, 1, 1, 1], padding="SAME")
     return images + tf.reshape(draws[:, 2], [batch, 1, 1, 1]) * (blurred - images), masks

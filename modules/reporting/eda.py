@@ -413,20 +413,25 @@ def _draw_unet(ax, model, info: pd.DataFrame) -> None:
 
     box("input", -2.4, 0, "#e5e7e9", f"image\n{info.loc['image', 'output_shape']}\nrescaled"
         + (", standardized" if "standardize" in info.index else ""))
+    stem = ["stem"] if "stem" in info.index else []  # a strided convolution before the U-Net
+    if stem:
+        box("stem", -2.4, -step, "#d6eaf8", f"stem: strided conv\n{info.loc['stem', 'output_shape']}\n"
+            f"{info.loc['stem', 'parameters']:,} params")
     for level in range(depth):
         box(f"down{level}", 2 * level, -step * level, "#aed6f1")
         box(f"down{level}_pool", 2 * level + 1, -step * (level + 0.5), "#eaf2f8",
             f"max-pool\n{info.loc[f'down{level}_pool', 'output_shape']}")
         box(f"up{level}", 4 * depth - 2 * level, -step * level, "#a9dfbf")
     box("bottleneck", 2 * depth, -step * depth, "#f9e79f")
-    chain = ["input", *[n for level in range(depth) for n in (f"down{level}", f"down{level}_pool")], "bottleneck",
-             *[f"up{level}" for level in reversed(range(depth))]]
+    chain = ["input", *stem, *[n for level in range(depth) for n in (f"down{level}", f"down{level}_pool")],
+             "bottleneck", *[f"up{level}" for level in reversed(range(depth))]]
     for start, end in zip(chain, chain[1:]):
         arrow(start, end)
     for level in range(depth):
         arrow(f"down{level}", f"up{level}", "#2874a6", "--")
     if "cell_mask" in info.index:
-        box("cell_mask", 4 * depth + 2.4, 0, "#d7bde2")
+        box("cell_mask", 4 * depth + 2.4, 0, "#d7bde2", None if "mask" not in info.index else  # stem: upsampled
+            f"cell_mask\n{info.loc['cell_mask', 'output_shape']}\n1x1 conv, upsampled x2")
         arrow("up0", "cell_mask")
     pooled: dict[str, list[str]] = {}  # which blocks the head pools, read from the model itself
     for layer in model.layers:
@@ -463,7 +468,8 @@ def plot_model_diagram(model, output_dir: str | Path | None = None, synthetic: b
     ax.axis("off")
     ax.set_title(f"{model.name}: {int(model.count_params()):,} parameters; skip connections dashed{note}",
                  fontsize=10)
-    return save_figure(fig, table, "model_diagram", "ANNa's blocks with their output shapes: the encoder (down, a "
+    return save_figure(fig, table, "model_diagram", "ANNa's blocks with their output shapes: a strided "
+                       "convolution (stem) where the U-Net works below the image's resolution, the encoder (down, a "
                        "2x2 max-pool between two blocks), the bottleneck, the decoder (up) with the skip connections "
                        "(dashed) and the U-Net's cell mask. The classification head reads every level: each encoder "
                        "block, the bottleneck and the last decoder block, globally pooled, then a dense layer gives "
