@@ -296,22 +296,22 @@ def _add_train_command(subparsers) -> None:
     train.add_argument("--depth", type=int, default=None,
                        help=f"U-Net down-sampling steps (default {config.ModelSettings.depth})")
     train.add_argument("--no-segmentation", action="store_true", help="train the classifier only, no cell_mask")
-    train.add_argument("--input", default=None, choices=("rgb", "od"), help="what the network sees: RGB or "
+    train.add_argument("--input", default=None, choices=config.INPUT_TRANSFORMS, help="what the network sees: RGB or "
                        f"optical density (default {config.ModelSettings.input_transform})")
     train.add_argument("--stem-stride", type=int, default=None, help="2: a strided convolution first, the U-Net "
                        f"at half the image's side (default {config.ModelSettings.stem_stride})")
-    train.add_argument("--colour-augment", default=None, choices=("rgb", "stain"), help="colour jitter: RGB or "
+    train.add_argument("--colour-augment", default=None, choices=config.COLOUR_AUGMENTS, help="colour jitter: RGB or "
                        f"each stain's amount (default {config.TrainSettings.colour_augment})")
-    train.add_argument("--geometry", default=None, choices=("flips", "affine"), help="geometric augmentation: "
+    train.add_argument("--geometry", default=None, choices=config.GEOMETRIC_AUGMENTS, help="geometric augmentation: "
                        "flips and 90° turns, or also any angle, scale and blur "
                        f"(default {config.TrainSettings.geometric_augment})")
-    train.add_argument("--lr-schedule", default=None, choices=("plateau", "cosine"), help="learning rate: halved "
+    train.add_argument("--lr-schedule", default=None, choices=config.LR_SCHEDULES, help="learning rate: halved "
                        f"on a plateau, or a cosine decay (default {config.TrainSettings.lr_schedule})")
-    train.add_argument("--mask-target", default=None, choices=("cell", "nucleus"), help="what the U-Net "
+    train.add_argument("--mask-target", default=None, choices=config.MASK_TARGETS, help="what the U-Net "
                        f"segments (default {config.TrainSettings.mask_target})")
     train.add_argument("--subject-weighting", default=None, action=argparse.BooleanOptionalAction,
                        help=f"weigh subjects more evenly (default {config.TrainSettings.subject_weighting})")
-    train.add_argument("--threshold-rule", default=None, choices=("youden", "subject_youden"), help="how the "
+    train.add_argument("--threshold-rule", default=None, choices=config.THRESHOLD_RULES, help="how the "
                        f"threshold is chosen on validation (default {config.TrainSettings.threshold_rule})")
     train.add_argument("--canvas", type=int, default=None,
                        help="smallest side of the square around each cell in source pixels, as for prepare; "

@@ -59,6 +59,14 @@ SYNTHETIC_SCALES = ("tiny", "small")
 POLICIES = ("auto", "float32", "mixed_bfloat16", "mixed_float16")
 STRATEGIES = ("auto", "default", "mirrored", "tpu", "multi-worker")
 EVALUATION_SPLITS = ("validation", "train", "test-labeled")
+#: What the network sees (``modeling.network``), how its training cells are augmented (``modeling.inputs``),
+#: what the U-Net learns, how the threshold is chosen and how the learning rate falls (``modeling.training``).
+INPUT_TRANSFORMS = ("rgb", "od")
+COLOUR_AUGMENTS = ("rgb", "stain")
+GEOMETRIC_AUGMENTS = ("flips", "affine")
+MASK_TARGETS = ("cell", "nucleus")
+THRESHOLD_RULES = ("youden", "subject_youden")
+LR_SCHEDULES = ("plateau", "cosine")
 
 
 @dataclass(frozen=True)

@@ -49,14 +49,11 @@ def cell_weights(labels: np.ndarray, rows: np.ndarray, balance_classes: bool = T
 #: geometry a rotation angle, a scale and a blur strength (separate streams: one never moves another's draws).
 RGB_DRAWS, STAIN_DRAWS, GEOMETRY_DRAWS = 7, 6, 3
 AUGMENT_DRAWS = RGB_DRAWS + STAIN_DRAWS + GEOMETRY_DRAWS
-COLOUR_AUGMENTS = ("rgb", "stain")
-#: "flips": the 8 flips and 90° rotations; "affine": then any angle, a scale in ``SCALE_RANGE`` and a blur.
-GEOMETRIC_AUGMENTS = ("flips", "affine")
+#: The scale range of the "affine" geometry (``config.GEOMETRIC_AUGMENTS``).
 SCALE_RANGE = (0.9, 1.1)
 #: The blur: each cell is mixed with its Gaussian-blurred copy (sigma 1 px) by a drawn share in [0, 1).
-_GAUSS = np.exp(-0.5 * np.arange(-2, 3) ** 2)
-_BLUR_KERNEL = np.tile((np.outer(_GAUSS, _GAUSS) / np.outer(_GAUSS, _GAUSS).sum())[:, :, None, None],
-                       (1, 1, 3, 1)).astype("float32")
+_GAUSS = np.exp(-0.5 * np.arange(-2, 3) ** 2) / np.exp(-0.5 * np.arange(-2, 3) ** 2).sum()
+_BLUR_KERNEL = np.tile(np.outer(_GAUSS, _GAUSS)[:, :, None, None], (1, 1, 3, 1)).astype("float32")
 #: Stain scale and shift ranges: C-NMC's subjects differ by about 8 % in mean haematoxylin amount (sd of the
 #: subjects' means on fold_0), so the scale covers about two such sd either way.
 STAIN_SCALE, STAIN_SHIFT = 0.2, 0.05
@@ -122,8 +119,8 @@ def augment_batch(images: tf.Tensor, masks: tf.Tensor, draws: tf.Tensor, colour:
         masks: (B, S, S, 1) float32, 0/1.
         draws: (B, ``AUGMENT_DRAWS``) uniform numbers in [0, 1), one row per cell: they decide
             its flips and jitter, so the same draws give the same augmentation.
-        colour: The colour jitter, one of ``COLOUR_AUGMENTS`` (True: "rgb"), or False for none.
-        geometry: One of ``GEOMETRIC_AUGMENTS``; "affine" adds ``rotate_scale_blur``.
+        colour: The colour jitter, one of ``config.COLOUR_AUGMENTS`` (True: "rgb"), or False for none.
+        geometry: One of ``config.GEOMETRIC_AUGMENTS``; "affine" adds ``rotate_scale_blur``.
 
     Returns:
         The augmented images and masks.
@@ -198,9 +195,9 @@ def make_dataset(
         seed: Seed of the shuffles and augmentation.
         weights: (N,) loss weight of each row of the arrays (``cell_weights``); all ones when None.
         segmentation: Include the ``cell_mask`` target.
-        augment: Augment (only when training): True or a colour jitter of ``COLOUR_AUGMENTS``.
+        augment: Augment (only when training): True or a colour jitter of ``config.COLOUR_AUGMENTS``.
         epochs: The epochs a training dataset streams, counted from 0 (a resumed run starts later).
-        geometry: The geometric augmentation, one of ``GEOMETRIC_AUGMENTS``.
+        geometry: The geometric augmentation, one of ``config.GEOMETRIC_AUGMENTS``.
 
     Returns:
         The dataset.

@@ -14,7 +14,6 @@ from modules import config
 PROB_OUTPUT = "p_leukemia"
 MASK_OUTPUT = "cell_mask"
 ARCHITECTURES = ("anna", "legacy")
-INPUT_TRANSFORMS = ("rgb", "od")
 _MODEL = config.ModelSettings()
 
 
@@ -94,8 +93,8 @@ def build_anna(input_shape: tuple[int, int, int] = (_MODEL.image_size, _MODEL.im
     size, step = input_shape[0], stem_stride * 2 ** depth
     if depth < 1 or stem_stride < 1 or size % step:
         raise ValueError(f"image size {size} must be divisible by stem_stride * 2**depth = {step}")
-    if input_transform not in INPUT_TRANSFORMS:
-        raise ValueError(f"unknown input transform {input_transform!r}; use one of {INPUT_TRANSFORMS}")
+    if input_transform not in config.INPUT_TRANSFORMS:
+        raise ValueError(f"unknown input transform {input_transform!r}; use one of {config.INPUT_TRANSFORMS}")
     inputs = keras.Input(shape=input_shape, name="image")
     if input_transform == "od":
         x = OpticalDensity(name="optical_density")(inputs)

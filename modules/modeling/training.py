@@ -45,8 +45,7 @@ from modules.data.splits import PatientSplit, SplitError, split_patients
 from modules.metrics import point_metrics, youden_threshold
 from modules.files import atomic_path, exclusive_lock, remove_partials, write_csv_atomic, write_json_atomic
 from modules.modeling import hardware, network, saving
-from modules.modeling.inputs import (COLOUR_AUGMENTS, GEOMETRIC_AUGMENTS, balanced_class_weights, cell_weights,
-                                     count_batches, make_dataset)
+from modules.modeling.inputs import balanced_class_weights, cell_weights, count_batches, make_dataset
 from modules.modeling.saving import load_run
 
 #: train_model's settings besides the fields of ``config.ModelSettings`` and ``config.TrainSettings``.
@@ -55,9 +54,6 @@ RUN_OPTIONS = {"architecture": "anna", "val_patients": None, "val_fold": None, "
 #: Settings a resumed run may change; every other one stays the run's own.
 RESUMABLE = ("epochs", "skip_bad")
 MODEL_KEYS = tuple(f.name for f in fields(config.ModelSettings) if f.name != "image_size")
-THRESHOLD_RULES = ("youden", "subject_youden")
-MASK_TARGETS = ("cell", "nucleus")
-LR_SCHEDULES = ("plateau", "cosine")
 BACKUP_DIRNAME, STATE_FILENAME, LOCK_FILENAME = "backup", "state.json", ".lock"
 
 
@@ -76,10 +72,10 @@ def default_settings() -> dict:
 
 
 def _normalize(settings: dict) -> dict:
-    for key, choices in (("architecture", network.ARCHITECTURES), ("colour_augment", COLOUR_AUGMENTS),
-                         ("threshold_rule", THRESHOLD_RULES), ("input_transform", network.INPUT_TRANSFORMS),
-                         ("mask_target", MASK_TARGETS), ("geometric_augment", GEOMETRIC_AUGMENTS),
-                         ("lr_schedule", LR_SCHEDULES)):
+    for key, choices in (("architecture", network.ARCHITECTURES), ("colour_augment", config.COLOUR_AUGMENTS),
+                         ("threshold_rule", config.THRESHOLD_RULES), ("input_transform", config.INPUT_TRANSFORMS),
+                         ("mask_target", config.MASK_TARGETS), ("geometric_augment", config.GEOMETRIC_AUGMENTS),
+                         ("lr_schedule", config.LR_SCHEDULES)):
         if settings[key] not in choices:
             raise ValueError(f"unknown {key} {settings[key]!r}; use one of {', '.join(choices)}")
     for key in ("image_size", "epochs", "batch_size", "seed", "base_filters", "depth", "canvas", "stem_stride"):
