@@ -296,8 +296,9 @@ def _add_train_command(subparsers) -> None:
     train.add_argument("--depth", type=int, default=None,
                        help=f"U-Net down-sampling steps (default {config.ModelSettings.depth})")
     train.add_argument("--no-segmentation", action="store_true", help="train the classifier only, no cell_mask")
-    train.add_argument("--input", default=None, choices=config.INPUT_TRANSFORMS, help="what the network sees: RGB or "
-                       f"optical density (default {config.ModelSettings.input_transform})")
+    train.add_argument("--input", default=None, choices=config.INPUT_TRANSFORMS, help="what the network sees: RGB, "
+                       "optical density or each cell's colours standardized "
+                       f"(default {config.ModelSettings.input_transform})")
     train.add_argument("--stem-stride", type=int, default=None, help="2: a strided convolution first, the U-Net "
                        f"at half the image's side (default {config.ModelSettings.stem_stride})")
     train.add_argument("--colour-augment", default=None, choices=config.COLOUR_AUGMENTS, help="colour jitter: RGB or "

@@ -61,7 +61,7 @@ STRATEGIES = ("auto", "default", "mirrored", "tpu", "multi-worker")
 EVALUATION_SPLITS = ("validation", "train", "test-labeled")
 #: What the network sees (``modeling.network``), how its training cells are augmented (``modeling.inputs``),
 #: what the U-Net learns, how the threshold is chosen and how the learning rate falls (``modeling.training``).
-INPUT_TRANSFORMS = ("rgb", "od")
+INPUT_TRANSFORMS = ("rgb", "od", "cell_standardized")
 COLOUR_AUGMENTS = ("rgb", "stain")
 GEOMETRIC_AUGMENTS = ("flips", "affine")
 MASK_TARGETS = ("cell", "nucleus")
@@ -81,7 +81,8 @@ class ModelSettings:
     segmentation: bool = True  # the cell_mask output
     head_units: int = 64
     standardize_input: bool = False
-    input_transform: str = "rgb"  # "rgb" (scaled to [0, 1]) or "od" (optical density, see modeling.network)
+    #: "rgb" (scaled to [0, 1]), "od" (optical density) or "cell_standardized" (see modeling.network)
+    input_transform: str = "rgb"
     stem_stride: int = 1  # 2: a strided convolution first, the U-Net at half the image's side
 
 

@@ -21,6 +21,24 @@ def test_optical_density_is_beer_lambert_inside_the_cell_and_zero_outside():
     assert (density[0, 2:] == 0).all()
 
 
+def test_cell_standardization_removes_a_stain_change_and_keeps_the_background(tmp_path):
+    rng = np.random.default_rng(3)
+    image = np.zeros((1, 8, 8, 3), "float32")
+    image[0, 2:6, 2:7] = rng.integers(60, 200, (4, 5, 3))
+    paler = np.where(image > 0, image * 0.7 + 30, 0)  # the same cell, another subject's stain strength
+    layer = network.CellStandardization()
+    standardized, cell = layer(image).numpy()[0], image[0].max(-1) > 4
+    np.testing.assert_allclose(standardized[cell].mean(0), 0, atol=1e-5)
+    np.testing.assert_allclose(layer(paler).numpy()[0], standardized, atol=0.05)
+    assert (standardized[~cell] == 0).all()
+    assert (layer(np.zeros((1, 4, 4, 3))).numpy() == 0).all()  # no cell: no division by zero
+    model = network.build_anna((32, 32, 3), depth=2, base_filters=4, input_transform="cell_standardized")
+    model.save(tmp_path / "m.keras")
+    cells = paler.repeat(4, 1).repeat(4, 2)
+    np.testing.assert_allclose(saving.predict_outputs(saving.load_model(tmp_path / "m.keras"), cells)["p_leukemia"],
+                               saving.predict_outputs(model, cells)["p_leukemia"], atol=1e-6)
+
+
 def test_od_model_with_a_stem_saves_loads_safely_and_keeps_the_mask_size(tmp_path):
     model = network.build_anna((64, 64, 3), depth=2, base_filters=4, input_transform="od", stem_stride=2)
     assert model.get_layer("stem_conv").strides == (2, 2)

@@ -2,7 +2,8 @@
 RGB (rescaled inside) and returns a dict of float32 ``p_leukemia`` (N, 1) and, with segmentation,
 ``cell_mask`` (N, S, S, 1).
 
-Built-in layers plus one registered layer (``OpticalDensity``), so a ``.keras`` file loads in safe mode."""
+Built-in layers plus registered ones (``OpticalDensity``, ``CellStandardization``, ``CentredLogit``), so a
+``.keras`` file loads in safe mode."""
 from __future__ import annotations
 
 import keras
@@ -38,6 +39,32 @@ class OpticalDensity(layers.Layer):
 
     def get_config(self) -> dict:
         return {**super().get_config(), "background_threshold": self.background_threshold}
+
+
+@keras.saving.register_keras_serializable(package="anna")
+class CellStandardization(layers.Layer):
+    """Each channel of each cell to zero mean and unit variance over the cell's own pixels, 0 on its background.
+
+    A per-cell stain normalization (Reinhard's, in RGB): a subject's stronger or paler stain shifts and scales
+    the colours of all its cells, which this removes, while the contrasts inside the cell (chromatin, nucleus
+    against cytoplasm) stay. ``epsilon`` (grey levels) keeps a flat cell from being amplified.
+    """
+
+    def __init__(self, background_threshold: int = config.BACKGROUND_THRESHOLD, epsilon: float = 4.0, **kwargs):
+        super().__init__(**kwargs)
+        self.background_threshold, self.epsilon = int(background_threshold), float(epsilon)
+
+    def call(self, inputs):
+        x = keras.ops.cast(inputs, "float32")  # sums over a cell stay exact under mixed precision
+        cell = keras.ops.cast(keras.ops.max(x, axis=-1, keepdims=True) > self.background_threshold, "float32")
+        area = keras.ops.maximum(keras.ops.sum(cell, axis=(1, 2), keepdims=True), 1.0)
+        mean = keras.ops.sum(x * cell, axis=(1, 2), keepdims=True) / area
+        variance = keras.ops.sum(keras.ops.square((x - mean) * cell), axis=(1, 2), keepdims=True) / area
+        standardized = (x - mean) * cell / keras.ops.sqrt(variance + self.epsilon ** 2)
+        return keras.ops.cast(standardized, self.compute_dtype)
+
+    def get_config(self) -> dict:
+        return {**super().get_config(), "background_threshold": self.background_threshold, "epsilon": self.epsilon}
 
 
 @keras.saving.register_keras_serializable(package="anna")
@@ -85,7 +112,8 @@ def build_anna(input_shape: tuple[int, int, int] = (_MODEL.image_size, _MODEL.im
     Global pooling keeps the head free of pixel positions. ``batch_norm="instance"`` normalizes each image
     alone, as at prediction time; ``standardize_input`` gives each image's channels zero mean and unit
     variance, so that the patients' stain strength reaches the network less. ``input_transform="od"`` feeds
-    the convolutions optical density (``OpticalDensity``) instead of RGB scaled to [0, 1]. ``stem_stride=2``
+    the convolutions optical density (``OpticalDensity``) instead of RGB scaled to [0, 1], ``"cell_standardized"``
+    each cell's colours standardized over its pixels (``CellStandardization``). ``stem_stride=2``
     puts one strided convolution before the U-Net, which then works at half the input's side: a larger
     image for about the cost of a smaller one (the mask is upsampled back to the input's side).
     Raises ValueError unless the image size is divisible by ``stem_stride * 2**depth`` and the transform is known.
@@ -98,6 +126,8 @@ def build_anna(input_shape: tuple[int, int, int] = (_MODEL.image_size, _MODEL.im
     inputs = keras.Input(shape=input_shape, name="image")
     if input_transform == "od":
         x = OpticalDensity(name="optical_density")(inputs)
+    elif input_transform == "cell_standardized":
+        x = CellStandardization(name="cell_standardization")(inputs)
     else:
         x = layers.Rescaling(1.0 / 255, name="rescale")(inputs)
     if standardize_input:
