@@ -52,7 +52,8 @@ AUGMENT_DRAWS = RGB_DRAWS + STAIN_DRAWS + GEOMETRY_DRAWS
 #: The scale range of the "affine" geometry (``config.GEOMETRIC_AUGMENTS``).
 SCALE_RANGE = (0.9, 1.1)
 #: The blur: each cell is mixed with its Gaussian-blurred copy (sigma 1 px) by a drawn share in [0, 1).
-_GAUSS = np.exp(-0.5 * np.arange(-2, 3) ** 2) / np.exp(-0.5 * np.arange(-2, 3) ** 2).sum()
+_GAUSS = np.exp(-0.5 * np.arange(-2, 3) ** 2)
+_GAUSS /= _GAUSS.sum()
 _BLUR_KERNEL = np.tile(np.outer(_GAUSS, _GAUSS)[:, :, None, None], (1, 1, 3, 1)).astype("float32")
 #: Stain scale and shift ranges: C-NMC's subjects differ by about 8 % in mean haematoxylin amount (sd of the
 #: subjects' means on fold_0), so the scale covers about two such sd either way.

@@ -18,6 +18,11 @@ ARCHITECTURES = ("anna", "legacy")
 _MODEL = config.ModelSettings()
 
 
+def cell_pixels(images, background_threshold: int = config.BACKGROUND_THRESHOLD):
+    """(B, S, S, 1) bool: the pixels of the cell, those with a channel above the black background's level."""
+    return keras.ops.max(images, axis=-1, keepdims=True) > background_threshold
+
+
 @keras.saving.register_keras_serializable(package="anna")
 class OpticalDensity(layers.Layer):
     """Beer–Lambert optical density ``-ln((I + 1) / 256)`` of each channel inside the cell, 0 on its background.
@@ -33,7 +38,7 @@ class OpticalDensity(layers.Layer):
 
     def call(self, inputs):
         x = keras.ops.cast(inputs, self.compute_dtype)
-        cell = keras.ops.max(x, axis=-1, keepdims=True) > self.background_threshold
+        cell = cell_pixels(x, self.background_threshold)
         density = -keras.ops.log((x + 1.0) / 256.0)
         return keras.ops.where(cell, density, keras.ops.zeros_like(density))
 
@@ -56,12 +61,12 @@ class CellStandardization(layers.Layer):
 
     def call(self, inputs):
         x = keras.ops.cast(inputs, "float32")  # sums over a cell stay exact under mixed precision
-        cell = keras.ops.cast(keras.ops.max(x, axis=-1, keepdims=True) > self.background_threshold, "float32")
+        cell = keras.ops.cast(cell_pixels(x, self.background_threshold), "float32")
         area = keras.ops.maximum(keras.ops.sum(cell, axis=(1, 2), keepdims=True), 1.0)
         mean = keras.ops.sum(x * cell, axis=(1, 2), keepdims=True) / area
-        variance = keras.ops.sum(keras.ops.square((x - mean) * cell), axis=(1, 2), keepdims=True) / area
-        standardized = (x - mean) * cell / keras.ops.sqrt(variance + self.epsilon ** 2)
-        return keras.ops.cast(standardized, self.compute_dtype)
+        centred = (x - mean) * cell
+        variance = keras.ops.sum(keras.ops.square(centred), axis=(1, 2), keepdims=True) / area
+        return keras.ops.cast(centred / keras.ops.sqrt(variance + self.epsilon ** 2), self.compute_dtype)
 
     def get_config(self) -> dict:
         return {**super().get_config(), "background_threshold": self.background_threshold, "epsilon": self.epsilon}
