@@ -279,7 +279,9 @@ def test_interrupted_cli_run_resumes_at_the_next_epoch(synthetic_root, session_o
     run = backups[0].parents[1]
     assert saving.load_run(run)["status"] == "running"
     done = max(map(int, train.read_state(run)))
-    assert pd.read_csv(run / "history.csv")["epoch"].max() == done  # epochs from 1
+    # history.csv is written before the epoch's backup, so a kill between the two leaves it one epoch ahead
+    # of state.json (an epoch of these tiny runs takes under the poll's 0.5 s); the resume drops that row.
+    assert pd.read_csv(run / "history.csv")["epoch"].max() in (done, done + 1)  # epochs from 1
 
     # A resumed run keeps its settings: another image size is refused before training.
     with pytest.raises(train.TrainingDataError, match="image_size=32"):
