@@ -123,11 +123,20 @@ def test_finished_job_kept_unfinished_rerun_and_other_settings_refused(shared_cn
 @pytest.mark.slow
 def test_anna_cv_on_synthetic_cells(synthetic_root, tmp_path):
     out = tmp_path / "cv"
-    summary = cv.run_cv(synthetic_root, out, folds=[0], models=("anna",), image_size=32, epochs=1,
-                        arrays_out=tmp_path / "arrays")
+    summary = cv.run_cv(synthetic_root, out, folds=[0], models=("anna", "narrow"), image_size=32, epochs=1,
+                        arrays_out=tmp_path / "arrays", variants={"narrow": {"base_filters": 4}})
     result = json.loads((out / "fold0_anna" / "result.json").read_text())
     assert result["epochs"] == 1 and 0.0 <= result["threshold"] <= 1.0
     cells = pd.read_csv(out / "fold0_anna" / "heldout.csv", dtype={"patient_id": str})
     assert set(cells["patient_id"]) == set(result["heldout_subjects"])
     assert np.isfinite(summary.loc[0, "roc_auc_mean"])
     assert "| anna |" in cv.format_summary(summary)
+
+    # The benchmark combining a fold's networks as `modules ensemble` does scores the same held-out cells.
+    bench = subprocess.run([sys.executable, str(Path(cv.__file__).parents[2] / "benchmarks" / "bench_threshold.py"),
+                            str(out), "--ensemble", "anna,narrow"], capture_output=True, text=True, timeout=300)
+    assert bench.returncode == 0, bench.stderr[-3000:]
+    ensemble = [line for line in bench.stdout.splitlines() if "| anna+narrow " in line]
+    assert len(ensemble) == 1 and "folds 1 | thresholds 0.00 | ROC AUC" in ensemble[0], bench.stdout
+    members = pd.concat(pd.read_csv(out / f"fold0_{m}" / "heldout.csv") for m in ("anna", "narrow"))
+    assert 0.0 <= float(ensemble[0].split("ROC AUC ")[1].split()[0]) <= 1.0 and len(members) == 2 * len(cells)
