@@ -152,3 +152,15 @@ def test_testing_predictions_say_the_model_is_synthetic_and_the_cells_real(real_
     assert table["cells"].sum() == 4
     index = (tmp_path / config.VIZ_SUBDIR / "index.html").read_text()
     assert "4.Test — predictions on the unlabeled testing cells [model trained on SYNTHETIC cells" in index
+
+
+@pytest.mark.shared_data
+def test_subject_cell_areas_chart_one_bar_per_subject(real_manifest, tmp_path):
+    stats = eda.measure_images(real_manifest, limit=120, seed=2, progress=False)
+    fig, table = eda.plot_subject_cell_areas(stats, output_dir=tmp_path)
+    assert set(table["patient_id"]) == set(stats["patient_id"]) and table["patient_id"].is_unique
+    assert table["median_cell_area_px"].is_monotonic_increasing and table["cells"].sum() == len(stats)
+    one = table.iloc[-1]
+    assert one["median_cell_area_px"] == stats.loc[stats["patient_id"] == one["patient_id"], "cell_area_px"].median()
+    assert (tmp_path / config.VIZ_SUBDIR / eda.EDA_RUN / "subject_cell_areas.png").is_file()
+    assert (tmp_path / config.VIZ_SUBDIR / eda.EDA_RUN / "subject_cell_areas.csv").is_file()

@@ -20,7 +20,7 @@ REQUIRED_PARAMETERS = {"DATA_DIR", "OUTPUT_DIR", "IMAGE_SIZE", "BASE_FILTERS", "
 #: Charts each notebook must publish to viz/ under a stable name.
 EXPECTED_CHARTS = {
     "1.EDA": ["class_counts", "fold_counts", "patient_counts", "validation_balance", "image_sizes",
-              "colour_statistics", "cell_area_intensity", "sample_grid"],
+              "colour_statistics", "cell_area_intensity", "subject_cell_areas", "sample_grid"],
     "2.Image_preprocessing": ["preprocessing_steps", "resolution_comparison", "prepared_arrays"],
     "3.ANNa": ["model_diagram", "training_curves"],
     "4.Test": ["testing_predictions"],

@@ -237,6 +237,24 @@ def plot_cell_area_intensity(stats: pd.DataFrame, output_dir: str | Path | None 
                        "nucleus-to-cytoplasm ratio; classes overlap.", EDA_RUN, output_dir, note)
 
 
+def plot_subject_cell_areas(stats: pd.DataFrame, output_dir: str | Path | None = None) -> Plot:
+    """Median cell area of each subject, smallest first, coloured by class: a subject is one class, so this is
+    where the classes overlap at the level a model is judged on (unseen people)."""
+    note, labeled = _note(stats), stats[stats["class"] != "unlabeled"]
+    table = (labeled.groupby(["patient_id", "class"])["cell_area_px"].agg(["median", "size"])
+             .rename(columns={"median": "median_cell_area_px", "size": "cells"}).reset_index()
+             .sort_values("median_cell_area_px", ignore_index=True))
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.28 * len(table)), 3.6), layout="constrained")
+    sns.barplot(table, x="patient_id", y="median_cell_area_px", hue="class", order=table["patient_id"],
+                hue_order=_present(labeled), palette=COLORS, dodge=False, ax=ax)
+    ax.tick_params(axis="x", labelrotation=90, labelsize=7)
+    sns.move_legend(ax, "upper left", fontsize=8)
+    ax.set(xlabel="subject", ylabel="median cell area (pixels at 450 px)",
+           title=f"Cell size per subject{note}")
+    return save_figure(fig, table, "subject_cell_areas", "Median cell area per subject, smallest first: healthy "
+                       "subjects with large cells are the ones a size cue calls leukemic.", EDA_RUN, output_dir, note)
+
+
 def find_duplicates(stats: pd.DataFrame) -> pd.DataFrame:
     """``duplicates.find_duplicates`` on the pixel hash of ``measure_images``: one row per image whose decoded
     pixels another repeats (with ``label_conflict``, ``crosses_splits`` and ``crosses_subjects``)."""
