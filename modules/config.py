@@ -80,7 +80,6 @@ class ModelSettings:
     dropout: float = 0.1
     segmentation: bool = True  # the cell_mask output
     head_units: int = 64
-    standardize_input: bool = False
     #: "rgb" (scaled to [0, 1]), "od" (optical density) or "cell_standardized" (see modeling.network)
     input_transform: str = "rgb"
     stem_stride: int = 1  # 2: a strided convolution first, the U-Net at half the image's side

@@ -110,16 +110,14 @@ def build_anna(input_shape: tuple[int, int, int] = (_MODEL.image_size, _MODEL.im
                depth: int = _MODEL.depth, base_filters: int = _MODEL.base_filters,
                batch_norm: bool | str = _MODEL.batch_norm, dropout: float = _MODEL.dropout,
                segmentation: bool = _MODEL.segmentation, head_units: int = _MODEL.head_units,
-               standardize_input: bool = _MODEL.standardize_input,
                input_transform: str = _MODEL.input_transform, stem_stride: int = _MODEL.stem_stride) -> keras.Model:
     """An uncompiled U-Net named ``anna`` whose head reads globally pooled features of every level.
 
     Global pooling keeps the head free of pixel positions. ``batch_norm="instance"`` normalizes each image
-    alone, as at prediction time; ``standardize_input`` gives each image's channels zero mean and unit
-    variance, so that the patients' stain strength reaches the network less. ``input_transform="od"`` feeds
-    the convolutions optical density (``OpticalDensity``) instead of RGB scaled to [0, 1], ``"cell_standardized"``
-    each cell's colours standardized over its pixels (``CellStandardization``). ``stem_stride=2``
-    puts one strided convolution before the U-Net, which then works at half the input's side: a larger
+    alone, as at prediction time. ``input_transform="od"`` feeds the convolutions optical density
+    (``OpticalDensity``) instead of RGB scaled to [0, 1], ``"cell_standardized"`` each cell's colours
+    standardized over its pixels (``CellStandardization``), so that a subject's stain strength counts less.
+    ``stem_stride=2`` puts one strided convolution before the U-Net, which then works at half the input's side: a larger
     image for about the cost of a smaller one (the mask is upsampled back to the input's side).
     Raises ValueError unless the image size is divisible by ``stem_stride * 2**depth`` and the transform is known.
     """
@@ -135,9 +133,6 @@ def build_anna(input_shape: tuple[int, int, int] = (_MODEL.image_size, _MODEL.im
         x = CellStandardization(name="cell_standardization")(inputs)
     else:
         x = layers.Rescaling(1.0 / 255, name="rescale")(inputs)
-    if standardize_input:
-        x = layers.LayerNormalization(axis=(1, 2), center=False, scale=False, epsilon=1e-3,
-                                      name="standardize")(x)
     if stem_stride > 1:
         x = layers.Conv2D(base_filters, 3, strides=stem_stride, padding="same", use_bias=not batch_norm,
                           kernel_initializer="he_normal", name="stem_conv")(x)
