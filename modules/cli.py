@@ -116,7 +116,7 @@ def _run_train(args: argparse.Namespace) -> None:
         skip_bad=args.skip_bad or None, canvas=args.canvas, strategy=args.strategy, input_transform=args.input,
         colour_augment=args.colour_augment, mask_target=args.mask_target, stem_stride=args.stem_stride,
         subject_weighting=args.subject_weighting, threshold_rule=args.threshold_rule,
-        geometric_augment=args.geometry, lr_schedule=args.lr_schedule)
+        target_sensitivity=args.target_sensitivity)
     # Flags given explicitly win over the preset's values.
     settings = {**config.PRESETS[args.preset], **{key: value for key, value in given.items() if value is not None}}
     run_dir = training.train_model(args.data, **settings)
@@ -303,17 +303,14 @@ def _add_train_command(subparsers) -> None:
                        f"at half the image's side (default {config.ModelSettings.stem_stride})")
     train.add_argument("--colour-augment", default=None, choices=config.COLOUR_AUGMENTS, help="colour jitter: RGB or "
                        f"each stain's amount (default {config.TrainSettings.colour_augment})")
-    train.add_argument("--geometry", default=None, choices=config.GEOMETRIC_AUGMENTS, help="geometric augmentation: "
-                       "flips and 90° turns, or also any angle, scale and blur "
-                       f"(default {config.TrainSettings.geometric_augment})")
-    train.add_argument("--lr-schedule", default=None, choices=config.LR_SCHEDULES, help="learning rate: halved "
-                       f"on a plateau, or a cosine decay (default {config.TrainSettings.lr_schedule})")
     train.add_argument("--mask-target", default=None, choices=config.MASK_TARGETS, help="what the U-Net "
                        f"segments (default {config.TrainSettings.mask_target})")
     train.add_argument("--subject-weighting", default=None, action=argparse.BooleanOptionalAction,
                        help=f"weigh subjects more evenly (default {config.TrainSettings.subject_weighting})")
     train.add_argument("--threshold-rule", default=None, choices=config.THRESHOLD_RULES, help="how the "
                        f"threshold is chosen on validation (default {config.TrainSettings.threshold_rule})")
+    train.add_argument("--target-sensitivity", type=float, default=None, help="share of validation blasts the "
+                       f"'sensitivity' rule calls leukemic (default {config.TrainSettings.target_sensitivity})")
     train.add_argument("--canvas", type=int, default=None,
                        help="smallest side of the square around each cell in source pixels, as for prepare; "
                             f"0 crops tightly (default {config.DEFAULT_CANVAS}; the run's own on --resume)")

@@ -63,10 +63,8 @@ EVALUATION_SPLITS = ("validation", "train", "test-labeled")
 #: what the U-Net learns, how the threshold is chosen and how the learning rate falls (``modeling.training``).
 INPUT_TRANSFORMS = ("rgb", "od", "cell_standardized")
 COLOUR_AUGMENTS = ("rgb", "stain")
-GEOMETRIC_AUGMENTS = ("flips", "affine")
 MASK_TARGETS = ("cell", "nucleus")
-THRESHOLD_RULES = ("youden", "subject_youden")
-LR_SCHEDULES = ("plateau", "cosine")
+THRESHOLD_RULES = ("youden", "subject_youden", "sensitivity")
 
 
 @dataclass(frozen=True)
@@ -104,17 +102,14 @@ class TrainSettings:
     #: The colour part of the augmentation: "rgb" jitters gain, contrast, saturation and hue; "stain" scales
     #: and shifts each stain's amount (colour deconvolution, scikit-image's haematoxylin-eosin-DAB basis).
     colour_augment: str = "rgb"
-    #: "flips": the 8 flips and 90° rotations of a square; "affine": then any angle, a scale of 0.9-1.1 and a blur.
-    geometric_augment: str = "flips"
-    #: "plateau": the rate halves after ``lr_patience`` epochs without progress; "cosine": it falls from
-    #: ``learning_rate`` to near 0 over ``epochs`` along a half cosine.
-    lr_schedule: str = "plateau"
     class_weighting: bool = True
     #: Weigh each training cell by 1/sqrt(cells of its subject) (both classes still weigh the same), so that a
     #: subject with 400 cells does not outweigh ten with 20.
     subject_weighting: bool = False
-    #: "youden": Youden's J over the validation cells; "subject_youden": each validation subject weighs the same.
+    #: "youden": Youden's J over the validation cells; "subject_youden": each validation subject weighs the same;
+    #: "sensitivity": the highest threshold that calls ``target_sensitivity`` of the validation blasts leukemic.
     threshold_rule: str = "youden"
+    target_sensitivity: float = 0.9
     policy: str = "auto"  # see POLICIES
     strategy: str = "auto"  # see STRATEGIES
 

@@ -53,6 +53,26 @@ def youden_threshold(labels, scores, groups=None) -> float:
     return float(np.clip(thresholds[best], 0.0, 1.0))
 
 
+def sensitivity_threshold(labels, scores, target: float) -> float:
+    """The highest threshold at which at least ``target`` of the positive cells score >= it.
+
+    It rests on the blasts alone, so it does not swing with the few healthy subjects a validation split holds.
+    """
+    positives = np.sort(np.asarray(scores, dtype="float64")[np.asarray(labels) == 1])[::-1]
+    if not 0 < target <= 1 or positives.size == 0:
+        raise EvaluationError(f"a sensitivity threshold needs a target in (0, 1] (got {target}) and positive cells "
+                              f"({positives.size} given)")
+    # The tolerance keeps 0.9 * 10 from rounding up to 10 cells.
+    return float(positives[max(1, int(np.ceil(target * positives.size - 1e-9))) - 1])
+
+
+def choose_threshold(labels, scores, rule: str, groups=None, target_sensitivity: float = 0.9) -> float:
+    """The threshold a rule of ``config.THRESHOLD_RULES`` picks on validation cells (``groups``: subject ids)."""
+    if rule == "sensitivity":
+        return sensitivity_threshold(labels, scores, target_sensitivity)
+    return youden_threshold(labels, scores, groups if rule == "subject_youden" else None)
+
+
 def point_metrics(labels: np.ndarray, p: np.ndarray, threshold: float) -> dict:
     """scikit-learn's metrics at one threshold; None where a class they need is absent."""
     called = (p >= threshold).astype("int64")

@@ -1,10 +1,12 @@
 """The settings measured against unseen subjects: optical-density input, stain augmentation, a strided stem,
-subject weighting, the subject-weighted threshold, the nucleus target and cross-validation variants."""
+subject weighting, the subject-weighted and sensitivity thresholds, the nucleus target and cross-validation
+variants."""
 from __future__ import annotations
 
 import json
 
 import numpy as np
+import pandas as pd
 import pytest
 import tensorflow as tf
 
@@ -95,6 +97,21 @@ def test_subject_weighted_youden_is_not_pulled_by_one_large_subject():
     assert by_cells == pytest.approx(0.3) and by_subjects == pytest.approx(0.9)
 
 
+def test_sensitivity_threshold_rests_on_the_blasts_alone():
+    # 10 blasts scored 1.0 ... 0.1, and healthy cells anywhere: 9 of 10 blasts lie at or above 0.2.
+    blasts = np.linspace(1.0, 0.1, 10)
+    for healthy in (np.zeros(5), np.full(40, 0.95)):
+        labels = np.r_[np.ones(10), np.zeros(healthy.size)].astype(int)
+        threshold = metrics.choose_threshold(labels, np.r_[blasts, healthy], "sensitivity", target_sensitivity=0.9)
+        assert threshold == pytest.approx(0.2)
+        assert (blasts >= threshold).mean() == pytest.approx(0.9)
+    assert metrics.sensitivity_threshold(np.ones(10), blasts, 1.0) == pytest.approx(0.1)
+    with pytest.raises(metrics.EvaluationError, match="positive cells"):
+        metrics.sensitivity_threshold(np.zeros(3), np.zeros(3), 0.9)
+    with pytest.raises(metrics.EvaluationError, match="target"):
+        metrics.sensitivity_threshold(np.ones(3), np.zeros(3), 1.5)
+
+
 def test_cv_variants_are_parsed_checked_and_named():
     name, settings = cv.parse_variant("stain", "input_transform=od,subject_weighting=true,image_size=192,"
                                                "mask_loss_weight=0.5")
@@ -123,61 +140,19 @@ def test_a_nucleus_target_run_trains_records_and_is_scored_against_its_target(sy
     assert predict.load_predictor(run_dir).settings["mask_target"] == "nucleus"
 
 
-def _disc_cells(count: int = 2, size: int = 16) -> tuple[np.ndarray, np.ndarray]:
-    """Off-centre, asymmetric 'cells' (an ellipse with a bright corner) on black, with their masks."""
-    yy, xx = np.mgrid[:size, :size]
-    cell = ((yy - 0.4 * size) / (0.3 * size)) ** 2 + ((xx - 0.5 * size) / (0.35 * size)) ** 2 <= 1
-    images = np.zeros((count, size, size, 3), "float32")
-    images[:, cell] = [180, 90, 200]
-    corner = slice(size // 5, size // 5 + 2)
-    images[:, corner, corner.start + size // 5:corner.stop + size // 5 + 1] = 250
-    return images, np.repeat(cell[None, ..., None], count, 0).astype("float32")
-
-
-def test_affine_geometry_is_the_identity_at_angle_0_and_a_quarter_turn_at_90_degrees():
-    images, masks = _disc_cells()
-    flat = tf.constant([[0.0, 0.5, 0.0]] * 2)  # angle 0, scale 1, no blur
-    same, same_mask = inputs.rotate_scale_blur(tf.constant(images), tf.constant(masks), flat)
-    np.testing.assert_allclose(same.numpy(), images, atol=1e-3)
-    np.testing.assert_array_equal(same_mask.numpy(), masks)
-    quarter, quarter_mask = inputs.rotate_scale_blur(tf.constant(images), tf.constant(masks),
-                                                     tf.constant([[0.25, 0.5, 0.0]] * 2))
-    turned = [np.rot90(images, k, axes=(1, 2)) for k in (1, 3)]
-    assert min(np.abs(quarter.numpy() - t).max() for t in turned) < 0.5  # 90° either way round
-    # The mask moves with the cell: it still covers the cell's pixels and nothing else.
-    np.testing.assert_array_equal(quarter_mask.numpy()[..., 0], quarter.numpy().max(-1) > 100)
-
-
-def test_affine_geometry_moves_the_mask_with_the_cell_at_any_angle_and_blurs():
-    images, masks = _disc_cells(4, 32)
-    draws = tf.constant([[0.1, 0.0, 0.0], [0.37, 1.0, 0.0], [0.6, 0.3, 1.0], [0.9, 0.8, 0.5]])
-    moved, moved_mask = inputs.rotate_scale_blur(tf.constant(images), tf.constant(masks), draws)
-    cell = moved.numpy().max(-1) > 90  # the cell's colour, resampled
-    agree = (cell == moved_mask.numpy()[..., 0].astype(bool)).mean(axis=(1, 2))
-    assert (agree > 0.97).all()  # only edge pixels differ
-    area = moved_mask.numpy().sum(axis=(1, 2, 3))
-    assert area[1] > 1.1 * masks[1].sum() and area[0] < 0.9 * masks[0].sum()  # scale 1.1 grows it, 0.9 shrinks
-    assert moved.numpy()[2].max() < 240  # blurred: the bright corner is spread out
-    # The default geometry never draws from these numbers.
-    everything = tf.constant(np.full((4, inputs.AUGMENT_DRAWS), 0.99, "float32"))
-    plain, _ = inputs.augment_batch(tf.constant(images), tf.constant(masks), everything, colour=False)
-    np.testing.assert_allclose(plain.numpy(), images)
-
-
-def test_cosine_schedule_runs_from_the_learning_rate_to_near_zero(synthetic_root, tmp_path):
+def test_a_sensitivity_rule_run_stores_the_threshold_of_its_validation_blasts(synthetic_root, tmp_path):
     from modules.modeling import training
 
-    run_dir = training.train_model(synthetic_root, image_size=32, epochs=4, batch_size=16, base_filters=4, depth=2,
-                                   output_dir=tmp_path, seed=2, verbose=0, patience=10, lr_schedule="cosine",
-                                   geometric_augment="affine", learning_rate=1e-3)
-    history = json.loads((run_dir / saving.CONFIG_FILENAME).read_text())["training"]
-    assert history["lr_schedule"] == "cosine" and history["geometric_augment"] == "affine"
-    import pandas as pd
-
-    rates = pd.read_csv(run_dir / saving.HISTORY_FILENAME)["learning_rate"].to_numpy()
-    np.testing.assert_allclose(rates, 1e-3 * 0.5 * (1 + np.cos(np.pi * np.arange(4) / 4)), rtol=1e-5)
-    with pytest.raises(ValueError, match="unknown lr_schedule"):
-        training.train_model(synthetic_root, image_size=32, epochs=1, output_dir=tmp_path, lr_schedule="step")
+    run_dir = training.train_model(synthetic_root, image_size=32, epochs=1, batch_size=16, base_filters=4, depth=2,
+                                   output_dir=tmp_path, seed=2, verbose=0, threshold_rule="sensitivity",
+                                   target_sensitivity=0.8)
+    run = json.loads((run_dir / saving.CONFIG_FILENAME).read_text())
+    val = pd.read_csv(run_dir / saving.VAL_PREDICTIONS_FILENAME)
+    assert run["threshold"] == pytest.approx(metrics.sensitivity_threshold(val["label"], val["p_leukemia"], 0.8))
+    assert (val.loc[val["label"] == 1, "p_leukemia"] >= run["threshold"]).mean() >= 0.8
+    assert run["threshold_method"].startswith("sensitivity_0.8_on_validation")
+    with pytest.raises(ValueError, match="target_sensitivity"):
+        training.train_model(synthetic_root, image_size=32, epochs=1, output_dir=tmp_path, target_sensitivity=1.5)
 
 
 def test_the_gpu_preset_builds_a_larger_network_at_384_px():

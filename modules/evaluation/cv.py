@@ -135,16 +135,20 @@ def _train_and_score(model: str, fold: int, subjects: list[str], settings: dict,
 
 
 def _cell_area(fold: int, subjects: list[str], settings: dict) -> tuple:
-    """Score each cell by the share of a common-scale square its mask covers; threshold on inner validation."""
+    """Score each cell by the share of a common-scale square its mask covers; threshold on inner validation,
+    by the training default's rule."""
     from modules import preprocessing
-    from modules.metrics import youden_threshold
+    from modules.metrics import choose_threshold
 
     arrays = preprocessing.load_arrays(_fold_arrays(settings["data"], settings["image_size"], SIZE_CANVAS,
                                                     settings["arrays_out"]))
     labels = np.asarray(arrays.labels).astype(int)
     split = _inner_split(arrays, subjects, settings["seed"] + fold)
     area = (np.asarray(arrays.masks) > 0).reshape(len(labels), -1).mean(axis=1)  # share of the square
-    threshold = youden_threshold(labels[split.val_index], area[split.val_index])
+    rule = config.TrainSettings()
+    threshold = choose_threshold(labels[split.val_index], area[split.val_index], rule.threshold_rule,
+                                 np.asarray(arrays.manifest["patient_id"].astype(str))[split.val_index],
+                                 rule.target_sensitivity)
     patient_ids, rows = _heldout(arrays.manifest, subjects)
     facts = {"run_dir": "", "val_patients": split.val_patients, "policy": None, "epochs": 0, "best_epoch": 0,
              "train_seconds": 0.0}

@@ -45,16 +45,10 @@ def cell_weights(labels: np.ndarray, rows: np.ndarray, balance_classes: bool = T
 
 
 #: Uniform numbers each training cell draws per epoch: three flips, then for the "rgb" colour jitter hue
-#: angle, saturation, contrast and gain, for the "stain" one each stain's scale and shift, for the "affine"
-#: geometry a rotation angle, a scale and a blur strength (separate streams: one never moves another's draws).
-RGB_DRAWS, STAIN_DRAWS, GEOMETRY_DRAWS = 7, 6, 3
-AUGMENT_DRAWS = RGB_DRAWS + STAIN_DRAWS + GEOMETRY_DRAWS
-#: The scale range of the "affine" geometry (``config.GEOMETRIC_AUGMENTS``).
-SCALE_RANGE = (0.9, 1.1)
-#: The blur: each cell is mixed with its Gaussian-blurred copy (sigma 1 px) by a drawn share in [0, 1).
-_GAUSS = np.exp(-0.5 * np.arange(-2, 3) ** 2)
-_GAUSS /= _GAUSS.sum()
-_BLUR_KERNEL = np.tile(np.outer(_GAUSS, _GAUSS)[:, :, None, None], (1, 1, 3, 1)).astype("float32")
+#: angle, saturation, contrast and gain, for the "stain" one each stain's scale and shift (separate
+#: streams: one never moves the other's draws).
+RGB_DRAWS, STAIN_DRAWS = 7, 6
+AUGMENT_DRAWS = RGB_DRAWS + STAIN_DRAWS
 #: Stain scale and shift ranges: C-NMC's subjects differ by about 8 % in mean haematoxylin amount (sd of the
 #: subjects' means on fold_0), so the scale covers about two such sd either way.
 STAIN_SCALE, STAIN_SHIFT = 0.2, 0.05
@@ -84,31 +78,8 @@ def augment_stain(images: tf.Tensor, cell: tf.Tensor, draws: tf.Tensor) -> tf.Te
     return tf.where(cell, tf.clip_by_value(256.0 * tf.exp(-density) - 1.0, 0.0, 255.0), images)
 
 
-def rotate_scale_blur(images: tf.Tensor, masks: tf.Tensor, draws: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-    """Rotate each cell about the centre by any angle, scale it (``SCALE_RANGE``) and blur it a little.
-
-    The image is resampled bilinearly, the mask too and then cut at 0.5; what comes in from outside the
-    frame is black background. Args as ``augment_batch``, ``draws``: (B, ``GEOMETRY_DRAWS``).
-    """
-    batch, size = tf.shape(images)[0], tf.cast(tf.shape(images)[1], tf.float32)
-    angle = 2.0 * np.pi * draws[:, 0]
-    scale = SCALE_RANGE[0] + (SCALE_RANGE[1] - SCALE_RANGE[0]) * draws[:, 1]
-    # The transform maps each output pixel (x, y) to the input pixel it reads: rotate and shrink about the centre.
-    cos, sin, centre = tf.cos(angle) / scale, tf.sin(angle) / scale, (size - 1.0) / 2.0
-    zeros = tf.zeros([batch])
-    transforms = tf.stack([cos, -sin, centre * (1.0 - cos + sin), sin, cos, centre * (1.0 - sin - cos),
-                           zeros, zeros], axis=1)
-    moved = tf.raw_ops.ImageProjectiveTransformV3(
-        images=tf.concat([images, masks], axis=-1), transforms=transforms, output_shape=tf.shape(images)[1:3],
-        fill_value=0.0, interpolation="BILINEAR", fill_mode="CONSTANT")
-    moved = tf.ensure_shape(moved, [None, *images.shape[1:3], 4])  # the op forgets the static side
-    images, masks = moved[..., :3], tf.cast(moved[..., 3:] >= 0.5, tf.float32)
-    blurred = tf.nn.depthwise_conv2d(images, _BLUR_KERNEL, strides=[1, 1, 1, 1], padding="SAME")
-    return images + tf.reshape(draws[:, 2], [batch, 1, 1, 1]) * (blurred - images), masks
-
-
-def augment_batch(images: tf.Tensor, masks: tf.Tensor, draws: tf.Tensor, colour: bool | str = True,
-                  geometry: str = "flips") -> tuple[tf.Tensor, tf.Tensor]:
+def augment_batch(images: tf.Tensor, masks: tf.Tensor, draws: tf.Tensor,
+                  colour: bool | str = True) -> tuple[tf.Tensor, tf.Tensor]:
     """Randomly flip and rotate (by 90°) each image with its mask; jitter the cell's colour.
 
     The colour jitter mimics stain and lighting differences between patients and touches only
@@ -121,7 +92,6 @@ def augment_batch(images: tf.Tensor, masks: tf.Tensor, draws: tf.Tensor, colour:
         draws: (B, ``AUGMENT_DRAWS``) uniform numbers in [0, 1), one row per cell: they decide
             its flips and jitter, so the same draws give the same augmentation.
         colour: The colour jitter, one of ``config.COLOUR_AUGMENTS`` (True: "rgb"), or False for none.
-        geometry: One of ``config.GEOMETRIC_AUGMENTS``; "affine" adds ``rotate_scale_blur``.
 
     Returns:
         The augmented images and masks.
@@ -137,8 +107,6 @@ def augment_batch(images: tf.Tensor, masks: tf.Tensor, draws: tf.Tensor, colour:
                                    lambda t: tf.reverse(t, axis=[2]))):
         stacked = tf.where(uniform(column, 0.0, 1.0, (1, 1, 1)) < 0.5, flip(stacked), stacked)
     images, masks = stacked[..., :3], stacked[..., 3:]
-    if geometry == "affine":
-        images, masks = rotate_scale_blur(images, masks, draws[:, RGB_DRAWS + STAIN_DRAWS:])
     if not colour:
         return images, masks
     # The cell's pixels from the image itself: the target mask may be the nucleus only.
@@ -176,7 +144,6 @@ def make_dataset(
     segmentation: bool = True,
     augment: bool | str = True,
     epochs: range = range(1),
-    geometry: str = "flips",
 ) -> tf.data.Dataset:
     """Stream ``(image, targets, sample_weights)`` batches from the (memory-mapped) arrays.
 
@@ -198,7 +165,6 @@ def make_dataset(
         segmentation: Include the ``cell_mask`` target.
         augment: Augment (only when training): True or a colour jitter of ``config.COLOUR_AUGMENTS``.
         epochs: The epochs a training dataset streams, counted from 0 (a resumed run starts later).
-        geometry: The geometric augmentation, one of ``config.GEOMETRIC_AUGMENTS``.
 
     Returns:
         The dataset.
@@ -219,7 +185,7 @@ def make_dataset(
 
     def to_example(image, mask, label, weight, draws):
         if training and augment:
-            image, mask = augment_batch(image, mask, draws, colour=augment, geometry=geometry)
+            image, mask = augment_batch(image, mask, draws, colour=augment)
         targets = {PROB_OUTPUT: tf.cast(label, tf.float32)[:, None]}
         sample_weights = {PROB_OUTPUT: weight}
         if segmentation:
@@ -236,7 +202,7 @@ def make_dataset(
         key = tf.stack([tf.constant(seed, tf.int64), epoch])
         order = tf.random.experimental.stateless_shuffle(rows, seed=key)
         draws = tf.concat([tf.random.stateless_uniform([len(rows), n], seed=tf.random.experimental.stateless_fold_in(
-            key, stream)) for stream, n in ((1, RGB_DRAWS), (2, STAIN_DRAWS), (3, GEOMETRY_DRAWS))], axis=1)
+            key, stream)) for stream, n in ((1, RGB_DRAWS), (2, STAIN_DRAWS))], axis=1)
         return tf.data.Dataset.from_tensor_slices((order, draws)).batch(batch_size)
 
     if training:

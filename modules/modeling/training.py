@@ -42,7 +42,7 @@ from modules import config
 from modules.data import schema
 from modules.data.layout import DIGEST_COLUMN
 from modules.data.splits import PatientSplit, SplitError, split_patients
-from modules.metrics import point_metrics, youden_threshold
+from modules.metrics import choose_threshold, point_metrics
 from modules.files import atomic_path, exclusive_lock, remove_partials, write_csv_atomic, write_json_atomic
 from modules.modeling import hardware, network, saving
 from modules.modeling.inputs import balanced_class_weights, cell_weights, count_batches, make_dataset
@@ -74,13 +74,15 @@ def default_settings() -> dict:
 def _normalize(settings: dict) -> dict:
     for key, choices in (("architecture", network.ARCHITECTURES), ("colour_augment", config.COLOUR_AUGMENTS),
                          ("threshold_rule", config.THRESHOLD_RULES), ("input_transform", config.INPUT_TRANSFORMS),
-                         ("mask_target", config.MASK_TARGETS), ("geometric_augment", config.GEOMETRIC_AUGMENTS),
-                         ("lr_schedule", config.LR_SCHEDULES)):
+                         ("mask_target", config.MASK_TARGETS)):
         if settings[key] not in choices:
             raise ValueError(f"unknown {key} {settings[key]!r}; use one of {', '.join(choices)}")
     for key in ("image_size", "epochs", "batch_size", "seed", "base_filters", "depth", "canvas", "stem_stride"):
         settings[key] = int(settings[key])
+    if not 0 < float(settings["target_sensitivity"]) <= 1:
+        raise ValueError(f"target_sensitivity {settings['target_sensitivity']} must be in (0, 1]")
     settings.update(segmentation=bool(settings["segmentation"]),
+                    target_sensitivity=float(settings["target_sensitivity"]),
                     val_patients=list(settings["val_patients"] or []) or None,
                     exclude_patients=sorted({str(p).upper() for p in settings["exclude_patients"]}))
     if settings["architecture"] == "legacy":
@@ -316,15 +318,8 @@ def fit_model(model: keras.Model, train_data: Callable[[int], tf.data.Dataset], 
     monitor, mode = monitor_of(settings)
     stopping = keras.callbacks.EarlyStopping(monitor=monitor, mode=mode, patience=settings["patience"],
                                              restore_best_weights=True, verbose=min(verbose, 1))
-    cosine = settings.get("lr_schedule") == "cosine"
-    # With the cosine schedule the plateau rule never fires (its patience outlasts the run); it stays so
-    # that every run's saved state has the same form.
-    lr_patience = settings["epochs"] + 1 if cosine else settings["lr_patience"]
     reduce_lr = keras.callbacks.ReduceLROnPlateau(monitor=monitor, mode=mode, factor=0.5, min_lr=1e-5,
-                                                  patience=lr_patience, verbose=min(verbose, 1))
-    schedule = [keras.callbacks.LearningRateScheduler(
-        lambda epoch: settings["learning_rate"] * 0.5 * (1.0 + np.cos(np.pi * epoch / settings["epochs"])))
-        ] if cosine else []
+                                                  patience=settings["lr_patience"], verbose=min(verbose, 1))
     state, timer = ResumeState(run_dir, stopping, reduce_lr), ThroughputTimer()
     latest = state.entries.get(str(state.epochs_done), {})
     if latest.get("stopped") or state.epochs_done >= settings["epochs"]:  # it had finished: take its best epoch
@@ -334,7 +329,7 @@ def fit_model(model: keras.Model, train_data: Callable[[int], tf.data.Dataset], 
     # ResumeState comes after the callbacks whose state it saves; tf.data shuffles.
     model.fit(train_data(state.epochs_done), validation_data=val_data, epochs=settings["epochs"],
               initial_epoch=state.epochs_done, steps_per_epoch=steps_per_epoch, verbose=verbose,
-              callbacks=[*schedule, stopping, reduce_lr, state, timer], shuffle=False)
+              callbacks=[stopping, reduce_lr, state, timer], shuffle=False)
     return state, timer
 
 
@@ -450,8 +445,7 @@ def describe_run(run_dir: Path, settings: dict, split: PatientSplit, arrays, arr
     labels = np.asarray(arrays.labels).astype(int)
     builder = {"builder": f"build_{settings['architecture']}", "input_shape": [size, size, 3]}
     training = {key: settings[key] for key in ("epochs", "batch_size", "learning_rate", "augment", "colour_augment",
-                                               "geometric_augment", "subject_weighting", "patience", "lr_patience",
-                                               "lr_schedule")}
+                                               "subject_weighting", "patience", "lr_patience")}
     training.update(optimizer="adam", monitor=monitor_of(settings)[0], mask_target=settings["mask_target"]
                     if settings["segmentation"] else None,
                     class_weights=balanced_class_weights(labels[split.train_index]) if settings["class_weighting"]
@@ -461,9 +455,11 @@ def describe_run(run_dir: Path, settings: dict, split: PatientSplit, arrays, arr
         "run_id": run_dir.name, "status": "running", "architecture": settings["architecture"], "image_size": size,
         "created": previous["created"] if previous else datetime.now(timezone.utc).isoformat(timespec="seconds"),
         **{key: meta.get(key) for key in ("margin", "background_threshold", "canvas")}, "threshold": None,
-        "threshold_method": "fixed 0.5 (legacy)" if legacy else (
-            "youden_j_on_validation (p >= threshold)" if settings["threshold_rule"] == "youden"
-            else "youden_j_on_validation_subjects_weighted_equally (p >= threshold)"),
+        "threshold_method": "fixed 0.5 (legacy)" if legacy else {
+            "youden": "youden_j_on_validation (p >= threshold)",
+            "subject_youden": "youden_j_on_validation_subjects_weighted_equally (p >= threshold)",
+            "sensitivity": f"sensitivity_{settings['target_sensitivity']:g}_on_validation (p >= threshold)",
+        }[settings["threshold_rule"]],
         "val_patients": split.val_patients, "train_patients": split.train_patients,
         "excluded_patients": split.excluded_patients, "split_method": split.method, "val_fold": split.val_fold,
         "seed": settings["seed"], "policy": policy, "strategy": hardware.describe_strategy(strategy),
@@ -496,9 +492,10 @@ def finish_run(run_dir: Path, run_config: dict, model: keras.Model, arrays, spli
                                                                                            "patient_id")},
                                    "label": labels, "p_leukemia": p_val.astype("float64")}),
                      run_dir / saving.VAL_PREDICTIONS_FILENAME)
-    by_subject = run_config["settings"]["threshold_rule"] == "subject_youden"
-    threshold = 0.5 if run_config["architecture"] == "legacy" else youden_threshold(
-        labels, p_val, manifest["patient_id"].astype(str).to_numpy() if by_subject else None)
+    settings = run_config["settings"]
+    threshold = 0.5 if run_config["architecture"] == "legacy" else choose_threshold(
+        labels, p_val, settings["threshold_rule"], manifest["patient_id"].astype(str).to_numpy(),
+        settings["target_sensitivity"])
     figures = point_metrics(labels, p_val, threshold)
     # The threshold and the best epoch were both chosen on these cells, so the thresholded figures are
     # optimistic; patients the run never saw are measured by `evaluate`.
@@ -576,7 +573,7 @@ def train_model(data=None, *, resume: str | Path | None = None, output_dir: str 
         augment = settings["colour_augment"] if settings["augment"] and training else False
         return sharded(make_dataset(arrays.images, masks, labels, rows, settings["batch_size"], training,
                                     settings["seed"], weights, settings["segmentation"], augment,
-                                    range(first_epoch, settings["epochs"]), settings["geometric_augment"]))
+                                    range(first_epoch, settings["epochs"])))
 
     cells = cells_key(arrays.manifest, split)
     with worker_run_dir(strategy, parent, tag, Path(resume) if resume else None, cells) as run_dir:
