@@ -60,7 +60,7 @@ POLICIES = ("auto", "float32", "mixed_bfloat16", "mixed_float16")
 STRATEGIES = ("auto", "default", "mirrored", "tpu", "multi-worker")
 EVALUATION_SPLITS = ("validation", "train", "test-labeled")
 #: What the network sees (``modeling.network``), how its training cells are augmented (``modeling.inputs``),
-#: what the U-Net learns, how the threshold is chosen and how the learning rate falls (``modeling.training``).
+#: what the U-Net learns and how the threshold is chosen (``modeling.training``).
 INPUT_TRANSFORMS = ("rgb", "od", "cell_standardized")
 COLOUR_AUGMENTS = ("rgb", "stain")
 MASK_TARGETS = ("cell", "nucleus")

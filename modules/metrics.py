@@ -66,7 +66,8 @@ def sensitivity_threshold(labels, scores, target: float) -> float:
     return float(positives[max(1, int(np.ceil(target * positives.size - 1e-9))) - 1])
 
 
-def choose_threshold(labels, scores, rule: str, groups=None, target_sensitivity: float = 0.9) -> float:
+def choose_threshold(labels, scores, rule: str, groups=None,
+                     target_sensitivity: float = config.TrainSettings.target_sensitivity) -> float:
     """The threshold a rule of ``config.THRESHOLD_RULES`` picks on validation cells (``groups``: subject ids)."""
     if rule == "sensitivity":
         return sensitivity_threshold(labels, scores, target_sensitivity)

@@ -145,10 +145,10 @@ def _cell_area(fold: int, subjects: list[str], settings: dict) -> tuple:
     labels = np.asarray(arrays.labels).astype(int)
     split = _inner_split(arrays, subjects, settings["seed"] + fold)
     area = (np.asarray(arrays.masks) > 0).reshape(len(labels), -1).mean(axis=1)  # share of the square
-    rule = config.TrainSettings()
-    threshold = choose_threshold(labels[split.val_index], area[split.val_index], rule.threshold_rule,
+    defaults = config.TrainSettings()
+    threshold = choose_threshold(labels[split.val_index], area[split.val_index], defaults.threshold_rule,
                                  np.asarray(arrays.manifest["patient_id"].astype(str))[split.val_index],
-                                 rule.target_sensitivity)
+                                 defaults.target_sensitivity)
     patient_ids, rows = _heldout(arrays.manifest, subjects)
     facts = {"run_dir": "", "val_patients": split.val_patients, "policy": None, "epochs": 0, "best_epoch": 0,
              "train_seconds": 0.0}
