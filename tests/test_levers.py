@@ -117,6 +117,7 @@ def test_cv_variants_are_parsed_checked_and_named():
                                                "mask_loss_weight=0.5")
     assert name == "stain" and settings == {"input_transform": "od", "subject_weighting": True, "image_size": 192,
                                             "mask_loss_weight": 0.5}
+    assert cv.parse_variant("c256", "canvas=256")[1] == {"canvas": 256}  # preprocessing, not a model setting
     with pytest.raises(cv.CrossValidationError, match="KEY=VALUE"):
         cv.parse_variant("x", "seed=3")
     with pytest.raises(cv.CrossValidationError, match="other than"):

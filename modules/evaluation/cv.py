@@ -54,6 +54,7 @@ def parse_variant(name: str, assignments: str) -> tuple[str, dict]:
 
     known = {f.name for cls in (config.ModelSettings, config.TrainSettings) for f in fields(cls)}
     known -= {"seed", "policy", "strategy", "epochs", "val_fraction"}
+    known.add("canvas")  # a preprocessing setting: the variant's arrays are prepared with it
     if not name.isidentifier() or name in MODELS:
         raise CrossValidationError(f"variant name {name!r} must be a word other than {', '.join(MODELS)}")
     overrides = {}
@@ -112,13 +113,14 @@ def _train_and_score(model: str, fold: int, subjects: list[str], settings: dict,
     from modules.modeling import saving, training
 
     legacy = model == "legacy"
-    size = 128 if legacy else int(settings["variants"].get(model, {}).get("image_size", settings["image_size"]))
-    canvas = SIZE_CANVAS if legacy else config.DEFAULT_CANVAS
+    variant = settings["variants"].get(model, {})
+    size = 128 if legacy else int(variant.get("image_size", settings["image_size"]))
+    canvas = SIZE_CANVAS if legacy else int(variant.get("canvas", config.DEFAULT_CANVAS))
     arrays_dir = _fold_arrays(settings["data"], size, canvas, settings["arrays_out"])
     arrays = preprocessing.load_arrays(arrays_dir)
     overrides = {"epochs": 20, "batch_size": 32} if legacy else {
         k: settings[k] for k in ("epochs",) if settings.get(k)}
-    overrides.update({k: v for k, v in settings["variants"].get(model, {}).items() if k != "image_size"})
+    overrides.update({k: v for k, v in variant.items() if k not in ("image_size", "canvas")})
     inner = _inner_split(arrays, subjects, settings["seed"] + fold)
     run_dir = training.train_model(
         arrays_dir, image_size=size, seed=settings["seed"] + fold, exclude_patients=subjects,
