@@ -20,10 +20,9 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from sklearn.metrics import balanced_accuracy_score, roc_auc_score
 
 from modules import config
-from modules.metrics import per_patient_table
+from modules.metrics import fast_metrics, per_patient_table
 from modules.files import write_csv_atomic, write_json_atomic
 
 #: ``anna``: the network with the project's defaults; ``cell_area``: each cell scored by its size alone
@@ -73,15 +72,6 @@ def parse_variant(name: str, assignments: str) -> tuple[str, dict]:
                     pass
         overrides[key] = value
     return name, overrides
-
-
-def cell_scores(labels: np.ndarray, p_leukemia: np.ndarray, threshold: float) -> dict:
-    """Cell-level scores of one fold's held-out cells at a threshold chosen on other cells."""
-    called = (p_leukemia >= threshold).astype(int)
-    return {"roc_auc": float(roc_auc_score(labels, p_leukemia)),
-            "balanced_accuracy": float(balanced_accuracy_score(labels, called)),
-            "sensitivity": float(called[labels == 1].mean()),
-            "specificity": float(1 - called[labels == 0].mean())}
 
 
 def _fold_arrays(data: Path, size: int, canvas: int, out: Path):
@@ -177,7 +167,7 @@ def run_job(fold: int, model: str, subjects: list[str], settings: dict, out: Pat
     write_csv_atomic(cells, job / "heldout.csv")
     write_csv_atomic(per_patient_table(cells), job / "subjects.csv")  # accuracy = share of its cells right
     result = {"fold": fold, "model": model, "heldout_subjects": subjects, "heldout_cells": len(cells),
-              "threshold": threshold, **cell_scores(labels, scores, threshold), **facts,
+              "threshold": threshold, **fast_metrics(labels, scores, threshold), **facts,
               "wall_seconds": round(time.perf_counter() - started, 1),
               "settings": {**{k: str(v) if isinstance(v, Path) else v for k, v in settings.items() if k != "variants"},
                            "variant": settings["variants"].get(model, {})}}
