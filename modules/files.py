@@ -1,9 +1,8 @@
 """Write files and folders so that a reader never sees half of one, and give a folder one writer.
 
-Files go through ``atomic_path`` and folders through ``staged_folder``: built under a hidden name
-with ``.partial`` in it, then renamed into place (atomic on one file system). An interrupted run
-leaves at most a hidden ``*.partial*`` entry, never a half-written result under the real name.
-``exclusive_lock`` gives a folder one writer; its holder may ``remove_partials``: no live process owns them.
+Files (``atomic_path``) and folders (``staged_folder``) are built under a hidden ``.partial`` name, then renamed into
+place (atomic on one file system): an interrupted run leaves at most a hidden ``*.partial*`` entry. ``exclusive_lock``
+gives a folder one writer; its holder may ``remove_partials``: no live process owns them.
 """
 from __future__ import annotations
 
@@ -44,8 +43,7 @@ def make_public(path: str | os.PathLike) -> None:
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside ``path`` (same extension, so Keras and Matplotlib know the format);
-    on success move it onto ``path``, whose folder is created."""
+    """Yield a temporary path beside ``path`` (same extension, for Keras and Matplotlib), moved onto it on success."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f"{PARTIAL}{path.suffix}", dir=path.parent)
@@ -56,8 +54,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         make_public(tmp)
         os.replace(tmp, path)
     finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
+        tmp.unlink(missing_ok=True)
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
@@ -87,12 +84,9 @@ class StagedFolder:
 
 @contextlib.contextmanager
 def staged_folder(target: str | os.PathLike, replace: bool = True) -> Iterator[StagedFolder]:
-    """Build a folder as ``.<name>.<random>.partial`` beside ``target``, renamed into place on success.
-
-    ``replace``: an existing ``target`` is moved aside and removed (memory maps open on its files stay
-    valid); otherwise the folder takes the first free name of ``target``, ``target_2``, ``target_3`` …
-    On an error the partial folder is removed and ``target`` is untouched.
-    """
+    """Build a folder as ``.<name>.<random>.partial`` beside ``target``, renamed into place on success (on an error
+    it is removed). ``replace``: an existing ``target`` is moved aside and removed (memory maps open on its files stay
+    valid); otherwise the folder takes the first free name of ``target``, ``target_2``, ``target_3`` …"""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     staged = StagedFolder(Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=PARTIAL, dir=target.parent)),
@@ -106,24 +100,21 @@ def staged_folder(target: str | os.PathLike, replace: bool = True) -> Iterator[S
 
 
 def _move_into_place(folder: Path, target: Path) -> Path:
+    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=PARTIAL, dir=target.parent))
     if target.exists():  # rename cannot replace a folder that has files: move the old one aside first
-        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=PARTIAL, dir=target.parent))
         os.replace(target, old / target.name)
-        os.replace(folder, target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(folder, target)
+    os.replace(folder, target)
+    shutil.rmtree(old, ignore_errors=True)
     return target
 
 
 def _move_to_free_name(folder: Path, target: Path) -> Path:
     for n in range(1, 10_000):
         name = target.with_name(target.name if n == 1 else f"{target.name}_{n}")
-        if name.exists():
-            continue
         try:
-            folder.rename(name)  # fails if another process took the name meanwhile
-            return name
+            if not name.exists():
+                folder.rename(name)  # fails if another process took the name meanwhile
+                return name
         except OSError:
             if not name.exists():
                 raise
@@ -133,11 +124,9 @@ def _move_to_free_name(folder: Path, target: Path) -> Path:
 def remove_partials(folder: str | os.PathLike) -> list[Path]:
     """Remove (and return) the temporary files killed writers left in ``folder``; call it only while holding the
     folder's ``exclusive_lock``: then no live writer owns them."""
-    removed = []
-    for path in Path(folder).glob(f".*{PARTIAL}*"):
-        if path.is_file() and not path.is_symlink():
-            path.unlink(missing_ok=True)
-            removed.append(path)
+    removed = [path for path in Path(folder).glob(f".*{PARTIAL}*") if path.is_file() and not path.is_symlink()]
+    for path in removed:
+        path.unlink(missing_ok=True)
     return removed
 
 
@@ -162,14 +151,10 @@ def _holder_record() -> str:
 
 @contextlib.contextmanager
 def exclusive_lock(path: str | os.PathLike, what: str, wait: bool = False) -> Iterator[Path]:
-    """Hold an exclusive ``flock`` on the file ``path`` (its folder must exist) for the ``with`` block.
-
-    The kernel drops the lock when its holder dies, so no stale lock is ever left. The holder writes
-    its pid, host, start time and command into the file for the message of a process that finds it
-    taken; the file stays, emptied (a late opener must not lock a file nobody else sees). ``what``
-    names the guarded folder in messages; ``wait`` waits for the holder (saying so on stderr) instead
-    of raising LockHeldError. Windows has no ``flock``: there a warning says the lock is not enforced.
-    """
+    """Hold an exclusive ``flock`` on the file ``path`` (its folder must exist) for the ``with`` block; the kernel
+    drops it when its holder dies, so no stale lock is left. The holder records itself in the file for the message of
+    a process that finds it taken; the file stays, emptied (a late opener must not lock a file nobody else sees).
+    ``wait``: wait for the holder (saying so on stderr) instead of raising LockHeldError. Windows: a warning only."""
     path = Path(path)
     if fcntl is None:  # pragma: no cover - Windows
         warnings.warn(f"{what} is not locked on this system (no fcntl): do not run two writers on it at once",

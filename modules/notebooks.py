@@ -32,7 +32,6 @@ DEMO_SYNTHETIC_PARAMETERS = {"IMAGE_SIZE": 64, "EPOCHS": 12, "BATCH_SIZE": 32, "
 #: Demo settings on the real data: a short look, not a full training run.
 DEMO_REAL_PARAMETERS = {"IMAGE_SIZE": 64, "EPOCHS": 3, "BATCH_SIZE": 32, "BASE_FILTERS": 8,
                         "DEPTH": 3, "SAMPLE_LIMIT": 600}
-SYNTHETIC_SEED = 0
 
 
 class NotebookError(RuntimeError):
@@ -57,7 +56,7 @@ def setup_session(drive_data_dir: str = "") -> None:
 
 
 def resolve_data_dir(data: str | os.PathLike | None = None, output_dir: str | os.PathLike | None = None,
-                     scale: str = "small", seed: int = SYNTHETIC_SEED) -> Path:
+                     scale: str = "small") -> Path:
     """The dataset: ``data`` if given (it must exist), else ``input/C-NMC_Leukemia``, else a synthetic
     stand-in drawn once under ``<output_dir>/synthetic`` and reused."""
     if data:
@@ -71,7 +70,7 @@ def resolve_data_dir(data: str | os.PathLike | None = None, output_dir: str | os
     from modules.data import synthetic
 
     parent = Path(output_dir) / "synthetic" if output_dir else config.SYNTHETIC_DATA_DIR.parent
-    return synthetic.make_synthetic_dataset(parent, seed=seed, scale=scale)
+    return synthetic.make_synthetic_dataset(parent, scale=scale)
 
 
 def data_banner_html(data_dir: str | os.PathLike) -> str:
@@ -155,8 +154,7 @@ def metrics_table(metrics: Mapping) -> pandas.DataFrame:
     intervals = metrics.get("ci") or {}
     rows = []
     for name in (name for name in names if name in metrics):
-        interval = intervals.get(name)
-        low, high = (shown(bound) for bound in interval[:2]) if interval else ("", "")
+        low, high = (shown(bound) for bound in intervals[name][:2]) if intervals.get(name) else ("", "")
         rows.append({"metric": name, "value": shown(metrics[name]), "ci_low": low, "ci_high": high})
     return pd.DataFrame(rows).set_index("metric")
 
@@ -185,12 +183,9 @@ def show_charts(folder: str | os.PathLike, names: Sequence[str] | None = None) -
     captions = viz.chart_captions(folder)
     wanted = list(names) if names is not None else list(captions) + sorted(
         p.stem for p in folder.glob("*.png") if p.stem not in captions)
-    shown = []
-    for name in wanted:
-        png = folder / f"{name}.png"
-        if png.is_file():
-            display(Markdown(f"**{name}**: {captions.get(name, '')}"), Image(filename=str(png)))
-            shown.append(png)
+    shown = [png for name in wanted if (png := folder / f"{name}.png").is_file()]
+    for png in shown:
+        display(Markdown(f"**{png.stem}**: {captions.get(png.stem, '')}"), Image(filename=str(png)))
     return shown
 
 
@@ -244,12 +239,9 @@ def _new_folder(parent: Path) -> Path:
 def run_notebooks(data: str | os.PathLike | None, parameters: Mapping[str, object] | None = None,
                   output_dir: str | os.PathLike | None = None, notebooks: Sequence[str] | None = None,
                   progress: bool = True, log_output: bool = False) -> list[Path]:
-    """Execute the notebooks (all, or names/prefixes such as ``"4"``) in order with papermill; returns the executed
-    copies, under ``<output_dir>/notebooks/<timestamp>/``.
-
-    ``data`` (``DATA_DIR``) resolves as ``resolve_data_dir`` does; ``parameters`` are the notebooks' (``EPOCHS``, …);
-    ``log_output`` streams their output. NotebookError names a failed notebook, ValueError an unknown parameter.
-    """
+    """Execute the notebooks (all, or names/prefixes such as ``"4"``) in order with papermill into
+    ``<output_dir>/notebooks/<timestamp>/``; ``data`` resolves as ``resolve_data_dir`` does, ``parameters`` are the
+    notebooks' (``EPOCHS``, …). NotebookError names a failed notebook, ValueError an unknown parameter."""
     import papermill
 
     from modules.data import synthetic
@@ -257,8 +249,7 @@ def run_notebooks(data: str | os.PathLike | None, parameters: Mapping[str, objec
     params = dict(parameters or {})
     selected = select_notebooks(notebooks)
     known = set(papermill.inspect_notebook(str(config.NOTEBOOKS_DIR / selected[0])))
-    unknown = sorted(set(params) - known)
-    if unknown:  # a typo such as EPOCH would otherwise be injected and silently ignored
+    if unknown := sorted(set(params) - known):  # a typo such as EPOCH would otherwise be injected and silently ignored
         raise ValueError(f"unknown notebook parameter(s) {', '.join(unknown)}; the notebooks take "
                          f"{', '.join(sorted(known))}")
     # DATA_DIR / OUTPUT_DIR given as parameters count like the arguments.
@@ -273,13 +264,11 @@ def run_notebooks(data: str | os.PathLike | None, parameters: Mapping[str, objec
           flush=True)
     if synthetic.is_synthetic(params["DATA_DIR"]):
         print(synthetic.SYNTHETIC_BANNER, flush=True)
-    executed = []
-    started = time.perf_counter()
+    executed, started = [], time.perf_counter()
     with _kernel_environment():
         for index, name in enumerate(selected, 1):
-            out_path = target / name
+            out_path, tic = target / name, time.perf_counter()
             print(f"[{index}/{len(selected)}] {name} …", flush=True)
-            tic = time.perf_counter()
             try:
                 papermill.execute_notebook(
                     str(config.NOTEBOOKS_DIR / name), str(out_path), parameters=params,
@@ -302,8 +291,7 @@ def select_notebooks(notebooks: Sequence[str] | None = None) -> list[str]:
         return list(NOTEBOOK_NAMES)
     chosen = []
     for wanted in notebooks:
-        matches = [n for n in NOTEBOOK_NAMES if n == wanted or n.startswith(f"{wanted}.")
-                   or n.removesuffix(".ipynb") == wanted]
+        matches = [n for n in NOTEBOOK_NAMES if wanted in (n, n.removesuffix(".ipynb")) or n.startswith(f"{wanted}.")]
         if not matches:
             raise ValueError(f"no notebook {wanted!r}; choose from {', '.join(NOTEBOOK_NAMES)}")
         chosen += matches

@@ -1,9 +1,9 @@
 """Identical cells under different names, and the subjects they link.
 
-The C-NMC download files some cells under two subjects (71 cells of fold_0 subject 20 are fold_2 subject
-21's); a split by patient that puts such subjects on two sides leaks them. ``pixel_digest`` (of the decoded
-pixels, stored per cell by ``prepare``; it also matches a BMP and a PNG of one cell) finds them for the
-patient splits and the EDA, ``file_digest`` (of the bytes) for ``scan`` and CV folds of a scan's manifest.
+The C-NMC download files some cells under two subjects (71 cells of fold_0 subject 20 are fold_2 subject 21's); a
+split by patient that puts such subjects on two sides leaks them. ``pixel_digest`` (of the decoded pixels, stored per
+cell by ``prepare``; it also matches a BMP and a PNG of one cell) finds them for the patient splits and the EDA,
+``file_digest`` (of the bytes) for ``scan`` and CV folds of a scan's manifest.
 """
 from __future__ import annotations
 
@@ -22,20 +22,16 @@ from scipy.sparse.csgraph import connected_components
 from modules.data.layout import DIGEST_COLUMN, patient_sort_key
 
 def pixel_digest(image: np.ndarray, bgr: bool = False) -> str:
-    """xxh3_128 of an (H, W, 3) image's pixels in BGR order and its shape (32 hex digits).
-
-    BGR is the order OpenCV decodes to, so ``prepare`` hashes its decoded buffer without a copy
-    (``bgr=True``); an RGB image is flipped first. XXH3 reads 600 KB in about 15 us, 25 times faster
-    than sha256; 128 bits leave no chance collision among millions of cells.
-    """
+    """xxh3_128 of an (H, W, 3) image's pixels in BGR order (OpenCV's: ``prepare`` hashes its decoded buffer
+    without a copy, ``bgr=True``) and its shape. XXH3 is 25 times faster than sha256; 128 bits leave no chance
+    collision among millions of cells."""
     digest = xxhash.xxh3_128(np.ascontiguousarray(image if bgr else image[..., ::-1]).data)
     digest.update(str(image.shape).encode())
     return digest.hexdigest()
 
 
 def file_digest(path: str | os.PathLike) -> str | None:
-    """xxh3_128 of a file's bytes, read in blocks; None when it cannot be read (``prepare`` names such
-    files; a copy of it cannot be told)."""
+    """xxh3_128 of a file's bytes; None when it cannot be read (``prepare`` names such files)."""
     try:
         with open(path, "rb") as file:
             return hashlib.file_digest(file, xxhash.xxh3_128).hexdigest()
@@ -67,12 +63,9 @@ def find_duplicates(table: pd.DataFrame, column: str = DIGEST_COLUMN) -> pd.Data
 
 
 def subject_groups(table: pd.DataFrame, column: str = DIGEST_COLUMN) -> pd.DataFrame:
-    """Subjects linked by identical cells, directly or through others (A shares a cell with B, B with C).
-
-    One row per group of two or more subjects, largest first: ``group`` (``20+21``, in numeric order),
-    ``subjects`` and ``shared_cells`` (digests found under more than one of them). Rows without a patient id
-    are left out; a table without ``column`` (a manifest never prepared) has no groups.
-    """
+    """Subjects linked by identical cells, directly or through others: one row per group of two or more, largest
+    first, ``group`` (``20+21``), ``subjects`` and ``shared_cells`` (digests under more than one of them). Rows
+    without a patient id are left out; a table without ``column`` (a manifest never prepared) has no groups."""
     if column not in table:
         return pd.DataFrame(columns=["group", "subjects", "shared_cells"])
     rows = table.assign(patient_id=table["patient_id"].astype(str).str.upper())
@@ -102,15 +95,11 @@ def group_of(patient_ids: pd.Series, groups: pd.DataFrame) -> pd.Series:
     return patient_ids.astype(str).str.upper().replace(names)
 
 
-def describe_groups(groups: pd.DataFrame, limit: int = 10) -> str:
-    """``20+21 (71 identical cells), 51+75+78 (…)`` for a message."""
-    listed = ", ".join(f"{row.group} ({row.shared_cells} identical cell{'s' if row.shared_cells != 1 else ''})"
-                       for row in groups.head(limit).itertuples())
-    return listed + (f" and {len(groups) - limit} more groups" if len(groups) > limit else "")
-
-
 def warn_groups(groups: pd.DataFrame, source: str, consequence: str, stacklevel: int = 3) -> None:
-    """Warn that ``source`` files identical cells under several subjects, and what is done about it."""
+    """Warn that ``source`` files identical cells under several subjects (``20+21 (71 identical cells), …``)."""
     if len(groups):
-        warnings.warn(f"{source}: identical cells are filed under more than one subject: {describe_groups(groups)}; "
+        listed = ", ".join(f"{row.group} ({row.shared_cells} identical cell{'s' if row.shared_cells != 1 else ''})"
+                           for row in groups.head(10).itertuples())
+        more = f" and {len(groups) - 10} more groups" if len(groups) > 10 else ""
+        warnings.warn(f"{source}: identical cells are filed under more than one subject: {listed}{more}; "
                       f"{consequence}", stacklevel=stacklevel)

@@ -23,13 +23,9 @@ class FoldError(ValueError):
 
 
 def cv_folds(manifest: pd.DataFrame, n_folds: int = 3) -> dict[int, list[str]]:
-    """Held-out subjects per fold for the labeled training cells of a scan's manifest (copies found by file
-    bytes) or the arrays' (by ``pixel_digest``).
-
-    The shared fold_0 gets ``FOLD0_FOLDS``; other data is dealt group by group (a subject, or the subjects
-    sharing identical cells), largest first, to the fold with the fewest cells of that group's class, so each
-    fold holds both classes and a similar number of cells. FoldError: fewer groups of a class than folds.
-    """
+    """Held-out subjects per fold of a manifest's labeled training cells: ``FOLD0_FOLDS`` for the shared fold_0,
+    else each group of subjects sharing cells (by ``pixel_digest`` or file bytes), largest first, dealt to the fold
+    with the fewest cells of its class. FoldError: fewer groups of a class than folds."""
     cells = manifest[(manifest["split"] == "train") & manifest["label"].notna()]
     cells = cells.assign(patient_id=cells["patient_id"].astype(str).str.upper())
     if DIGEST_COLUMN not in cells:

@@ -36,10 +36,10 @@ _LAYOUT_HINT = (
     "validation_data/C-NMC_test_prelim_phase_data/ with C-NMC_test_prelim_phase_data_labels.csv, "
     "testing_data/C-NMC_test_final_phase_data/"
 )
-#: Folder names of the layout's parts (lower case) and the kind ``_locate`` gives them.
+#: Folder names of the layout's parts (lower case) and the kind ``_locate`` gives them (fold_N: "fold").
 PART_KINDS = {config.VALIDATION_IMAGES_DIR.lower(): "validation_images", config.VALIDATION_DIR.lower(): "validation",
               config.TESTING_IMAGES_DIR.lower(): "testing_images", config.TESTING_DIR.lower(): "testing",
-              config.TRAINING_DIR.lower(): "training"}
+              config.TRAINING_DIR.lower(): "training", **dict.fromkeys(config.CLASS_FOLDERS, "class")}
 #: How many levels below the dataset root each kind of folder lies.
 KIND_DEPTH = {"root": 0, "training": 1, "validation": 1, "testing": 1, "fold": 2, "validation_images": 2,
               "testing_images": 2, "class": 3}
@@ -67,8 +67,9 @@ def _fold_number(folder: Path) -> int | None:
     return int(match[1]) if match else None
 
 
-def _list_images(folder: Path) -> list[str]:
-    """Paths of the image files directly in ``folder``, sorted by name; other entries are warned about."""
+def _list_images(folder: Path, empty: str) -> list[str]:
+    """Paths of the image files directly in ``folder``, sorted by name; other entries are warned about, and none
+    raises DatasetError(``empty``)."""
     images, others = [], []
     with os.scandir(folder) as entries:  # scandir: no stat per file, fast on 10,000-file folders
         for entry in sorted(entries, key=lambda e: e.name):
@@ -80,12 +81,13 @@ def _list_images(folder: Path) -> list[str]:
                 others.append(entry.name + ("/" if entry.is_dir() else ""))
     if others:
         warn_ignored(folder, others, "not an image", f"; images must end in {', '.join(config.IMAGE_EXTENSIONS)}")
+    if not images:
+        raise DatasetError(empty)
     return images
 
 
 def utf8_path(path: str | os.PathLike) -> str:
-    """``path`` as a string, refused (its odd bytes shown) when it is not valid UTF-8: no CSV or terminal
-    could take it, so it would fail later with an error that names nothing."""
+    """``path`` as a string, refused (odd bytes shown) when not UTF-8: no CSV or terminal could take it."""
     text = os.fspath(path)
     try:
         text.encode("utf-8")
@@ -116,19 +118,15 @@ def _warn_unexpected(folder: Path, belongs, what: str) -> None:
 
 
 def parse_cell_name(name: str) -> dict | None:
-    """``{"patient_id", "label"}`` of ``UID_<patient>_<image>_<cell>_<all|hem>.<ext>`` (patient id upper-cased,
-    label 1/0), or None when the name does not follow the pattern."""
+    """``{"patient_id", "label"}`` of ``UID_<patient>_<image>_<cell>_<all|hem>.<ext>``, or None for other names."""
     match = CELL_NAME.match(os.path.splitext(name)[0])
-    if match is None:
-        return None
-    return {"patient_id": match["patient"].upper(), "label": config.CLASS_FOLDERS[match["cls"].lower()]}
+    return match and {"patient_id": match["patient"].upper(), "label": config.CLASS_FOLDERS[match["cls"].lower()]}
 
 
 def _scan_class_folder(folder: Path, label: int, fold: int | None) -> list[dict]:
-    images = _list_images(folder)
-    if not images:
-        raise DatasetError(f"empty class folder {folder}: it holds no images ({', '.join(config.IMAGE_EXTENSIONS)}); "
-                           "copy the cells of this class there or remove the folder")
+    images = _list_images(folder, f"empty class folder {folder}: it holds no images "
+                                  f"({', '.join(config.IMAGE_EXTENSIONS)}); copy the cells of this class there or "
+                                  "remove the folder")
     rows = []
     for path in images:
         name = os.path.basename(path)
@@ -171,12 +169,10 @@ def _scan_training(folder: Path) -> list[dict]:
 
 
 def _read_validation_labels(csv_path: Path) -> pd.DataFrame:
-    """The validation labels CSV, checked: its columns, labels of 0/1, no name twice, labels that agree with
-    the original names."""
+    """The validation labels CSV, checked: its columns, 0/1 labels, no name twice, labels agreeing with names."""
     if not csv_path.is_file():
-        raise FileNotFoundError(f"validation labels not found: {csv_path}; put {config.VALIDATION_LABELS_CSV} from "
-                                f"the Kaggle download in {csv_path.parent} (labels are joined by file name, never "
-                                "guessed)")
+        raise FileNotFoundError(f"validation labels not found: {csv_path}; put {config.VALIDATION_LABELS_CSV} from the "
+                                f"Kaggle download in {csv_path.parent} (labels are joined by file name, never guessed)")
     try:
         labels = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as error:
@@ -208,19 +204,16 @@ def _read_validation_labels(csv_path: Path) -> pd.DataFrame:
 def _scan_validation(images_dir: Path, csv_path: Path) -> list[dict]:
     labels = _read_validation_labels(csv_path)
     images = _images_in(images_dir, "validation", "the renamed cells (1.bmp …)")
-    by_name = {p.name.lower(): p for p in images}
-    by_stem: dict[str, list[Path]] = {}
+    by_name, by_stem = {p.name.lower(): p for p in images}, {}
     for path in images:
-        by_stem.setdefault(path.stem.lower(), []).append(path)
-    duplicated = next((paths for paths in by_stem.values() if len(paths) > 1), None)
-    if duplicated:
-        raise DatasetError(f"duplicate cells in {images_dir}: {[p.name for p in duplicated]} share a name but differ "
-                           "in extension; keep one copy of each cell")
+        if (first := by_stem.setdefault(path.stem.lower(), path)) is not path:
+            raise DatasetError(f"duplicate cells in {images_dir}: {[first.name, path.name]} share a name but differ "
+                               "in extension; keep one copy of each cell")
     rows, missing, matched_by_stem, used = [], [], 0, set()
     for row in labels.itertuples():
         path = by_name.get(row.new_names.lower())
         if path is None:  # users who convert BMP to PNG keep the CSV's 1.bmp: match on the stem
-            path = next(iter(by_stem.get(Path(row.new_names).stem.lower(), [])), None)
+            path = by_stem.get(Path(row.new_names).stem.lower())
             matched_by_stem += path is not None
         if path is None:
             missing.append(row.new_names)
@@ -230,9 +223,8 @@ def _scan_validation(images_dir: Path, csv_path: Path) -> list[dict]:
                                f"{row.new_names!r}); each image needs exactly one row: remove the extra row")
         used.add(path)
         parts = parse_cell_name(row.Patient_ID)
-        rows.append({"path": str(path), "name": path.name, "original_name": row.Patient_ID,
-                     "patient_id": parts["patient_id"] if parts else "", "label": int(row.labels),
-                     "split": "validation", "fold": None})
+        rows.append({"path": str(path), "name": path.name, "original_name": row.Patient_ID, "split": "validation",
+                     "patient_id": parts["patient_id"] if parts else "", "label": int(row.labels), "fold": None})
     unlabeled = [p.name for p in images if p not in used]
     if unlabeled:
         raise DatasetError(f"{len(unlabeled)} image(s) in {images_dir} have no row in {csv_path} (e.g. "
@@ -261,10 +253,7 @@ def _scan_testing(images_dir: Path) -> list[dict]:
 
 
 def _images_in(folder: Path, part: str, what: str) -> list[Path]:
-    images = [Path(p) for p in _list_images(folder)]
-    if not images:
-        raise DatasetError(f"no images in the {part} folder {folder}; copy {what} there")
-    return images
+    return [Path(p) for p in _list_images(folder, f"no images in the {part} folder {folder}; copy {what} there")]
 
 
 def _images_dir(folder: Path, name: str) -> Path:
@@ -274,39 +263,28 @@ def _images_dir(folder: Path, name: str) -> Path:
     return images_dir
 
 
-def _scan_validation_part(folder: Path) -> list[dict]:
-    return _scan_validation(_images_dir(folder, config.VALIDATION_IMAGES_DIR), folder / config.VALIDATION_LABELS_CSV)
-
-
-def _scan_testing_part(folder: Path) -> list[dict]:
-    return _scan_testing(_images_dir(folder, config.TESTING_IMAGES_DIR))
-
-
 def _scan_root(folder: Path) -> list[dict]:
-    scanners = {config.TRAINING_DIR: _scan_training, config.VALIDATION_DIR: _scan_validation_part,
-                config.TESTING_DIR: _scan_testing_part}
-    parts = {name: _child(folder, name) for name in scanners}
+    parts = {name: _child(folder, name) for name in (config.TRAINING_DIR, config.VALIDATION_DIR, config.TESTING_DIR)}
     _warn_unexpected(folder, lambda p: p in parts.values() or p.name == config.SYNTHETIC_MARKER,
                      f"{config.TRAINING_DIR}, {config.VALIDATION_DIR} and {config.TESTING_DIR}")
-    return [row for name, part in parts.items() if part for row in scanners[name](part)]
+    return [row for name, part in parts.items() if part for row in SCANNERS[PART_KINDS[name.lower()]](part)]
 
 
 SCANNERS = {
     "root": _scan_root, "training": _scan_training, "fold": _scan_fold,
     "class": lambda f: _scan_class_folder(f, config.CLASS_FOLDERS[f.name.lower()], _fold_number(f.parent)),
-    "validation": _scan_validation_part, "testing": _scan_testing_part, "testing_images": _scan_testing,
+    "validation": lambda f: _scan_validation(_images_dir(f, config.VALIDATION_IMAGES_DIR),
+                                             f / config.VALIDATION_LABELS_CSV),
     "validation_images": lambda f: _scan_validation(f, f.parent / config.VALIDATION_LABELS_CSV),
+    "testing": lambda f: _scan_testing(_images_dir(f, config.TESTING_IMAGES_DIR)), "testing_images": _scan_testing,
 }
 
 
 def _locate(path: Path) -> tuple[Path, str]:
     """Classify ``path`` as a part of the layout: (folder, kind of ``KIND_DEPTH``)."""
-    if path.name.lower() in PART_KINDS:
-        return path, PART_KINDS[path.name.lower()]
-    if FOLD_NAME.match(path.name):
-        return path, "fold"
-    if path.name.lower() in config.CLASS_FOLDERS:
-        return path, "class"
+    kind = "fold" if FOLD_NAME.match(path.name) else PART_KINDS.get(path.name.lower())
+    if kind:
+        return path, kind
     if any(_child(path, part) for part in (config.TRAINING_DIR, config.VALIDATION_DIR, config.TESTING_DIR)):
         return path, "root"
     nested = _child(path, config.DATASET_FOLDER_NAME)
@@ -330,30 +308,18 @@ def _resolve(path: str | os.PathLike) -> Path:
 
 
 def scan_dataset(path: str | os.PathLike) -> pd.DataFrame:
-    """The manifest: one row per image under ``path`` (the ``C-NMC_Leukemia`` root, the folder it was unpacked
-    into, or any folder inside the layout), sorted by split (train, validation, test), fold and path.
-
-    ``attrs`` holds ``dataset`` (``dataset_name``), ``source``, ``synthetic`` and ``rows``. Raises
-    FileNotFoundError for a missing folder or labels CSV, DatasetError for a wrong layout, name or CSV.
-    """
+    """The manifest: one row per image under ``path`` (the root, the folder it was unpacked into, or any folder
+    inside the layout), sorted by split, fold and path; ``attrs``: ``dataset``, ``source``, ``synthetic``, ``rows``."""
     from modules.data.synthetic import is_synthetic
 
     folder, kind = _locate(_resolve(path))
-    table = _to_frame(SCANNERS[kind](folder))
+    table = pd.DataFrame(SCANNERS[kind](folder), columns=list(config.MANIFEST_COLUMNS)).astype(MANIFEST_DTYPES)
+    table = table.sort_values(["split", "fold", "path"], key=lambda c: c.map(SPLIT_ORDER) if c.name == "split" else c,
+                              na_position="last", kind="stable", ignore_index=True)
     _check_duplicates(table)
     table.attrs.update({"dataset": dataset_name(folder), "source": str(folder), "synthetic": is_synthetic(folder),
                         "rows": len(table)})
     return table
-
-
-def _to_frame(rows: list[dict]) -> pd.DataFrame:
-    table = pd.DataFrame(rows, columns=list(config.MANIFEST_COLUMNS))
-    table = table.astype({c: str for c in ("path", "name", "original_name", "patient_id", "split")})
-    for column in ("label", "fold"):
-        table[column] = pd.array(table[column].tolist(), dtype="Int8")
-    table = table.sort_values(["split", "fold", "path"], key=lambda c: c.map(SPLIT_ORDER) if c.name == "split" else c,
-                              na_position="last", kind="stable")
-    return table.reset_index(drop=True)
 
 
 def _check_duplicates(table: pd.DataFrame) -> None:

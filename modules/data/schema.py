@@ -1,8 +1,8 @@
-"""What ANNa reads back from its own files, checked: a run's ``config.json``, ``backup/state.json`` and an
-arrays folder's ``meta.json`` (a person or a crash may change them, and a threshold of 5.0 would pass silently).
+"""What ANNa reads back from its own files, checked: a run's ``config.json``, ``backup/state.json`` and an arrays
+folder's ``meta.json`` (a person or a crash may change them, and a threshold of 5.0 would pass silently).
 
-Each schema maps a key (``a.b`` inside an object) to a ``Rule``; unlisted keys are not checked, and an absent
-key passes unless its rule is ``required`` (older runs and a model copied alone record less).
+Each schema maps a key (``a.b`` inside an object) to a ``Rule``; unlisted keys are not checked, and an absent key
+passes unless its rule is ``required`` (older runs and a model copied alone record less).
 """
 from __future__ import annotations
 
@@ -118,16 +118,13 @@ def _lookup(document: dict, key: str) -> tuple[bool, Any]:
 
 def _fits(value: Any, rule: Rule) -> bool:
     # bool is a subclass of int in Python: true is not a threshold of 1.
-    if isinstance(value, bool) and bool not in rule.types:
-        return False
-    return isinstance(value, rule.types) and rule.check(value)
+    return (bool in rule.types or not isinstance(value, bool)) and isinstance(value, rule.types) and rule.check(value)
 
 
 def validate(document: Any, schema: dict[str, Rule], file: str | Path, fix: str,
              error: type[ValueError] = SchemaError, prefix: str = "") -> dict:
-    """Check a parsed JSON ``document`` against a schema and return it; raise ``error`` (naming ``file``, the key
-    and ``fix``) when it is not an object or a key is missing, of the wrong type or out of range. ``prefix``:
-    where ``document`` sits in the file (a nested schema)."""
+    """Check a parsed JSON ``document`` against a schema and return it; raise ``error`` (naming ``file``, the key and
+    ``fix``) when a key is missing, of the wrong type or out of range; ``prefix``: where ``document`` sits in it."""
     if not isinstance(document, dict):
         where = f"{file}: the key {prefix!r}" if prefix else str(file)
         raise error(f"{where} holds {JSON_NAMES.get(type(document), type(document).__name__)}, not an object; {fix}")

@@ -1,8 +1,7 @@
 """Patient-disjoint training/validation splits of the labeled training cells (never by image).
 
-Subjects that share identical cells (``data.duplicates``: the arrays' ``pixel_digest``) count as one
-group: it goes whole to one side, and is excluded whole, so no cell is on both sides of a split.
-Cross-validation folds (held-out subjects per fold) are in ``modules.data.folds``.
+Subjects that share identical cells (``data.duplicates``: the arrays' ``pixel_digest``) count as one group: it goes
+whole to one side, or is excluded whole, so no cell is on both sides. Cross-validation folds are in ``data.folds``.
 """
 from __future__ import annotations
 
@@ -32,40 +31,30 @@ class PatientSplit:
     excluded_patients: list[str] = field(default_factory=list)
 
 
-def _class_name(label: int) -> str:
-    return config.CLASS_NAMES[int(label)]
-
-
 def _usable_cells(manifest: pd.DataFrame, labels: np.ndarray, excluded: list[str],
                   source: str) -> tuple[pd.DataFrame, list[str]]:
-    """The labeled training cells not excluded (row, patient, label, fold and group of each), and the
-    patients excluded: those asked for and every subject grouped with them."""
+    """The labeled training cells not excluded (row, patient, label, fold, group), and the patients excluded: those
+    asked for and every subject grouped with them (subjects linked by identical cells are warned about)."""
     patient_ids = manifest["patient_id"].fillna("").astype(str).str.upper().to_numpy()
     unknown = set(excluded) - set(patient_ids)
     if unknown:
         raise SplitError(f"patients to exclude not found in {source}: {', '.join(sorted(unknown))}")
     training = (manifest["split"].astype(str) == "train").to_numpy() & (labels >= 0)
-    groups = _groups(manifest, training, source)
+    groups = duplicates.subject_groups(manifest[training])  # none in a manifest never prepared
+    duplicates.warn_groups(groups, source, "each group stays whole on one side of the split (or is excluded "
+                           "whole), so that no cell is on both", stacklevel=4)
     group = duplicates.group_of(pd.Series(patient_ids), groups).to_numpy()
     linked = np.isin(group, group[np.isin(patient_ids, excluded)])
     excluded = sorted(set(excluded) | set(patient_ids[training & linked]))
     usable = training & ~np.isin(patient_ids, excluded)
     if not usable.any():
-        raise SplitError(f"{source} has no labeled training cells (training_data/fold_N/{{all,hem}}); "
-                         "point --data at a C-NMC_Leukemia root or a training fold")
+        raise SplitError(f"{source} has no labeled training cells (training_data/fold_N/{{all,hem}}); point --data "
+                         "at a C-NMC_Leukemia root or a training fold")
     if (patient_ids[usable] == "").any():
         raise SplitError(f"{source}: some training cells have no patient id, so they cannot be split "
                          "by patient; name files UID_<patient>_<image>_<cell>_<all|hem>")
     return pd.DataFrame({"row": np.flatnonzero(usable), "patient_id": patient_ids[usable], "group": group[usable],
                          "label": labels[usable].astype(int), "fold": manifest["fold"].to_numpy()[usable]}), excluded
-
-
-def _groups(manifest: pd.DataFrame, training: np.ndarray, source: str) -> pd.DataFrame:
-    """Training subjects linked by identical cells, warned about (none in a manifest never prepared)."""
-    groups = duplicates.subject_groups(manifest[training])
-    duplicates.warn_groups(groups, source, "each group stays whole on one side of the split (or is excluded "
-                           "whole), so that no cell is on both", stacklevel=5)
-    return groups
 
 
 def _fold_patients(table: pd.DataFrame, val_fold: int | None, folds: list[int], source: str) -> tuple[list, int]:
@@ -90,30 +79,21 @@ def _drawn_patients(patient_class: pd.Series, val_fraction: float, seed: int, so
     for label in sorted(patient_class.unique()):
         members = sorted(patient_class.index[patient_class == label])
         if len(members) < 2:
-            raise SplitError(f"{source} has only {len(members)} {_class_name(label)} patient(s); at least "
+            raise SplitError(f"{source} has only {len(members)} {config.CLASS_NAMES[label]} patient(s); at least "
                              "two per class are needed to hold whole patients out for validation")
         count = min(len(members) - 1, max(1, int(round(val_fraction * len(members)))))
         chosen += list(rng.choice(members, size=count, replace=False))
     return sorted(chosen)
 
 
-def split_patients(
-    manifest: pd.DataFrame,
-    labels: np.ndarray,
-    val_patients: list[str] | None = None,
-    val_fold: int | None = None,
-    val_fraction: float = config.TrainSettings.val_fraction,
-    seed: int = config.DEFAULT_SEED,
-    exclude_patients: tuple[str, ...] | list[str] = (),
-    source: str = "the data",
-) -> PatientSplit:
+def split_patients(manifest: pd.DataFrame, labels: np.ndarray, val_patients: list[str] | None = None,
+                   val_fold: int | None = None, val_fraction: float = config.TrainSettings.val_fraction,
+                   seed: int = config.DEFAULT_SEED, exclude_patients: tuple[str, ...] | list[str] = (),
+                   source: str = "the data") -> PatientSplit:
     """Split the labeled training cells of the arrays' manifest (``labels`` aligned with it: 1, 0 or -1) into
-    patient-disjoint training and validation sets.
-
-    By the named ``val_patients``, by C-NMC fold when the data has several folds (``val_fold``, the last by
-    default), or else by drawing ``val_fraction`` of each class's patients with ``seed``. ``exclude_patients``
-    are left out of both (held out for cross-validation); ``source`` names the data in a SplitError.
-    """
+    patient-disjoint sets: by the named ``val_patients``, by C-NMC fold when the data has several (``val_fold``, the
+    last by default), or else by drawing ``val_fraction`` of each class's patients with ``seed``. ``exclude_patients``
+    are left out of both (held out for cross-validation); ``source`` names the data in a SplitError."""
     if val_patients and val_fold is not None:
         raise SplitError("give either validation patients or a validation fold, not both")
     table, excluded = _usable_cells(manifest, labels, sorted({str(p).upper() for p in exclude_patients}), source)
@@ -146,11 +126,11 @@ def _check_classes(split: PatientSplit, labels: np.ndarray, source: str) -> None
     """Both classes on each side, or an error naming the missing one."""
     train_classes = set(labels[split.train_index].tolist())
     if len(train_classes) < 2:
-        only = ", ".join(_class_name(c) for c in sorted(train_classes)) or "no"
+        only = ", ".join(config.CLASS_NAMES[c] for c in sorted(train_classes)) or "no"
         raise SplitError(f"the training cells of {source} hold one class only ({only}); both all and hem "
                          "cells are needed (check the data folder and the validation patients)")
     val_classes = set(labels[split.val_index].tolist())
     if val_classes != {0, 1}:
-        lacking = ", ".join(_class_name(c) for c in (0, 1) if c not in val_classes)
+        lacking = ", ".join(config.CLASS_NAMES[c] for c in (0, 1) if c not in val_classes)
         raise SplitError(f"the validation split ({split.method}: {', '.join(split.val_patients)}) has no {lacking} "
                          "patient; name patients of both classes with --val-patients or pick another --val-fold")

@@ -1,8 +1,8 @@
 """A procedural, deterministic stand-in for C-NMC 2019 in the Kaggle layout, marked as synthetic.
 
-Blasts (``all``) get a larger nucleus, fine open chromatin and nucleoli; normal cells (``hem``) a thinner
-rim, clumped chromatin and rarely a nucleolus, with overlap. Stain varies per patient alike in both
-classes, so only shape and texture tell them apart.
+Blasts (``all``) get a larger nucleus, fine open chromatin and nucleoli; normal cells (``hem``) a thinner rim, clumped
+chromatin and rarely a nucleolus, with overlap. Stain varies per patient alike in both classes, so only shape and
+texture tell them apart.
 """
 from __future__ import annotations
 
@@ -72,11 +72,8 @@ def _wobbly_disc(side: int, cy: float, cx: float, radius: float, rng: np.random.
 
 
 def draw_cell(rng: np.random.Generator, patient: _Patient) -> np.ndarray:
-    """One segmented cell of the patient, (450, 450, 3) uint8 RGB on a background of exactly 0.
-
-    One cell in eight (``ATYPICAL_FRACTION``) has the other class's morphology, as in real smears,
-    which keeps a perfect score out of reach.
-    """
+    """One segmented cell of the patient, (450, 450, 3) uint8 RGB on a background of exactly 0; one in eight
+    (``ATYPICAL_FRACTION``) has the other class's morphology, as in real smears: no perfect score."""
     blast = (patient.label == 1) != (rng.random() < ATYPICAL_FRACTION)
     # Class tendencies with overlap: blasts are bigger, with a larger nuclear fraction.
     cell_radius = float(np.clip(rng.normal(100 if blast else 88, 15) * patient.size_bias, 55, 160))
@@ -90,8 +87,8 @@ def draw_cell(rng: np.random.Generator, patient: _Patient) -> np.ndarray:
     ny, nx = centre + offset * np.sin(direction), centre + offset * np.cos(direction)
     nucleus = _wobbly_disc(side, ny, nx, nucleus_radius, rng, 0.06) & cell
 
-    # Chromatin: blasts fine and open, normal cells coarse and clumped (zero-mean either way,
-    # so the mean colour does not give the class away).
+    # Chromatin: blasts fine and open, normal cells coarse and clumped (zero-mean either way, so the mean colour does
+    # not give the class away).
     if blast:
         grain, contrast = rng.uniform(2.5, 5.5), rng.uniform(0.07, 0.17)
         texture = _smooth_noise(rng, side, grain)
@@ -161,11 +158,6 @@ def _write_bmp(path: Path, rgb: np.ndarray) -> None:
         raise OSError(f"could not write {path}")
 
 
-def _read_marker(root: Path) -> dict[str, str]:
-    lines = (root / config.SYNTHETIC_MARKER).read_text().splitlines()
-    return {key.strip(): value.strip() for key, sep, value in (line.partition(":") for line in lines) if sep}
-
-
 def _draw_tree(root: Path, seed: int, scale: str) -> None:
     plan = _PLANS[scale]
     rng = np.random.default_rng([seed, 2019])
@@ -187,24 +179,18 @@ def _draw_tree(root: Path, seed: int, scale: str) -> None:
             for name in _cell_names(patient, n_cells):
                 _write_bmp(folder / name, draw(patient))
 
-    # Validation: renamed 1.bmp… in shuffled order, labels in a CSV listed in another order.
-    cells = [(p, name) for p, n in _make_patients(rng, plan["validation"], used) for name in _cell_names(p, n)]
-    folder = root / config.VALIDATION_DIR / config.VALIDATION_IMAGES_DIR
-    folder.mkdir(parents=True)
-    rows = []
-    for new_index, cell_number in enumerate(rng.permutation(len(cells)), start=1):
-        patient, original = cells[cell_number]
-        _write_bmp(folder / f"{new_index}.bmp", draw(patient))
-        rows.append({"Patient_ID": original, "new_names": f"{new_index}.bmp", "labels": patient.label})
-    pd.DataFrame(rows).sort_values("Patient_ID").to_csv(root / config.VALIDATION_DIR / config.VALIDATION_LABELS_CSV,
-                                                        index=False)
-
-    # Testing: renamed 1.bmp… in shuffled order, no labels.
-    cells = [p for p, n in _make_patients(rng, plan["test"], used) for _ in range(n)]
-    folder = root / config.TESTING_DIR / config.TESTING_IMAGES_DIR
-    folder.mkdir(parents=True)
-    for new_index, cell_number in enumerate(rng.permutation(len(cells)), start=1):
-        _write_bmp(folder / f"{new_index}.bmp", draw(cells[cell_number]))
+    # Validation and testing: renamed 1.bmp… in shuffled order; validation's labels in a CSV listed in another order.
+    for key, part, images in (("validation", config.VALIDATION_DIR, config.VALIDATION_IMAGES_DIR),
+                              ("test", config.TESTING_DIR, config.TESTING_IMAGES_DIR)):
+        cells = [(p, name) for p, n in _make_patients(rng, plan[key], used) for name in _cell_names(p, n)]
+        (root / part / images).mkdir(parents=True)
+        rows = []
+        for new_index, cell_number in enumerate(rng.permutation(len(cells)), start=1):
+            patient, original = cells[cell_number]
+            _write_bmp(root / part / images / f"{new_index}.bmp", draw(patient))
+            rows.append({"Patient_ID": original, "new_names": f"{new_index}.bmp", "labels": patient.label})
+        if key == "validation":
+            pd.DataFrame(rows).sort_values("Patient_ID").to_csv(root / part / config.VALIDATION_LABELS_CSV, index=False)
 
     (root / config.SYNTHETIC_MARKER).write_text(f"{SYNTHETIC_BANNER}\n\nseed: {seed}\nscale: {scale}\n"
                                                 f"generator_version: {GENERATOR_VERSION}\n")
@@ -213,10 +199,8 @@ def _draw_tree(root: Path, seed: int, scale: str) -> None:
 def make_synthetic_dataset(out_dir: str | os.PathLike, seed: int = 0, scale: str = "small") -> Path:
     """Write ``<out_dir>/C-NMC_Leukemia`` (training folds, validation, testing); returns that root.
 
-    ``scale``: ``tiny`` (about 60 training cells, for tests) or ``small`` (about 350, the demo). A tree of the
-    same seed, scale and generator version is reused; a new one is drawn under a temporary name and renamed
-    into place, so an interrupted run leaves nothing a later run would trust.
-    """
+    ``scale``: ``tiny`` (about 60 training cells, for tests) or ``small`` (about 350, the demo). A tree of the same
+    seed, scale and generator version is reused; a new one is staged and renamed into place (``staged_folder``)."""
     if scale not in config.SYNTHETIC_SCALES:
         raise ValueError(f"unknown synthetic scale {scale!r}: use one of {', '.join(config.SYNTHETIC_SCALES)}")
     out_dir = Path(out_dir).expanduser().resolve()
@@ -225,8 +209,10 @@ def make_synthetic_dataset(out_dir: str | os.PathLike, seed: int = 0, scale: str
         if not (root / config.SYNTHETIC_MARKER).is_file():
             raise ValueError(f"{root} exists and is not a synthetic dataset (no {config.SYNTHETIC_MARKER}); "
                              "refusing to overwrite it: pass another --out folder")
+        lines = (root / config.SYNTHETIC_MARKER).read_text().splitlines()
+        marker = {key.strip(): value.strip() for key, sep, value in (line.partition(":") for line in lines) if sep}
         wanted = {"seed": str(seed), "scale": scale, "generator_version": str(GENERATOR_VERSION)}
-        if all(_read_marker(root).get(k) == v for k, v in wanted.items()):
+        if all(marker.get(k) == v for k, v in wanted.items()):
             return root
     with staged_folder(root) as staged:
         _draw_tree(staged.path, seed, scale)

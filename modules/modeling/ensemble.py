@@ -70,15 +70,15 @@ def write_ensemble(run_dirs: list[str | Path], out: str | Path | None = None) ->
     for run, cfg in zip(runs, configs):
         if cfg.get("status") != "complete" or cfg.get("threshold") is None:
             raise EnsembleError(f"{run} has not finished training (no threshold yet); finish it or leave it out")
-    for key, read in (*((k, lambda c, k=k: c.get(k)) for k in ("image_size", "canvas", "margin",
-                                                                 "background_threshold", "architecture")),
-                      ("mask target", lambda c: (c.get("training") or {}).get("mask_target") or "cell")):
-        values = [str(read(c)) for c in configs]
+    compared = {key: [str(c.get(key)) for c in configs]
+                for key in ("image_size", "canvas", "margin", "background_threshold", "architecture")}
+    compared["mask target"] = [str((c.get("training") or {}).get("mask_target") or "cell") for c in configs]
+    for key, values in compared.items():
         if len(set(values)) > 1:
             raise EnsembleError(f"the runs differ in {key} ({', '.join(values)}); combine runs trained on the "
                                 "same arrays settings and mask target")
-    members = [saving.load_model(r) for r in runs]
-    model = build_ensemble(members, [float(c["threshold"]) for c in configs])
+    thresholds = [float(c["threshold"]) for c in configs]
+    model = build_ensemble([saving.load_model(r) for r in runs], thresholds)
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
     run_dir = Path(out) if out else config.OUTPUT_DIR / config.MODELS_SUBDIR / f"{stamp}-{ENSEMBLE_TAG}{len(runs)}"
     if run_dir.exists():
@@ -91,8 +91,7 @@ def write_ensemble(run_dirs: list[str | Path], out: str | Path | None = None) ->
         "logit(p) - logit(threshold), called at 0.5",
         "train_patients": seen, "val_patients": [], "excluded_patients": [],
         "split_method": f"ensemble of {len(runs)} runs", "val_fold": None,
-        "validation": {}, "ensemble": {"members": [str(r.resolve()) for r in runs],
-                                       "thresholds": [float(c["threshold"]) for c in configs]},
+        "validation": {}, "ensemble": {"members": [str(r.resolve()) for r in runs], "thresholds": thresholds},
         "data": {**first["data"], "synthetic": any(c["data"].get("synthetic") for c in configs)},
         # The members' training, not the ensemble's: member 0's figures with every member's best epoch.
         "training": {**first["training"], "best_epoch": None, "member_best_epochs": [
@@ -100,5 +99,5 @@ def write_ensemble(run_dirs: list[str | Path], out: str | Path | None = None) ->
     }
     with staged_folder(run_dir, replace=False) as staged:  # a failed save leaves no folder behind
         model.save(staged.path / saving.MODEL_FILENAME)
-        write_json_atomic(staged.path / saving.CONFIG_FILENAME, {**run_config, "run_id": run_dir.name})
+        write_json_atomic(staged.path / saving.CONFIG_FILENAME, run_config)
     return staged.target

@@ -40,9 +40,8 @@ def has_cuda_gpu() -> bool:
 def select_policy(policy: str = "auto", cpuinfo: str | Path = "/proc/cpuinfo") -> str:
     """The Keras dtype policy for this hardware.
 
-    ``auto``: ``mixed_float16`` on a CUDA GPU, ``mixed_bfloat16`` on a CPU with native bf16
-    (AMX or AVX512-BF16; without them bf16 is emulated and about 2x slower than float32),
-    ``float32`` otherwise.
+    ``auto``: ``mixed_float16`` on a CUDA GPU, ``mixed_bfloat16`` on a CPU with native bf16 (AMX or AVX512-BF16; without
+    them bf16 is emulated and about 2x slower than float32), ``float32`` otherwise.
     """
     if policy not in config.POLICIES:
         raise ValueError(f"unknown precision policy {policy!r}; use one of {', '.join(config.POLICIES)}")
@@ -95,11 +94,10 @@ def cluster_workers() -> int:
 class MultiWorkerStrategy(tf.distribute.MultiWorkerMirroredStrategy):
     """TensorFlow's ``MultiWorkerMirroredStrategy`` with a ``reduce`` that takes what Keras 3 passes it.
 
-    Keras 3's ``fit`` (3.15) reduces a whole batch (a nest of values) before its first step and
-    each step's scalar metrics along ``axis=0``; TensorFlow's ``reduce`` takes one value at a
-    time and ``axis=0`` needs a batch axis, so ``fit`` fails on several workers
-    (keras-team/keras#20585, tensorflow/tensorflow#72388). Here each value is reduced on its
-    own, a scalar across the replicas only: the same figures, nothing else changed.
+    Keras 3's ``fit`` (3.15) reduces a whole batch (a nest of values) before its first step and each step's scalar
+    metrics along ``axis=0``; TensorFlow's ``reduce`` takes one value at a time and ``axis=0`` needs a batch axis, so
+    ``fit`` fails on several workers (keras-team/keras#20585, tensorflow/tensorflow#72388). Here each value is reduced
+    on its own, a scalar across the replicas only: the same figures, nothing else changed.
     """
 
     def reduce(self, reduce_op, value, axis):
@@ -156,11 +154,10 @@ def gather_from_workers(strategy: tf.distribute.Strategy, values: list[int]) -> 
 def select_strategy(strategy: str | tf.distribute.Strategy = "auto") -> tf.distribute.Strategy:
     """The ``tf.distribute`` strategy for this hardware.
 
-    ``auto``: MultiWorkerMirroredStrategy when ``TF_CONFIG`` names several workers, TPUStrategy
-    on a (Colab) TPU, MirroredStrategy over several GPUs, the default strategy otherwise.
-    ``mirrored`` mirrors over all GPUs, or over all logical CPU devices where there are no GPUs
-    (used by the tests); ``multi-worker`` asks for the cluster of ``TF_CONFIG``. A strategy
-    object is returned as it is.
+    ``auto``: MultiWorkerMirroredStrategy when ``TF_CONFIG`` names several workers, TPUStrategy on a (Colab) TPU,
+    MirroredStrategy over several GPUs, the default strategy otherwise. ``mirrored`` mirrors over all GPUs, or over all
+    logical CPU devices where there are no GPUs (used by the tests); ``multi-worker`` asks for the cluster of
+    ``TF_CONFIG``. A strategy object is returned as it is.
     """
     if isinstance(strategy, tf.distribute.Strategy):
         return strategy
@@ -205,17 +202,10 @@ def describe_strategy(strategy: tf.distribute.Strategy) -> str:
         return f"one device ({'GPU' if tf.config.list_logical_devices('GPU') else 'CPU'})"
     # The default strategy has no device list; every other one does.
     devices = ", ".join(name.rsplit("device:", 1)[-1] for name in strategy.extended.worker_devices)
-    if isinstance(strategy, tf.distribute.MirroredStrategy):
-        return f"mirrored over {replicas} device{'s' * (replicas > 1)} ({devices})"
-    return f"{type(strategy).__name__} over {replicas} replicas ({devices})"
+    kind = "mirrored" if isinstance(strategy, tf.distribute.MirroredStrategy) else type(strategy).__name__
+    return f"{kind} over {replicas} device{'s' * (replicas > 1)} ({devices})"
 
 
-def describe_hardware(policy: str, strategy: tf.distribute.Strategy | str) -> str:
-    """One line for a run summary: ``precision mixed_bfloat16 (this CPU has AVX512-BF16); one device (CPU)``.
-
-    Args:
-        policy: The policy chosen (``select_policy``'s result).
-        strategy: The strategy object, or its description as recorded in a run's ``config.json``.
-    """
-    where = strategy if isinstance(strategy, str) else describe_strategy(strategy)
-    return f"precision {describe_policy(policy)}; {where}"
+def describe_hardware(policy: str, strategy: tf.distribute.Strategy) -> str:
+    """One line for a run summary: ``precision mixed_bfloat16 (this CPU has AVX512-BF16); one device (CPU)``."""
+    return f"precision {describe_policy(policy)}; {describe_strategy(strategy)}"

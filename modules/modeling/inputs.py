@@ -11,7 +11,7 @@ import skimage.color
 import tensorflow as tf
 
 from modules import config
-from modules.modeling.network import MASK_OUTPUT, PROB_OUTPUT
+from modules.modeling.network import MASK_OUTPUT, PROB_OUTPUT, cell_pixels
 
 
 def balanced_class_weights(labels: np.ndarray) -> dict[int, float]:
@@ -24,9 +24,9 @@ def cell_weights(labels: np.ndarray, rows: np.ndarray, balance_classes: bool = T
                  subject_ids: np.ndarray | None = None) -> np.ndarray:
     """Loss weight of every row of the arrays (0 outside ``rows``), mean 1 over ``rows``.
 
-    With ``subject_ids`` each cell weighs 1/sqrt(cells of its subject in ``rows``): subjects count more
-    evenly than by their cells, without a 9-cell subject's cells weighing 45 times a 400-cell one's.
-    With ``balance_classes`` both classes then weigh the same in total (``balanced_class_weights``).
+    With ``subject_ids`` each cell weighs 1/sqrt(cells of its subject in ``rows``): subjects count more evenly
+    than by their cells, without a 9-cell subject's cells weighing 45 times a 400-cell one's. With
+    ``balance_classes`` both classes then weigh the same in total (``balanced_class_weights``).
     """
     rows = np.asarray(rows, dtype="int64")
     weights = np.zeros(len(labels), "float64")
@@ -61,14 +61,10 @@ _YIQ_TO_RGB = np.linalg.inv(_RGB_TO_YIQ).astype("float32")
 def augment_stain(images: tf.Tensor, cell: tf.Tensor, draws: tf.Tensor) -> tf.Tensor:
     """Scale and shift each stain's amount in each cell: colour deconvolution of the optical density.
 
-    Optical density ``-ln((I + 1) / 256)`` is split into haematoxylin, eosin and DAB amounts with
-    scikit-image's basis (``skimage.color.hed_from_rgb``), each amount ``a`` becomes ``a * s + t``
-    (``s`` in 1 ± ``STAIN_SCALE``, ``t`` in ± ``STAIN_SHIFT``, per cell), and the colour is recomposed.
-
-    Args:
-        images: (B, S, S, 3) float32, 0-255.
-        cell: (B, S, S, 1) bool, the cell's pixels (the background is left as it is).
-        draws: (B, ``STAIN_DRAWS``) uniform numbers in [0, 1).
+    Optical density ``-ln((I + 1) / 256)`` of the (B, S, S, 3) 0-255 ``images`` is split into haematoxylin,
+    eosin and DAB amounts with scikit-image's basis (``skimage.color.hed_from_rgb``), each amount ``a`` becomes
+    ``a * s + t`` (``s`` in 1 ± ``STAIN_SCALE``, ``t`` in ± ``STAIN_SHIFT``, per cell, from the (B, ``STAIN_DRAWS``)
+    uniform ``draws``) and the colour is recomposed inside ``cell`` (B, S, S, 1 bool), the background kept.
     """
     draws = tf.reshape(draws, [-1, 1, 1, STAIN_DRAWS])
     scale = 1.0 + STAIN_SCALE * (2.0 * draws[..., :3] - 1.0)
@@ -80,21 +76,12 @@ def augment_stain(images: tf.Tensor, cell: tf.Tensor, draws: tf.Tensor) -> tf.Te
 
 def augment_batch(images: tf.Tensor, masks: tf.Tensor, draws: tf.Tensor,
                   colour: bool | str = True) -> tuple[tf.Tensor, tf.Tensor]:
-    """Randomly flip and rotate (by 90°) each image with its mask; jitter the cell's colour.
+    """Randomly flip and rotate (by 90°) each (B, S, S, 3) 0-255 image with its mask; jitter the cell's colour.
 
-    The colour jitter mimics stain and lighting differences between patients and touches only
-    the cell: the black background stays as it was. ``colour="rgb"`` (or True): gain,
-    contrast, saturation and a hue rotation in YIQ space; ``"stain"``: ``augment_stain``.
-
-    Args:
-        images: (B, S, S, 3) float32, 0-255.
-        masks: (B, S, S, 1) float32, 0/1.
-        draws: (B, ``AUGMENT_DRAWS``) uniform numbers in [0, 1), one row per cell: they decide
-            its flips and jitter, so the same draws give the same augmentation.
-        colour: The colour jitter, one of ``config.COLOUR_AUGMENTS`` (True: "rgb"), or False for none.
-
-    Returns:
-        The augmented images and masks.
+    ``draws`` (B, ``AUGMENT_DRAWS``) uniform numbers in [0, 1), one row per cell, decide its flips and jitter: the
+    same draws give the same augmentation. The colour jitter mimics stain and lighting differences between
+    patients and touches only the cell (the black background stays): ``colour="rgb"`` (or True) gain, contrast,
+    saturation and a hue rotation in YIQ space, ``"stain"`` ``augment_stain``, False none.
     """
     batch = tf.shape(images)[0]
 
@@ -110,64 +97,34 @@ def augment_batch(images: tf.Tensor, masks: tf.Tensor, draws: tf.Tensor,
     if not colour:
         return images, masks
     # The cell's pixels from the image itself: the target mask may be the nucleus only.
-    cell = tf.reduce_max(images, axis=-1, keepdims=True) > config.BACKGROUND_THRESHOLD
+    cell = cell_pixels(images)
     if colour == "stain":
         return augment_stain(images, cell, draws[:, RGB_DRAWS:RGB_DRAWS + STAIN_DRAWS]), masks
-    angle = uniform(3, -0.15, 0.15)
-    saturation = uniform(4, 0.8, 1.2)
-    zeros, ones = tf.zeros([batch]), tf.ones([batch])
-    rotate = tf.stack([
-        tf.stack([ones, zeros, zeros], -1),
-        tf.stack([zeros, saturation * tf.cos(angle), -saturation * tf.sin(angle)], -1),
-        tf.stack([zeros, saturation * tf.sin(angle), saturation * tf.cos(angle)], -1),
-    ], axis=1)  # (B, 3, 3)
+    angle, saturation = uniform(3, -0.15, 0.15), uniform(4, 0.8, 1.2)
+    cos, sin, zeros, ones = saturation * tf.cos(angle), saturation * tf.sin(angle), tf.zeros([batch]), tf.ones([batch])
+    # (B, 3, 3): Y kept, the chroma plane (I, Q) rotated by the angle and scaled by the saturation.
+    rotate = tf.reshape(tf.stack([ones, zeros, zeros, zeros, cos, -sin, zeros, sin, cos], -1), [-1, 3, 3])
     matrix = tf.einsum("ij,bjk,kl->bil", _YIQ_TO_RGB, rotate, _RGB_TO_YIQ)
     jittered = tf.einsum("bhwc,bdc->bhwd", images, matrix)
     area = tf.maximum(tf.reduce_sum(tf.cast(cell, tf.float32), axis=[1, 2, 3], keepdims=True), 1.0)
     mean = tf.reduce_sum(tf.where(cell, jittered, 0.0), axis=[1, 2], keepdims=True) / area
-    contrast = uniform(5, 0.8, 1.2, (1, 1, 1))
-    gain = uniform(6, 0.8, 1.2, (1, 1, 1))
+    contrast, gain = uniform(5, 0.8, 1.2, (1, 1, 1)), uniform(6, 0.8, 1.2, (1, 1, 1))
     jittered = ((jittered - mean) * contrast + mean) * gain
-    images = tf.where(cell, tf.clip_by_value(jittered, 0.0, 255.0), images)
-    return images, masks
+    return tf.where(cell, tf.clip_by_value(jittered, 0.0, 255.0), images), masks
 
 
-def make_dataset(
-    images: np.ndarray,
-    masks: np.ndarray,
-    labels: np.ndarray,
-    indices: np.ndarray,
-    batch_size: int,
-    training: bool,
-    seed: int = config.DEFAULT_SEED,
-    weights: np.ndarray | None = None,
-    segmentation: bool = True,
-    augment: bool | str = True,
-    epochs: range = range(1),
-) -> tf.data.Dataset:
-    """Stream ``(image, targets, sample_weights)`` batches from the (memory-mapped) arrays.
+def make_dataset(images: np.ndarray, masks: np.ndarray, labels: np.ndarray, indices: np.ndarray, batch_size: int,
+                 training: bool, seed: int = config.DEFAULT_SEED, weights: np.ndarray | None = None,
+                 segmentation: bool = True, augment: bool | str = True, epochs: range = range(1)) -> tf.data.Dataset:
+    """Stream ``(image, targets, sample_weights)`` batches of the ``indices`` rows of the (memory-mapped) arrays.
 
-    Class (and subject) weights travel as per-cell sample weights on ``p_leukemia``: Keras'
-    ``class_weight`` does not apply to models with dict outputs. A training dataset streams
-    the batches of every epoch in ``epochs``, one epoch after the other (fit it with
-    ``steps_per_epoch=count_batches(len(indices), batch_size)``); epoch ``e`` shuffles and
-    augments with stateless draws seeded by ``(seed, e)``, the same in every process.
-
-    Args:
-        images: (N, S, S, 3) uint8 array or memory map.
-        masks: (N, S, S) uint8 0/1.
-        labels: (N,) int8.
-        indices: Rows to use.
-        batch_size: Cells per batch (global, across replicas).
-        training: Shuffle each epoch and augment.
-        seed: Seed of the shuffles and augmentation.
-        weights: (N,) loss weight of each row of the arrays (``cell_weights``); all ones when None.
-        segmentation: Include the ``cell_mask`` target.
-        augment: Augment (only when training): True or a colour jitter of ``config.COLOUR_AUGMENTS``.
-        epochs: The epochs a training dataset streams, counted from 0 (a resumed run starts later).
-
-    Returns:
-        The dataset.
+    ``images`` (N, S, S, 3) uint8, ``masks`` (N, S, S) 0/1, ``labels`` (N,); ``batch_size`` is global (across
+    replicas). Class (and subject) weights (``cell_weights``; None: all ones) travel as per-cell sample weights on
+    ``p_leukemia``: Keras' ``class_weight`` does not apply to models with dict outputs. ``segmentation`` adds the
+    ``cell_mask`` target. A training dataset streams the batches of every epoch in ``epochs`` (from 0; a resumed
+    run starts later) one after the other (fit it with ``steps_per_epoch=count_batches(len(indices), batch_size)``);
+    epoch ``e`` shuffles and augments (``augment``: True or a ``config.COLOUR_AUGMENTS`` jitter) with stateless
+    draws seeded by ``(seed, e)``, the same in every process.
     """
     size = int(images.shape[1])
     row_weights = np.ones(len(labels), "float32") if weights is None else np.asarray(weights, "float32")
@@ -176,22 +133,18 @@ def make_dataset(
         rows = np.sort(rows)  # ascending rows read a memory map sequentially
         return images[rows], masks[rows], labels[rows].astype("int32"), row_weights[rows]
 
-    def read(rows, draws):
+    def to_example(rows, draws):
         image, mask, label, weight = tf.numpy_function(load, [rows], [tf.uint8, tf.uint8, tf.int32, tf.float32])
-        image = tf.ensure_shape(image, [None, size, size, 3])
-        mask = tf.ensure_shape(mask, [None, size, size])
-        return (tf.cast(image, tf.float32), tf.cast(mask, tf.float32)[..., None], tf.ensure_shape(label, [None]),
-                tf.ensure_shape(weight, [None]), draws)
-
-    def to_example(image, mask, label, weight, draws):
+        image = tf.cast(tf.ensure_shape(image, [None, size, size, 3]), tf.float32)
+        mask = tf.cast(tf.ensure_shape(mask, [None, size, size]), tf.float32)[..., None]
         if training and augment:
             image, mask = augment_batch(image, mask, draws, colour=augment)
-        targets = {PROB_OUTPUT: tf.cast(label, tf.float32)[:, None]}
+        weight = tf.ensure_shape(weight, [None])
+        targets = {PROB_OUTPUT: tf.cast(tf.ensure_shape(label, [None]), tf.float32)[:, None]}
         sample_weights = {PROB_OUTPUT: weight}
         if segmentation:
             targets[MASK_OUTPUT] = mask
-            # (B, 1, 1) broadcasts over the per-pixel mask loss.
-            sample_weights[MASK_OUTPUT] = tf.ones_like(sample_weights[PROB_OUTPUT])[:, None, None]
+            sample_weights[MASK_OUTPUT] = tf.ones_like(weight)[:, None, None]  # broadcasts over the per-pixel loss
         return image, targets, sample_weights
 
     rows = np.asarray(indices, dtype="int64")
@@ -212,9 +165,7 @@ def make_dataset(
         dataset = dataset.batch(batch_size)
     options = tf.data.Options()
     options.deterministic = True  # parallel maps hand their batches on in order
-    dataset = dataset.with_options(options).map(read, num_parallel_calls=tf.data.AUTOTUNE)
-    dataset = dataset.map(to_example, num_parallel_calls=tf.data.AUTOTUNE)
-    return dataset.prefetch(tf.data.AUTOTUNE)
+    return dataset.with_options(options).map(to_example, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
 
 
 def count_batches(count: int, batch_size: int) -> int:

@@ -1,9 +1,8 @@
-"""The ANNa network: a U-Net that segments the cell with a head that classifies it. It takes uint8-valued
-RGB (rescaled inside) and returns a dict of float32 ``p_leukemia`` (N, 1) and, with segmentation,
-``cell_mask`` (N, S, S, 1).
+"""The ANNa network: a U-Net that segments the cell with a head that classifies it. It takes uint8-valued RGB (rescaled
+inside) and returns a dict of float32 ``p_leukemia`` (N, 1) and, with segmentation, ``cell_mask`` (N, S, S, 1).
 
-Built-in layers plus registered ones (``OpticalDensity``, ``CellStandardization``, ``CentredLogit``), so a
-``.keras`` file loads in safe mode."""
+Built-in layers plus registered ones (``OpticalDensity``, ``CellStandardization``, ``CentredLogit``), so a ``.keras``
+file loads in safe mode."""
 from __future__ import annotations
 
 import keras
@@ -89,21 +88,20 @@ class CentredLogit(layers.Layer):
         return {**super().get_config(), "threshold": self.threshold}
 
 
-def _normalize(x, batch_norm: bool | str, name: str, suffix: str = ""):
-    """Batch normalization (True), per image and channel ("instance") or none (False)."""
+def _conv(x, filters: int, batch_norm: bool | str, name: str, suffix: str = "", strides: int = 1):
+    """A 3x3 convolution, normalized (True: batch, "instance": per image and channel, False: not), then ReLU."""
+    x = layers.Conv2D(filters, 3, strides=strides, padding="same", use_bias=not batch_norm,
+                      kernel_initializer="he_normal", name=f"{name}_conv{suffix}")(x)
     if batch_norm == "instance":
-        return layers.GroupNormalization(groups=-1, name=f"{name}_in{suffix}")(x)
-    return layers.BatchNormalization(momentum=0.9, name=f"{name}_bn{suffix}")(x) if batch_norm else x
+        x = layers.GroupNormalization(groups=-1, name=f"{name}_in{suffix}")(x)
+    elif batch_norm:
+        x = layers.BatchNormalization(momentum=0.9, name=f"{name}_bn{suffix}")(x)
+    return layers.Activation("relu", name=f"{name}_relu{suffix}")(x)
 
 
 def _conv_block(x, filters: int, batch_norm: bool | str, name: str):
-    """Two 3x3 convolutions, each normalized (True: batch, "instance": per image and channel, False: not), ReLU."""
-    for i in (1, 2):
-        x = layers.Conv2D(filters, 3, padding="same", use_bias=not batch_norm,
-                          kernel_initializer="he_normal", name=f"{name}_conv{i}")(x)
-        x = _normalize(x, batch_norm, name, str(i))
-        x = layers.Activation("relu", name=f"{name}_relu{i}")(x)
-    return x
+    """Two ``_conv``."""
+    return _conv(_conv(x, filters, batch_norm, name, "1"), filters, batch_norm, name, "2")
 
 
 def build_anna(input_shape: tuple[int, int, int] = (_MODEL.image_size, _MODEL.image_size, 3),
@@ -134,10 +132,7 @@ def build_anna(input_shape: tuple[int, int, int] = (_MODEL.image_size, _MODEL.im
     else:
         x = layers.Rescaling(1.0 / 255, name="rescale")(inputs)
     if stem_stride > 1:
-        x = layers.Conv2D(base_filters, 3, strides=stem_stride, padding="same", use_bias=not batch_norm,
-                          kernel_initializer="he_normal", name="stem_conv")(x)
-        x = _normalize(x, batch_norm, "stem")
-        x = layers.Activation("relu", name="stem_relu")(x)
+        x = _conv(x, base_filters, batch_norm, "stem", strides=stem_stride)
     skips = []
     for level in range(depth):
         x = _conv_block(x, base_filters * 2 ** level, batch_norm, f"down{level}")
@@ -166,13 +161,11 @@ def build_anna(input_shape: tuple[int, int, int] = (_MODEL.image_size, _MODEL.im
     h = layers.Dropout(dropout, name="head_dropout2")(h) if dropout else h
     # Outputs stay float32 under mixed precision: stable sigmoid/log-loss and float32 results.
     outputs = {PROB_OUTPUT: layers.Dense(1, activation="sigmoid", dtype="float32", name=PROB_OUTPUT)(h)}
-    if segmentation and stem_stride > 1:
-        mask = layers.Conv2D(1, 1, activation="sigmoid", dtype="float32", name="mask_half")(decoder)
-        outputs[MASK_OUTPUT] = layers.UpSampling2D(stem_stride, interpolation="bilinear", dtype="float32",
-                                                   name=MASK_OUTPUT)(mask)
-    elif segmentation:
-        outputs[MASK_OUTPUT] = layers.Conv2D(1, 1, activation="sigmoid", dtype="float32",
-                                             name=MASK_OUTPUT)(decoder)
+    if segmentation:
+        mask = layers.Conv2D(1, 1, activation="sigmoid", dtype="float32",
+                             name="mask_half" if stem_stride > 1 else MASK_OUTPUT)(decoder)
+        outputs[MASK_OUTPUT] = mask if stem_stride == 1 else layers.UpSampling2D(
+            stem_stride, interpolation="bilinear", dtype="float32", name=MASK_OUTPUT)(mask)
     return keras.Model(inputs, outputs, name="anna")
 
 

@@ -25,11 +25,7 @@ class ModelFileError(ValueError):
 
 
 def model_path(path: str | Path) -> Path:
-    """The ``.keras`` file of a run folder, or the file given.
-
-    Raises:
-        FileNotFoundError: Nothing there, or a folder without ``model.keras``.
-    """
+    """The ``.keras`` file of a run folder, or the file given; FileNotFoundError where there is none."""
     path = Path(path).expanduser()
     file = path / MODEL_FILENAME if path.is_dir() else path
     if not file.is_file():
@@ -40,15 +36,10 @@ def model_path(path: str | Path) -> Path:
 
 
 def load_run(path: str | Path, required: bool = True) -> dict:
-    """The ``config.json`` of a run folder, or of the run a ``.keras`` file belongs to.
+    """The ``config.json`` of a run folder, or of the run a file inside it belongs to.
 
-    Args:
-        path: A run folder or a file inside it.
-        required: Raise when there is no ``config.json``; otherwise return ``{}`` (a model copied alone).
-
-    Raises:
-        FileNotFoundError: No ``config.json`` (with ``required``).
-        ModelFileError: It is not a JSON object, or a value has the wrong type or range (``schema.RUN``).
+    Without it: FileNotFoundError, or ``{}`` unless ``required`` (a model copied alone). ModelFileError where it is
+    not a JSON object or a value has the wrong type or range (``schema.RUN``).
     """
     path = Path(path).expanduser()
     file = (path if path.is_dir() else path.parent) / CONFIG_FILENAME
@@ -61,14 +52,9 @@ def load_run(path: str | Path, required: bool = True) -> dict:
 
 
 def load_model(path: str | Path) -> keras.Model:
-    """Load a saved ANNa (or legacy) model with ``safe_mode=True``, without compiling it.
+    """Load a saved ANNa (or legacy) model of a run folder or ``.keras`` file with ``safe_mode=True``, uncompiled.
 
-    Args:
-        path: A run folder or a ``.keras`` file.
-
-    Raises:
-        FileNotFoundError: No such file.
-        ModelFileError: The file is not a Keras 3 archive.
+    FileNotFoundError where there is none, ModelFileError where the file is not a Keras 3 archive.
     """
     file = model_path(path)
     if file.suffix != ".keras" or not zipfile.is_zipfile(file):
@@ -85,14 +71,6 @@ def load_model(path: str | Path) -> keras.Model:
         return keras.saving.load_model(file, compile=False, safe_mode=True)
     except (ValueError, TypeError, KeyError, OSError) as error:
         raise ModelFileError(f"{file} could not be loaded as a Keras model: {error}") from error
-
-
-def check_input_size(model: keras.Model, image_size: int, source: str | Path = "model") -> None:
-    """Raise ``ModelFileError`` when the model takes another image size than ``image_size``."""
-    expected = int(model.inputs[0].shape[1])
-    if expected != image_size:
-        raise ModelFileError(f"{source} takes {expected}x{expected} images but the arrays are "
-                             f"{image_size}x{image_size}; prepare the data with --size {expected}")
 
 
 #: The 8 symmetries of a square (4 rotations by 90°, each with and without a mirror), as
@@ -113,20 +91,16 @@ def undo_dihedral(maps: np.ndarray, turns: int, mirrored: bool) -> np.ndarray:
 
 
 def predict_outputs(model: keras.Model, images, batch_size: int = 64, tta: bool = False) -> dict[str, np.ndarray]:
-    """Run the model over images in batches (works on uint8 memory maps without loading them).
+    """Run an ANNa or legacy model over (N, S, S, 3) uint8 RGB images in batches (memory maps are not loaded).
 
-    Args:
-        model: An ANNa or legacy model.
-        images: Array-like (N, S, S, 3), uint8 RGB values.
-        batch_size: Images per forward pass.
-        tta: Test-time augmentation: average the outputs over the 8 flips/90° rotations of each
-            image (``DIHEDRAL``; segmentation maps are turned back first). 8x the work.
-
-    Returns:
-        ``{"p_leukemia": (N,) float32}`` plus ``"cell_mask": (N, S, S) float32`` when the model
-        has that output.
+    ``tta``: average the outputs over the 8 flips/90° rotations of each image (``DIHEDRAL``; segmentation maps are
+    turned back first), 8x the work. Returns ``{"p_leukemia": (N,) float32}`` plus ``"cell_mask": (N, S, S)
+    float32`` when the model has that output.
     """
-    check_input_size(model, int(images.shape[1]))
+    expected, size = int(model.inputs[0].shape[1]), int(images.shape[1])
+    if expected != size:
+        raise ModelFileError(f"model takes {expected}x{expected} images but the arrays are {size}x{size}; "
+                             f"prepare the data with --size {expected}")
     views = DIHEDRAL if tta else DIHEDRAL[:1]
     results: dict[str, list[np.ndarray]] = {PROB_OUTPUT: []}
     for start in range(0, len(images), batch_size):

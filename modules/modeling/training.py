@@ -1,24 +1,16 @@
 """Patient-disjoint training runs of ANNa (and of the legacy network, for comparison).
 
-``train_model`` prepares the cached arrays when needed, splits the labeled cells by patient
-(``modules.data.splits``), streams augmented batches (``inputs``), trains under the precision
-policy and ``tf.distribute`` strategy chosen for the hardware (``hardware``) and writes one run
-folder (``saving``)::
+``train_model`` prepares the cached arrays when needed, splits the labeled cells by patient (``data.splits``),
+streams augmented batches (``inputs``), trains under the precision policy and ``tf.distribute`` strategy chosen for
+the hardware (``hardware``) and writes one run folder (``saving``), epochs counted from 1 as Keras prints them. The
+decision threshold is chosen on the run's own patient-held-out validation predictions. ``resume=RUN_DIR`` continues
+an interrupted run after its last finished epoch (``ResumeState``) and ends with the same history as an uninterrupted
+one. A run folder has one writer at a time: the run holds its lock file (``.lock``) from start to end.
 
-    output/models/<run_id>/model.keras  config.json  history.csv  val_predictions.csv
-
-Epochs are counted from 1 in ``history.csv`` and ``config.json``, as Keras prints them. The
-decision threshold is Youden's J on the run's own patient-held-out validation predictions.
-``resume=RUN_DIR`` continues an interrupted run where its last finished epoch left it
-(``ResumeState``): a resumed run ends with the same history as an uninterrupted one. A run
-folder has one writer at a time: the run holds its lock file (``.lock``) from start to end.
-
-On several machines (``strategy="multi-worker"``, or ``auto`` with ``TF_CONFIG`` naming several
-workers) every worker runs this same function: ``batch_size`` is the global batch, split across
-the workers, each of which reads its share of every batch; every worker saves as Keras'
-multi-worker pattern wants, but only the chief (worker 0) into the run folder, the others into
-a temporary folder removed at the end. A killed worker is restarted with ``resume=RUN_DIR`` on
-every worker: each restores the chief's backup.
+On several machines (``strategy="multi-worker"``, or ``auto`` with ``TF_CONFIG`` naming several workers) every worker
+runs this function on its share of each (global) batch; only the chief (worker 0) saves into the run folder, the others
+into a temporary folder removed at the end. A killed worker is restarted with ``resume=RUN_DIR`` on every worker: each
+restores the chief's backup.
 """
 from __future__ import annotations
 
@@ -96,9 +88,7 @@ def _normalize(settings: dict) -> dict:
 def resolve_settings(given: dict, previous: dict | None = None, run_dir: Path | None = None) -> dict:
     """The defaults, then a resumed run's own settings, then those given (None: not given).
 
-    Raises:
-        TypeError: An unknown setting.
-        TrainingDataError: A resumed run asked to change a setting other than ``RESUMABLE``.
+    Raises TypeError on an unknown setting, TrainingDataError where a resumed run changes one not in ``RESUMABLE``.
     """
     given = {key: value for key, value in given.items() if value is not None}
     unknown = set(given) - set(default_settings())
@@ -156,18 +146,6 @@ def build_model(settings: dict) -> keras.Model:
     return network.build_anna(shape, **{key: settings[key] for key in MODEL_KEYS})
 
 
-def synchronize_batch_norm(model: keras.Model) -> None:
-    """Normalize over the global batch rather than each worker's share of it.
-
-    On several workers each one sees part of every batch; Keras' ``synchronized`` batch
-    normalization all-reduces the layers' batch mean and variance, so the network trains as on
-    one machine with the same batch (a small all-reduce per layer and step).
-    """
-    for layer in model.layers:
-        if isinstance(layer, keras.layers.BatchNormalization):
-            layer.synchronized = True
-
-
 def compile_model(model: keras.Model, settings: dict) -> None:
     """Adam, binary cross-entropy on each output (the mask's weighted), AUC on ``p_leukemia``."""
     losses, weights = {network.PROB_OUTPUT: "binary_crossentropy"}, {network.PROB_OUTPUT: 1.0}
@@ -198,21 +176,16 @@ def read_state(run_dir: Path) -> dict[str, dict]:
 
 
 class ResumeState(keras.callbacks.Callback):
-    """Everything a resumed fit needs, saved after every epoch and put back before the next one.
+    """Everything a resumed fit needs, saved after every epoch and put back at the first epoch of a fit that starts
+    at ``epochs_done`` (``fit(initial_epoch=…)``).
 
-    After each epoch: ``history.csv`` (epochs from 1), then in ``backup/`` the model's variables
-    (weights and the dropout layers' seed states) with the optimizer's (step count and learning
-    rate) as ``epoch-N.npz``, early stopping's best weights as ``best-epoch-N.npz``, and last
-    ``state.json``, which names both files and holds early stopping's (wait, best value, best
-    epoch) and ``ReduceLROnPlateau``'s (wait, best value, cooldown) counters. Each file is
-    replaced atomically and ``state.json`` last, so a kill at any moment leaves one complete
-    epoch to resume from. A resumed fit starts at ``epochs_done`` (``fit(initial_epoch=…)``);
-    at its first epoch this callback puts that epoch's state back.
-
-    Keras' ``BackupAndRestore`` is not used: it rewrites its weights file and then its epoch file
-    in place (a kill between the two pairs one epoch's weights with the previous epoch's number,
-    a kill during the second leaves JSON it cannot read), and it keeps neither the dropout seeds
-    nor any other callback's state.
+    After each epoch: ``history.csv``, then in ``backup/`` the model's variables (dropout seed states included) and
+    the optimizer's (``epoch-N.npz``), early stopping's best weights (``best-epoch-N.npz``) and ``state.json`` (both
+    names, early stopping's and ``ReduceLROnPlateau``'s counters). Each file is replaced atomically, ``state.json``
+    last, so a kill at any moment leaves one complete epoch. Not Keras' ``BackupAndRestore``: its ``save_weights``
+    skips the seed states (a resumed run would not repeat the uninterrupted one), it rewrites its weights file, then
+    its epoch file, in place (a kill between the two pairs one epoch's weights with another's number), deletes its
+    backup when ``fit`` returns (before the model is saved) and keeps no other callback's state.
     """
 
     SAVED = {"early_stopping": ("wait", "best", "best_epoch", "stopped_epoch"),
@@ -227,36 +200,19 @@ class ResumeState(keras.callbacks.Callback):
         self.epochs_done = max(map(int, self.entries), default=0)
 
     def variables(self) -> dict[str, list]:
-        """The model's variables (seed states included) and the optimizer's, in a fixed order."""
-        optimizer = self.model.optimizer
-        if not optimizer.built:
-            optimizer.build(self.model.trainable_variables)
-        return {"model": list(self.model.variables), "optimizer": list(optimizer.variables)}
-
-    def save_variables(self, name: str) -> None:
-        with atomic_path(self.folder / name) as partial:
-            np.savez(partial, **{f"{group}_{i}": keras.ops.convert_to_numpy(variable)
-                                 for group, variables in self.variables().items()
-                                 for i, variable in enumerate(variables)})
-
-    def load_variables(self, name: str) -> None:
-        file = self.folder / name
-        with np.load(file) as saved:
-            for group, variables in self.variables().items():
-                stored = sum(key.startswith(f"{group}_") for key in saved.files)
-                if stored != len(variables):
-                    raise TrainingDataError(f"{file} holds {stored} {group} variables, not {len(variables)}: it "
-                                            "belongs to another network; start a new run")
-                for i, variable in enumerate(variables):
-                    variable.assign(saved[f"{group}_{i}"])
+        """The model's variables and the optimizer's (step count, learning rate, moments), in a fixed order."""
+        if not self.model.optimizer.built:
+            self.model.optimizer.build(self.model.trainable_variables)
+        return {"model": list(self.model.variables), "optimizer": list(self.model.optimizer.variables)}
 
     def restore(self, done: int) -> None:
-        """Put back the history and the callbacks' state as they were after epoch ``done`` (0: none),
-        and the model's and optimizer's variables when fitting."""
-        history = pd.read_csv(self.history_path) if done and self.history_path.is_file() else pd.DataFrame()
-        self.rows, self.restored = (history[history["epoch"] <= done].to_dict("records") if done else []), True
+        """Put back the history and the callbacks' state after epoch ``done`` (0: none), the variables when fitting."""
+        self.restored = True
         if not done:
             return
+        if self.history_path.is_file():
+            history = pd.read_csv(self.history_path)
+            self.rows = history[history["epoch"] <= done].to_dict("records")
         if str(done) not in self.entries:
             raise TrainingDataError(f"{self.folder / STATE_FILENAME} has no state for epoch {done}; start a new run")
         entry = self.entries[str(done)]
@@ -265,8 +221,17 @@ class ResumeState(keras.callbacks.Callback):
                 setattr(callback, attribute, value)
         with np.load(self.folder / entry["best_weights"]) as saved:
             self.callbacks["early_stopping"].best_weights = [saved[f"arr_{i}"] for i in range(len(saved.files))]
-        if self.model is not None and entry.get("checkpoint"):
-            self.load_variables(entry["checkpoint"])
+        if self.model is None:  # not fitting: only the best weights are wanted
+            return
+        file = self.folder / entry["checkpoint"]
+        with np.load(file) as saved:
+            for group, variables in self.variables().items():
+                stored = sum(key.startswith(f"{group}_") for key in saved.files)
+                if stored != len(variables):
+                    raise TrainingDataError(f"{file} holds {stored} {group} variables, not {len(variables)}: it "
+                                            "belongs to another network; start a new run")
+                for i, variable in enumerate(variables):
+                    variable.assign(saved[f"{group}_{i}"])
 
     def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
         if not self.restored:
@@ -280,7 +245,9 @@ class ResumeState(keras.callbacks.Callback):
         if stopping.best_epoch == epoch:
             with atomic_path(self.folder / best_file) as partial:
                 np.savez(partial, *stopping.best_weights)
-        self.save_variables(checkpoint)
+        with atomic_path(self.folder / checkpoint) as partial:
+            np.savez(partial, **{f"{group}_{i}": keras.ops.convert_to_numpy(variable) for group, variables
+                                 in self.variables().items() for i, variable in enumerate(variables)})
         entry = {name: {attribute: _plain(getattr(callback, attribute)) for attribute in self.SAVED[name]}
                  for name, callback in self.callbacks.items()}
         self.entries = {str(epoch + 1): {**entry, "best_weights": best_file, "checkpoint": checkpoint,
@@ -310,10 +277,8 @@ def fit_model(model: keras.Model, train_data: Callable[[int], tf.data.Dataset], 
               run_dir: Path, verbose: int, steps_per_epoch: int | None = None) -> tuple[ResumeState, ThroughputTimer]:
     """Train with early stopping and a learning-rate schedule, resumably; the best epoch's weights at the end.
 
-    Args:
-        train_data: Gives the training batches from an epoch on (counted from 0; a resumed fit starts later).
-        steps_per_epoch: Batches per epoch where ``train_data`` streams all its epochs in one pass
-            (``inputs.make_dataset``); None where each pass is one epoch.
+    ``train_data(first)`` gives the batches from epoch ``first`` on (from 0); ``steps_per_epoch`` is set where
+    they stream all epochs in one pass (``inputs.make_dataset``), None where each pass is one epoch.
     """
     monitor, mode = monitor_of(settings)
     stopping = keras.callbacks.EarlyStopping(monitor=monitor, mode=mode, patience=settings["patience"],
@@ -336,12 +301,8 @@ def fit_model(model: keras.Model, train_data: Callable[[int], tf.data.Dataset], 
 # --------------------------------------------------------------------------- run folder
 @contextlib.contextmanager
 def claim_run_dir(run_dir: Path) -> Iterator[Path]:
-    """Be the run folder's one writer for the whole ``with`` block, then clear what a killed writer left.
-
-    Raises:
-        LockHeldError: Another process trains or resumes this run now (the message names it).
-        TrainingDataError: The run finished while this process got ready to resume it.
-    """
+    """Be the run folder's one writer for the whole ``with`` block (else LockHeldError, naming the holder), then clear
+    what a killed writer left; TrainingDataError where the run finished while this process got ready to resume it."""
     with exclusive_lock(run_dir / LOCK_FILENAME, f"the run folder {run_dir}"):
         if load_run(run_dir, required=False).get("status") == "complete":
             raise TrainingDataError(f"{run_dir} finished already; start a new run instead of --resume")
@@ -366,17 +327,11 @@ def worker_copy(resume: Path | None, tag: str) -> Iterator[Path]:
 @contextlib.contextmanager
 def worker_run_dir(strategy: tf.distribute.Strategy, parent: Path, tag: str, resume: Path | None,
                    cells: int) -> Iterator[Path]:
-    """The folder this process writes the run to.
+    """The folder this process writes the run to: ``resume`` or a new run folder on the chief (or a lone process),
+    a ``worker_copy`` of ``resume`` on any other worker, so that it restores the chief's epoch and callback state.
 
-    The chief (or a lone process): ``resume`` or a new run folder. Any other worker of a
-    cluster: a temporary ``worker_copy`` of ``resume``, so that it restores the same epoch and
-    callback state as the chief. The workers check that they hold the same cells (``cells_key``)
-    and start from the same epoch: otherwise they would mix two runs, or one would wait for the
-    others for ever.
-
-    Raises:
-        StrategyError: The workers hold other cells, or would start from other epochs.
-        WorkerLostError: Another worker stopped during the run.
+    Raises StrategyError where the workers hold other cells (``cells_key``) or would start from other epochs
+    (they would mix two runs, or wait for each other for ever), WorkerLostError where one stops during the run.
     """
     chief = hardware.is_chief(strategy)
     with claim_run_dir(resume or new_run_dir(parent, tag)) if chief else worker_copy(resume, tag) as run_dir:
@@ -401,22 +356,16 @@ def worker_run_dir(strategy: tf.distribute.Strategy, parent: Path, tag: str, res
 
 
 def cells_key(manifest: pd.DataFrame, split: PatientSplit) -> int:
-    """A number for the cells of a run's training and validation rows, in order: their pixels and labels.
-
-    Equal on every machine that holds the same cells, wherever they are and however old the files; the
-    first 6 hex digits of a sha256, so that workers exchange it exactly (``gather_from_workers``).
-    """
+    """A number for the pixels and labels of a run's training and validation rows, in order: equal on every machine
+    holding the same cells, wherever and however old the files; 6 hex digits, so workers exchange it exactly."""
     rows = manifest.iloc[np.concatenate([split.train_index, split.val_index])]
     text = "".join(f"{digest}{label}\n" for digest, label in zip(rows[DIGEST_COLUMN], rows["label"]))
     return int(hashlib.sha256(text.encode()).hexdigest()[:6], 16)
 
 
 def sharded(dataset: tf.data.Dataset) -> tf.data.Dataset:
-    """The dataset with each worker of a cluster reading its own part of every (global) batch.
-
-    Sharding by data, not files: the cells come from one memory-mapped array, not one file
-    per worker. Every worker shuffles with the same seed, so the parts never overlap.
-    """
+    """The dataset with each worker of a cluster reading its own part of every (global) batch: sharded by data, not
+    files (the cells come from one memory-mapped array); every worker shuffles alike, so the parts never overlap."""
     options = tf.data.Options()
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
     return dataset.with_options(options)
@@ -428,11 +377,9 @@ def new_run_dir(parent: Path, tag: str) -> Path:
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
     for attempt in range(1, 1000):
         run_dir = parent / (f"{stamp}-{tag}" + (f"-{attempt}" if attempt > 1 else ""))
-        try:
+        with contextlib.suppress(FileExistsError):
             run_dir.mkdir()
             return run_dir
-        except FileExistsError:
-            continue
     raise RuntimeError(f"could not create a new run folder under {parent}")
 
 
@@ -444,13 +391,14 @@ def describe_run(run_dir: Path, settings: dict, split: PatientSplit, arrays, arr
     legacy, meta, size = settings["architecture"] == "legacy", arrays.meta, settings["image_size"]
     labels = np.asarray(arrays.labels).astype(int)
     builder = {"builder": f"build_{settings['architecture']}", "input_shape": [size, size, 3]}
-    training = {key: settings[key] for key in ("epochs", "batch_size", "learning_rate", "augment", "colour_augment",
-                                               "subject_weighting", "patience", "lr_patience")}
-    training.update(optimizer="adam", monitor=monitor_of(settings)[0], mask_target=settings["mask_target"]
-                    if settings["segmentation"] else None,
-                    class_weights=balanced_class_weights(labels[split.train_index]) if settings["class_weighting"]
-                    else None, mask_loss_weight=settings["mask_loss_weight"] if settings["segmentation"] else None,
-                    train_images=int(len(split.train_index)), val_images=int(len(split.val_index)))
+    segmentation, weighted = settings["segmentation"], settings["class_weighting"]
+    training = {**{key: settings[key] for key in ("epochs", "batch_size", "learning_rate", "augment", "colour_augment",
+                                                  "subject_weighting", "patience", "lr_patience")},
+                "optimizer": "adam", "monitor": monitor_of(settings)[0],
+                "mask_target": settings["mask_target"] if segmentation else None,
+                "class_weights": balanced_class_weights(labels[split.train_index]) if weighted else None,
+                "mask_loss_weight": settings["mask_loss_weight"] if segmentation else None,
+                "train_images": int(len(split.train_index)), "val_images": int(len(split.val_index))}
     return {
         "run_id": run_dir.name, "status": "running", "architecture": settings["architecture"], "image_size": size,
         "created": previous["created"] if previous else datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -463,8 +411,7 @@ def describe_run(run_dir: Path, settings: dict, split: PatientSplit, arrays, arr
         "val_patients": split.val_patients, "train_patients": split.train_patients,
         "excluded_patients": split.excluded_patients, "split_method": split.method, "val_fold": split.val_fold,
         "seed": settings["seed"], "policy": policy, "strategy": hardware.describe_strategy(strategy),
-        "workers": hardware.count_workers(strategy),
-        "hardware": hardware.describe_hardware(policy, strategy),
+        "workers": hardware.count_workers(strategy), "hardware": hardware.describe_hardware(policy, strategy),
         "model": builder if legacy else {**builder, **{key: settings[key] for key in MODEL_KEYS}},
         "training": training,
         "data": {"source": str(meta.get("source") or source), "arrays_dir": str(arrays_dir),
@@ -488,9 +435,8 @@ def finish_run(run_dir: Path, run_config: dict, model: keras.Model, arrays, spli
     p_val = saving.predict_outputs(best, arrays.images[split.val_index],
                                    batch_size=max(64, run_config["training"]["batch_size"]))[network.PROB_OUTPUT]
     manifest = arrays.manifest.iloc[split.val_index]
-    write_csv_atomic(pd.DataFrame({**{key: manifest[key].astype(str).to_numpy() for key in ("path", "name",
-                                                                                           "patient_id")},
-                                   "label": labels, "p_leukemia": p_val.astype("float64")}),
+    columns = {key: manifest[key].astype(str).to_numpy() for key in ("path", "name", "patient_id")}
+    write_csv_atomic(pd.DataFrame({**columns, "label": labels, "p_leukemia": p_val.astype("float64")}),
                      run_dir / saving.VAL_PREDICTIONS_FILENAME)
     settings = run_config["settings"]
     threshold = 0.5 if run_config["architecture"] == "legacy" else choose_threshold(
@@ -517,25 +463,17 @@ def train_model(data=None, *, resume: str | Path | None = None, output_dir: str 
                 verbose: int | str = "auto", **settings) -> Path | None:
     """Train ANNa (or the legacy net) on patient-disjoint splits and write a run folder.
 
-    Args:
-        data: Dataset folder (C-NMC layout), manifest DataFrame, or a prepared arrays folder.
-            With ``resume`` it defaults to the run's arrays.
-        resume: A run folder to continue after its last finished epoch, with its own settings.
-        output_dir: Root of the outputs (``config.OUTPUT_DIR``).
-        verbose: Keras verbosity; ``auto`` = one line per epoch.
-        **settings: Fields of ``config.ModelSettings`` (``image_size``, ``depth``, ``base_filters``,
-            ``dropout``…) and ``config.TrainSettings`` (``epochs``, ``batch_size``, ``seed``,
-            ``patience``, ``policy``, ``strategy``…), and ``RUN_OPTIONS`` (``architecture``,
-            ``val_patients``, ``val_fold``, ``exclude_patients``, ``canvas``, ``runs_dir``,
-            ``run_tag``…). None takes the default.
-
-    Returns:
-        The run folder; None on a worker of a cluster other than the chief (it keeps no files).
+    ``data``: a dataset folder (C-NMC layout), manifest DataFrame or prepared arrays folder (with ``resume``,
+    the run's arrays by default). ``resume``: a run folder to continue after its last finished epoch, with its
+    own settings. ``verbose``: Keras' (``auto``: a line per epoch). ``settings``: fields of
+    ``config.ModelSettings`` and ``config.TrainSettings``, and ``RUN_OPTIONS``; None takes the default.
+    Returns the run folder; None on a worker of a cluster other than the chief (it keeps no files).
     """
+    resume = Path(resume) if resume is not None else None
     previous = load_run(resume) if resume is not None else None
     if previous is not None and previous.get("status") == "complete":
         raise TrainingDataError(f"{resume} finished already; start a new run instead of --resume")
-    settings = resolve_settings(settings, previous, Path(resume) if resume else None)
+    settings = resolve_settings(settings, previous, resume)
     if data is None and previous is None:
         raise ValueError("no data given; pass --data DIR (a C-NMC_Leukemia folder) or --resume RUN_DIR")
     # First of all TensorFlow's work: a multi-worker strategy must exist before any other operation.
@@ -556,7 +494,7 @@ def train_model(data=None, *, resume: str | Path | None = None, output_dir: str 
     split = split_patients(arrays.manifest, labels, settings["val_patients"], settings["val_fold"],
                            settings["val_fraction"], settings["seed"], settings["exclude_patients"], source)
     if previous is not None:
-        check_resumable(previous, Path(resume), arrays, split)
+        check_resumable(previous, resume, arrays, split)
     policy = hardware.select_policy(settings["policy"])
     parent = Path(settings["runs_dir"] or Path(output_dir or config.OUTPUT_DIR) / config.MODELS_SUBDIR)
     tag = settings["run_tag"] or f"{settings['architecture']}-s{settings['image_size']}"
@@ -575,8 +513,7 @@ def train_model(data=None, *, resume: str | Path | None = None, output_dir: str 
                                     settings["seed"], weights, settings["segmentation"], augment,
                                     range(first_epoch, settings["epochs"])))
 
-    cells = cells_key(arrays.manifest, split)
-    with worker_run_dir(strategy, parent, tag, Path(resume) if resume else None, cells) as run_dir:
+    with worker_run_dir(strategy, parent, tag, resume, cells_key(arrays.manifest, split)) as run_dir:
         run_config = describe_run(run_dir, settings, split, arrays, arrays_dir, source, policy, strategy, previous)
         if nucleus_fallbacks is not None:  # cells whose target is their cell mask: no nucleus trusted
             run_config["training"]["nucleus_fallbacks"] = nucleus_fallbacks
@@ -584,8 +521,10 @@ def train_model(data=None, *, resume: str | Path | None = None, output_dir: str 
         started = time.perf_counter()
         with hardware.dtype_policy(policy), strategy.scope():
             model = build_model(settings)
-            if hardware.count_workers(strategy) > 1:
-                synchronize_batch_norm(model)
+            if hardware.count_workers(strategy) > 1:  # each worker sees part of a batch: normalize over all of it
+                for layer in model.layers:
+                    if isinstance(layer, keras.layers.BatchNormalization):
+                        layer.synchronized = True
             compile_model(model, settings)
             state, timer = fit_model(model, lambda first: dataset(split.train_index, True, first),
                                      dataset(split.val_index, False), settings, run_dir, verbose,

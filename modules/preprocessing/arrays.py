@@ -1,8 +1,8 @@
 """The arrays cache: every cell of a dataset prepared once (on a thread pool) into ``.npy`` files read memory-mapped.
 
 ``output/arrays/<dataset>_<size>/`` holds ``images.npy`` (N,S,S,3) uint8 RGB, ``masks.npy`` (N,S,S) uint8 0/1,
-``labels.npy`` (N,) int8 (1 all, 0 hem, -1 unlabeled), ``manifest.csv`` (row i = array row i, with its
-``pixel_digest``) and ``meta.json``. One process at a time writes it (``arrays/.<name>.lock``).
+``labels.npy`` (N,) int8 (1 all, 0 hem, -1 unlabeled), ``manifest.csv`` (row i = array row i, with its ``pixel_digest``)
+and ``meta.json``. One process at a time writes it (``arrays/.<name>.lock``).
 """
 from __future__ import annotations
 
@@ -65,12 +65,12 @@ def _source_root(manifest: pd.DataFrame) -> Path:
     return Path(source) if source else Path(os.path.commonpath([str(Path(p).parent) for p in manifest["path"]]))
 
 
-def compute_digest(manifest: pd.DataFrame, size: int, margin: int, threshold: int = config.BACKGROUND_THRESHOLD,
-                   root: Path | None = None, canvas: int = config.DEFAULT_CANVAS) -> str:
-    """sha256 of the settings, ``META_VERSION`` and each file's path (relative to ``root``, by default the
-    manifest's source), size, mtime and manifest fields (a changed labels CSV counts)."""
-    prefix = str(root or _source_root(manifest)).rstrip(os.sep) + os.sep
-    digest = hashlib.sha256(f"v{META_VERSION}|{size}|{margin}|{threshold}|canvas={int(canvas)}\n".encode())
+def compute_digest(manifest: pd.DataFrame, settings: Settings, root: Path) -> str:
+    """sha256 of the settings, ``META_VERSION`` and each file's path (relative to ``root``), size, mtime and manifest
+    fields (a changed labels CSV counts)."""
+    prefix = str(root).rstrip(os.sep) + os.sep
+    size, margin, threshold, canvas = settings
+    digest = hashlib.sha256(f"v{META_VERSION}|{size}|{margin}|{threshold}|canvas={canvas}\n".encode())
     entries = []
     for path, *fields in zip(*(manifest[c].tolist() for c in ("path", "original_name", "patient_id", "label",
                                                                 "split", "fold"))):
@@ -111,8 +111,8 @@ def _write_rows(path: Path, first: int, start: int, rows: np.ndarray) -> None:
 
 def _prepare_chunk(start: int, paths: list[str], settings: Settings, buffers: queue.SimpleQueue,
                    files: list[tuple[Path, int]]) -> tuple[list[str], Errors]:
-    """Prepare rows ``start…`` into a reused pair of chunk buffers and write them into images.npy and masks.npy
-    (``files``: each with the byte at which its rows start); returns their pixel digests and the errors."""
+    """Prepare rows ``start…`` into a reused pair of chunk buffers, written into ``files`` (images.npy and masks.npy,
+    each with the byte at which its rows start); returns their pixel digests and the errors."""
     images, masks = buffers.get()
     try:
         digests, errors = [""] * len(paths), []
@@ -137,9 +137,9 @@ def _prepare_chunk(start: int, paths: list[str], settings: Settings, buffers: qu
 
 def _fill(folder: Path, paths: list[str], settings: Settings, workers: int, skip_bad: bool, progress: bool,
           desc: str) -> tuple[list[str], Errors]:
-    """Prepare every path on a thread pool into images.npy and masks.npy; returns the digests and the errors,
-    stopping at the first chunk with a bad image unless ``skip_bad``. Each worker reuses one chunk buffer: no
-    fresh pages per chunk (page faults cost more than the pixels here), no memory map filled page by page."""
+    """Prepare every path on a thread pool into images.npy and masks.npy; returns the digests and the errors, stopping
+    at the first chunk with a bad image unless ``skip_bad``. Each worker reuses one chunk buffer: no fresh pages per
+    chunk (page faults cost more than the pixels here), no memory map filled page by page."""
     n, size = len(paths), settings[0]
     shapes = {folder / "images.npy": (n, size, size, 3), folder / "masks.npy": (n, size, size)}
     files = [(path, _create_npy(path, shape)) for path, shape in shapes.items()]
@@ -213,8 +213,7 @@ def _write_arrays(folder: Path, manifest: pd.DataFrame, settings: Settings, work
 
 
 def remove_staging(target: Path) -> list[Path]:
-    """Remove the staging folders of ``target`` (``.<name>.<random>.partial``) killed prepares left; call it
-    only while holding the lock of ``target``: every live writer of those folders holds it."""
+    """Remove the staging folders of ``target`` killed prepares left; only while holding the lock of ``target``."""
     name = re.compile(rf"\.{re.escape(target.name)}\.[a-z0-9_]{{8}}\.partial")  # tempfile's random part
     left = [folder for folder in target.parent.glob(".*.partial") if folder.is_dir() and name.fullmatch(folder.name)]
     for folder in left:
@@ -235,17 +234,14 @@ def prepare_arrays(data, size: int = config.DEFAULT_IMAGE_SIZE, output_dir: str 
                    skip_bad: bool = False, workers: int | None = None, progress: bool = True,
                    margin: int = config.DEFAULT_MARGIN, canvas: int = config.DEFAULT_CANVAS) -> Path:
     """Prepare (or reuse) the cached arrays of a dataset folder or manifest table, each cell through
-    ``preprocess_image``; returns ``config.arrays_dir(dataset, size, output_dir, canvas, margin)``.
-
-    ``skip_bad`` leaves unusable images out (listed in ``meta.json["skipped"]``) instead of raising
-    ImageError naming them; ``workers`` threads (``default_workers()`` by default).
-    """
+    ``preprocess_image``; returns ``config.arrays_dir(...)``. ``skip_bad`` leaves unusable images out (listed in
+    ``meta.json["skipped"]``) instead of raising ImageError naming them."""
     manifest, threshold = _as_manifest(data), config.BACKGROUND_THRESHOLD
     check_settings(size, margin, threshold, canvas)
     settings = (int(size), int(margin), threshold, int(canvas))
     source, dataset = _source_root(manifest), _dataset_for(manifest)
     target = config.arrays_dir(dataset, size, output_dir, canvas=canvas, margin=margin)
-    digest = compute_digest(manifest, size, margin, threshold, source, canvas=canvas)
+    digest = compute_digest(manifest, settings, source)
     if _is_cached(target, digest, skip_bad):
         return target
     synthetic = bool(manifest.attrs.get("synthetic", is_synthetic(source)))
@@ -270,11 +266,8 @@ def prepare_arrays(data, size: int = config.DEFAULT_IMAGE_SIZE, output_dir: str 
 
 
 def load_arrays(arrays_dir: str | os.PathLike) -> PreparedArrays:
-    """Open a folder ``prepare_arrays`` made (memory-mapped, read-only).
-
-    Raises FileNotFoundError when a file is missing, SchemaError when meta.json or an array is not what
-    ``prepare_arrays`` writes (a pickled ``.npy``, a wrong type or row count), naming the file.
-    """
+    """Open a folder ``prepare_arrays`` made (memory-mapped, read-only); SchemaError naming the file where meta.json
+    or an array is not what ``prepare_arrays`` writes (a pickled ``.npy``, a wrong type or row count)."""
     folder = Path(arrays_dir)
     missing = [name for name in (*(f"{n}.npy" for n in ARRAYS), "manifest.csv", "meta.json")
                if not (folder / name).is_file()]

@@ -174,8 +174,7 @@ def check_header(path: str, header: ImageHeader, file_size: int) -> None:
 
 
 def decode(path: str, data: bytes, header: ImageHeader) -> np.ndarray:
-    """OpenCV's decoding of a checked file; its errors, memory errors and a size other than the header's
-    become ImageErrors naming the file."""
+    """OpenCV's decoding of a checked file; its errors and a size other than the header's become ImageErrors."""
     try:
         image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
     except cv2.error as error:
@@ -192,8 +191,8 @@ def decode(path: str, data: bytes, header: ImageHeader) -> np.ndarray:
 
 
 def read_bgr(path: str | os.PathLike) -> np.ndarray:
-    """An image file (BMP, PNG, JPEG or TIFF) as (H, W, 3) uint8 BGR, or ImageError naming it; its header is
-    checked before the file is read, so memory stays bounded whatever the file holds."""
+    """An image file (BMP, PNG, JPEG or TIFF) as (H, W, 3) uint8 BGR, or ImageError naming it; its header is checked
+    before the file is read, so memory stays bounded whatever the file holds."""
     path = os.fspath(path)
     try:  # Python's open() also takes paths cv2.imread cannot (non-ASCII on Windows); unbuffered: read once
         with open(path, "rb", buffering=0) as handle:
@@ -231,17 +230,14 @@ def load_rgb(path: str | os.PathLike) -> np.ndarray:
 
 
 def check_settings(size: int, margin: int, threshold: int, canvas: int, min_size: int = 8) -> None:
-    """Raise ValueError unless size (``min_size`` to ``MAX_SIZE``), margin and canvas (0 to
-    ``MAX_EXTENT``) and threshold (0 to 254) are integers in range."""
-    values = {"size": size, "margin": margin, "threshold": threshold, "canvas": canvas}
-    for name, value in values.items():
+    """Raise ValueError unless size, margin, threshold and canvas are integers in range."""
+    for name, value in {"size": size, "margin": margin, "threshold": threshold, "canvas": canvas}.items():
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
             raise ValueError(f"{name} must be an integer, not {value!r}")
     if not (min_size <= size <= MAX_SIZE and 0 <= margin <= MAX_EXTENT and 0 <= canvas <= MAX_EXTENT
             and 0 <= threshold <= 254):
-        raise ValueError(f"need {min_size} <= size <= {MAX_SIZE}, 0 <= margin, canvas <= {MAX_EXTENT} and "
-                         f"0 <= threshold <= 254 (got size={size}, margin={margin}, canvas={canvas}, "
-                         f"threshold={threshold})")
+        raise ValueError(f"need {min_size} <= size <= {MAX_SIZE}, 0 <= margin, canvas <= {MAX_EXTENT} and 0 <= "
+                         f"threshold <= 254 (got size={size}, margin={margin}, canvas={canvas}, threshold={threshold})")
 
 
 def cell_mask(image: np.ndarray, threshold: int = config.BACKGROUND_THRESHOLD) -> np.ndarray:
@@ -252,9 +248,9 @@ def cell_mask(image: np.ndarray, threshold: int = config.BACKGROUND_THRESHOLD) -
 def cell_square(rgb: np.ndarray, margin: int = config.DEFAULT_MARGIN,
                 threshold: int = config.BACKGROUND_THRESHOLD,
                 canvas: int = config.DEFAULT_CANVAS) -> tuple[tuple[int, int, int, int], tuple[int, int, int]]:
-    """``((y, x, height, width), (top, left, side))``: the box of the pixels with a channel above ``threshold``
-    and the square centred on it that ``preprocess_image`` keeps (the box's longer side plus ``2 * margin``, at
-    least ``canvas``; it may reach past the image). ImageError when no pixel is above the threshold."""
+    """``((y, x, height, width), (top, left, side))``: the box of the pixels with a channel above ``threshold`` and
+    the square centred on it that ``preprocess_image`` keeps (the box's longer side plus ``2 * margin``, at least
+    ``canvas``; it may reach past the image). ImageError when no pixel is above the threshold."""
     flat = rgb.reshape(rgb.shape[0], -1)  # one row of bytes per pixel row: two cheap passes, no full mask
     rows = np.flatnonzero(flat.max(axis=1) > threshold)
     if rows.size == 0:
@@ -268,12 +264,9 @@ def cell_square(rgb: np.ndarray, margin: int = config.DEFAULT_MARGIN,
 def preprocess_image(rgb: np.ndarray, size: int, margin: int = config.DEFAULT_MARGIN,
                      threshold: int = config.BACKGROUND_THRESHOLD,
                      canvas: int = config.DEFAULT_CANVAS) -> tuple[np.ndarray, np.ndarray]:
-    """``(image, mask)`` of (size, size, 3) and (size, size) uint8: the cell's square (``cell_square``; black
-    where it leaves the image) resized by ``resize_square``, and 1 where a channel is above ``threshold``.
-
-    Either channel order works and is kept. ``canvas``: smallest side of the square in input pixels, so cells
-    keep a common scale (0 crops tightly). ImageError for an all-black image, ValueError for a wrong input.
-    """
+    """``(image, mask)`` of (size, size, 3) and (size, size) uint8: the cell's square (``cell_square``; black where
+    it leaves the image) resized by ``resize_square``, and 1 where a channel is above ``threshold``. Either channel
+    order works and is kept; ``canvas`` (the square's smallest side) keeps cells at a common scale (0 crops tightly)."""
     if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3 or 0 in rgb.shape:
         raise ValueError(f"preprocess_image needs a non-empty (H, W, 3) uint8 image, not {rgb.dtype} {rgb.shape}")
     check_settings(size, margin, threshold, canvas, min_size=1)
@@ -290,9 +283,8 @@ def preprocess_image(rgb: np.ndarray, size: int, margin: int = config.DEFAULT_MA
 def resize_square(square: np.ndarray, size: int) -> np.ndarray:
     """A square image resized to ``size``: area-averaged when shrinking (no aliasing), bilinear when enlarging.
 
-    A shrink by ``k = side // size >= 2`` goes bilinear to ``k * size`` (too small a step to alias), then
-    through OpenCV's integer-factor INTER_AREA: twice as fast as its general path, within 0.2 grey levels of it.
-    """
+    A shrink by ``k = side // size >= 2`` goes bilinear to ``k * size`` (too small a step to alias), then through
+    OpenCV's integer-factor INTER_AREA: twice as fast as its general path, within 0.2 grey levels of it."""
     side = square.shape[0]
     if side <= size:
         return cv2.resize(square, (size, size), interpolation=cv2.INTER_LINEAR)

@@ -1,14 +1,13 @@
 """The nucleus of one cell, found from the colour of its stain (a target and a measure for the U-Net).
 
-C-NMC cells are stained Jenner–Giemsa-like: the nucleus is purple (it absorbs green, passes red and
-blue), the thin rim and scraps of cytoplasm are pale blue-grey. Each pixel is scored by how purple it
-is, ``log R + log B - 2 log G``: a log-chromaticity, so that it does not change when a pixel is
-darker or lighter, neither with dense against light chromatin (the failure of a plain Otsu threshold
-on a hematoxylin or density channel, which splits the chromatin) nor where the cell's edge blends
-into the black background. Pixels scoring at least ``RATIO`` of the cell's median score are nucleus
-(most of a C-NMC cell is nucleus, so the median is a nucleus level); a closing, an opening, the
-largest component and hole filling make the outline. A result outside ``MIN_SHARE`` … ``MAX_SHARE`` of the cell is no
-nucleus the rule can trust: the cell mask is returned instead and flagged.
+C-NMC cells are stained Jenner–Giemsa-like: the nucleus is purple (it absorbs green, passes red and blue), the thin
+rim and scraps of cytoplasm are pale blue-grey. Each pixel is scored by how purple it is, ``log R + log B - 2 log G``:
+a log-chromaticity, unchanged when a pixel is darker or lighter, neither with dense against light chromatin (a plain
+Otsu threshold on a hematoxylin or density channel splits the chromatin) nor where the cell's edge blends into the
+black background. Pixels scoring at least ``RATIO`` of the cell's median score are nucleus (most of a C-NMC cell is
+nucleus, so the median is a nucleus level); a closing, an opening, the largest component and hole filling make the
+outline. A result outside ``MIN_SHARE`` … ``MAX_SHARE`` of the cell is no nucleus the rule can trust: the cell mask
+is returned instead and flagged.
 """
 from __future__ import annotations
 
@@ -24,11 +23,10 @@ RATIO = 0.75
 MIN_SHARE, MAX_SHARE = 0.3, 0.98
 #: Cell area (pixels) the sizes below are tuned at: the median C-NMC cell cropped tight at 96 px.
 REFERENCE_AREA = 6000
-#: At the reference area: the score's smoothing (Gaussian sigma, pixels), the closing that fills pale
-#: chromatin notches at the nucleus edge and the opening that cuts thin spurs into cytoplasm tails.
+#: At the reference area: the score's smoothing (Gaussian sigma, pixels), the closing that fills pale chromatin
+#: notches at the nucleus edge and the opening that cuts thin spurs into cytoplasm tails.
 SIGMA, CLOSE, OPEN = 1.0, 11, 3
-#: Fewer interior pixels than this, or a median score below ``MIN_SCORE`` (a grey, unstained image):
-#: no nucleus is looked for.
+#: Fewer interior pixels than this, or a median score below ``MIN_SCORE`` (a grey, unstained image): no nucleus.
 MIN_PIXELS, MIN_SCORE = 50, 0.2
 #: log(1 + v) for every uint8 value: a table lookup is cheaper than the logarithm.
 LOG_TABLE = np.log1p(np.arange(256, dtype=np.float32))
@@ -43,11 +41,8 @@ class Nucleus:
 
 
 def purple_score(rgb: np.ndarray, cell: np.ndarray, sigma: float) -> np.ndarray:
-    """``log R + log B - 2 log G`` per pixel, smoothed inside the cell only (0 outside it).
-
-    Symmetric in R and B, so BGR works alike. The smoothing is normalised by the smoothed mask, so
-    that the black background does not pull the edge pixels' score down.
-    """
+    """``log R + log B - 2 log G`` per pixel (symmetric in R and B: BGR works alike), smoothed inside the cell only
+    (0 outside it): normalised by the smoothed mask, so that the black background does not pull the edge down."""
     logs = cv2.LUT(rgb, LOG_TABLE)
     weight = cell.astype(np.float32)
     score = (logs[..., 0] + logs[..., 2] - 2 * logs[..., 1]) * weight
@@ -76,11 +71,7 @@ def clean_outline(candidate: np.ndarray, scale: float) -> np.ndarray:
 
 
 def find_nucleus(rgb: np.ndarray, cell_mask: np.ndarray) -> Nucleus:
-    """The nucleus of one cell (RGB or BGR, uint8) inside its mask; the cell mask, flagged, when untrusted.
-
-    Raises:
-        ValueError: ``rgb`` is not (H, W, 3) uint8 or ``cell_mask`` is not (H, W).
-    """
+    """The nucleus of one cell (RGB or BGR, uint8) inside its mask; the cell mask, flagged, when untrusted."""
     if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3 or cell_mask.shape != rgb.shape[:2]:
         raise ValueError(f"find_nucleus needs an (H, W, 3) uint8 image and an (H, W) mask, not {rgb.dtype} "
                          f"{rgb.shape} and {cell_mask.shape}")
@@ -92,9 +83,7 @@ def find_nucleus(rgb: np.ndarray, cell_mask: np.ndarray) -> Nucleus:
     score = purple_score(rgb, cell, SIGMA * scale)
     # The level is read away from the edge, where few pixels carry the score.
     interior = cv2.erode(cell, odd_kernel(3)) > 0
-    if interior.sum() < MIN_PIXELS:
-        return fallback
-    level = float(np.median(score[interior]))
+    level = float(np.median(score[interior])) if interior.sum() >= MIN_PIXELS else 0.0
     if level < MIN_SCORE:
         return fallback
     nucleus = clean_outline((score >= RATIO * level).view(np.uint8), scale) & cell
@@ -110,15 +99,13 @@ def nucleus_mask(rgb: np.ndarray, cell_mask: np.ndarray) -> np.ndarray:
 
 def nucleus_measures(nucleus: np.ndarray, cell_mask: np.ndarray) -> tuple[float, float]:
     """Nucleus area as a share of the cell, and the nucleus-to-cytoplasm area ratio (NaN without cytoplasm)."""
-    cell = int(np.count_nonzero(cell_mask))
-    area = int(np.count_nonzero(nucleus))
+    cell, area = int(np.count_nonzero(cell_mask)), int(np.count_nonzero(nucleus))
     cytoplasm = cell - area
     return (area / cell if cell else float("nan")), (area / cytoplasm if cytoplasm > 0 else float("nan"))
 
 
 def nucleus_masks(images: np.ndarray, cell_masks: np.ndarray, progress: bool = False) -> tuple[np.ndarray, int]:
-    """``nucleus_mask`` of every cell of prepared arrays: (N, S, S) uint8 0/1 (about half a ms a cell), and how many
-    cells fell back to their cell mask (no nucleus trusted)."""
+    """``nucleus_mask`` of every cell of prepared arrays, (N, S, S) uint8 0/1, and how many cells fell back."""
     from tqdm.auto import tqdm
 
     out, fallbacks = np.empty(np.shape(cell_masks), dtype=np.uint8), 0

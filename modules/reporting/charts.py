@@ -2,6 +2,7 @@
 in ``charts.json`` (read by the report and the gallery). The evaluation charts are scikit-learn's displays."""
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -49,12 +50,11 @@ def save_chart(fig: matplotlib.figure.Figure, data: pd.DataFrame, name: str, cap
     """Write ``<name>.png`` and ``<name>.csv`` atomically, record the caption; returns the PNG (figure left open)."""
     if not name or "/" in name or name.startswith("."):
         raise ValueError(f"chart name {name!r} must be a plain file stem such as 'roc_curve'")
-    out_dir = Path(out_dir)
-    png = out_dir / f"{name}.png"
+    png = Path(out_dir) / f"{name}.png"
     write_csv_atomic(pd.DataFrame(data), png.with_suffix(".csv"))
     with atomic_path(png) as tmp:
         fig.savefig(tmp, format="png", dpi=DPI, bbox_inches="tight")
-    write_json_atomic(out_dir / CHARTS_JSON, {**chart_captions(out_dir), name: caption})
+    write_json_atomic(png.parent / CHARTS_JSON, {**chart_captions(png.parent), name: caption})
     return png
 
 
@@ -73,11 +73,9 @@ def for_display(rgb: np.ndarray) -> np.ndarray:
 # ----------------------------------------------------------------------------- evaluation charts
 def metric_charts(predictions: pd.DataFrame, threshold: float, per_patient: pd.DataFrame,
                   note: str = "") -> dict[str, Chart]:
-    """{name: Chart} of ``predictions.csv`` and ``per_patient.csv`` (the curves need both classes, the last chart
-    known patients); ``note`` is the titles' ``synthetic_note``."""
-    labels = predictions["label"].to_numpy("int64")
+    """{name: Chart} of ``predictions.csv`` and ``per_patient.csv`` (curves need both classes); ``note``: titles'."""
+    labels, called = (predictions[column].to_numpy("int64") for column in ("label", "prediction"))
     p = predictions["p_leukemia"].to_numpy("float64")
-    called = predictions["prediction"].to_numpy("int64")
     charts = {"confusion_matrix": confusion_chart(labels, called, threshold, note)}
     if labels.min() != labels.max():
         charts["roc_curve"] = roc_chart(labels, p, called, threshold, note)
@@ -248,16 +246,15 @@ def plot_image_grid(images: Sequence[np.ndarray | None], titles: Sequence[str], 
     nrows = max(int(np.ceil(len(images) / ncols)), 1)
     fig, axes = plt.subplots(nrows, ncols, figsize=(1.9 * ncols + (0.8 if colorbar else 0), 2.1 * nrows + 0.5),
                              squeeze=False, layout="constrained")
-    for ax, image, text in zip(axes.flat, [*images, *[None] * (axes.size - len(images))],
-                               [*titles, *[""] * (axes.size - len(titles))]):
+    for ax, image, text in itertools.zip_longest(axes.flat, images, titles):
         ax.set(xticks=[], yticks=[])
         if image is None:  # a placeholder keeps rows aligned
             ax.axis("off")
-            ax.text(0.5, 0.5, text, ha="center", va="center", fontsize=8, transform=ax.transAxes)
+            ax.text(0.5, 0.5, text or "", ha="center", va="center", fontsize=8, transform=ax.transAxes)
         else:
             flat = np.ndim(image) == 2
             ax.imshow(image, cmap=cmap if flat else None, vmin=0 if flat else None, vmax=1 if flat else None)
-            ax.set_title(text, fontsize=7)
+            ax.set_title(text or "", fontsize=7)
     for row, label in enumerate((row_labels or [])[:nrows]):
         axes[row, 0].set_ylabel(label, fontsize=8)
     if not len(images):

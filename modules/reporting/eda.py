@@ -47,8 +47,8 @@ def manifest_is_synthetic(manifest: pd.DataFrame) -> bool:
     return bool(len(manifest)) and synth.is_synthetic(Path(manifest["path"].iloc[0]).parent)
 
 
-def _note(table: pd.DataFrame) -> str:
-    return charts.synthetic_note(cells_synthetic=manifest_is_synthetic(table))
+def _note(table: pd.DataFrame, synthetic: bool = False) -> str:
+    return charts.synthetic_note(cells_synthetic=synthetic or manifest_is_synthetic(table))
 
 
 def _present(stats: pd.DataFrame) -> list[str]:
@@ -64,10 +64,8 @@ def _by_split(table: pd.DataFrame, values: str) -> pd.DataFrame:
 
 def save_figure(fig: Figure, table: pd.DataFrame, name: str, caption: str, run: str,
                 output_dir: str | Path | None = None, note: str = "") -> Plot:
-    """Save a chart under ``charts/<run>/``, publish that folder as ``viz/<run>/`` (its heading ends with ``note``)
-    and close it; returns (fig, table)."""
-    root = Path(output_dir or config.OUTPUT_DIR)
-    folder = root / config.CHARTS_SUBDIR / run
+    """Save a chart under ``charts/<run>/``, publish that folder as ``viz/<run>/`` (heading + ``note``), close it."""
+    folder = (root := Path(output_dir or config.OUTPUT_DIR)) / config.CHARTS_SUBDIR / run
     charts.save_chart(fig, table, name, caption, folder)
     plt.close(fig)  # the notebook shows the returned figure once
     gallery.publish(folder, root / config.VIZ_SUBDIR, run, HEADINGS.get(run, run) + note, "SYNTHETIC" in note)
@@ -181,12 +179,11 @@ def _measure_one(path: str) -> dict:
 
 def measure_images(manifest: pd.DataFrame, limit: int | None = None, seed: int = config.DEFAULT_SEED,
                    workers: int | None = None, progress: bool = True) -> pd.DataFrame:
-    """``STAT_COLUMNS`` of each image (the cell is preprocessing's ``cell_mask``), decoded in threads; ``limit``
-    samples that many images by class share (0/None: all). A file that cannot be decoded raises ``ImageError``."""
+    """``STAT_COLUMNS`` of each image (decoded in threads; ``ImageError`` names a bad file), of ``limit`` images
+    sampled by class share (0/None: all); the cell is preprocessing's ``cell_mask``."""
     rows = _sample(manifest, limit or 0, seed)
-    paths = rows["path"].tolist()
     with ThreadPoolExecutor(max_workers=workers or preprocessing.default_workers()) as pool:
-        measured = list(tqdm(pool.map(_measure_one, paths), total=len(paths), desc="measuring images",
+        measured = list(tqdm(pool.map(_measure_one, rows["path"]), total=len(rows), desc="measuring images",
                              disable=not progress))
     # Joined by position: the manifest's index may hold duplicate labels (a concat of scans).
     table = pd.concat([rows[["path", "name", "patient_id", "label", "split", "fold"]].reset_index(drop=True),
@@ -238,8 +235,7 @@ def plot_cell_area_intensity(stats: pd.DataFrame, output_dir: str | Path | None 
 
 
 def plot_subject_cell_areas(stats: pd.DataFrame, output_dir: str | Path | None = None) -> Plot:
-    """Median cell area of each subject, smallest first, coloured by class: a subject is one class, so this is
-    where the classes overlap at the level a model is judged on (unseen people)."""
+    """Median cell area of each subject, smallest first, by class: where classes overlap between people."""
     note, labeled = _note(stats), stats[stats["class"] != "unlabeled"]
     table = (labeled.groupby(["patient_id", "class"])["cell_area_px"].agg(["median", "size"])
              .rename(columns={"median": "median_cell_area_px", "size": "cells"}).reset_index()
@@ -256,8 +252,7 @@ def plot_subject_cell_areas(stats: pd.DataFrame, output_dir: str | Path | None =
 
 
 def find_duplicates(stats: pd.DataFrame) -> pd.DataFrame:
-    """``duplicates.find_duplicates`` on the pixel hash of ``measure_images``: one row per image whose decoded
-    pixels another repeats (with ``label_conflict``, ``crosses_splits`` and ``crosses_subjects``)."""
+    """``duplicates.find_duplicates`` on the pixel hash of ``measure_images``: images whose pixels another repeats."""
     return duplicates.find_duplicates(stats, "content_hash")
 
 
@@ -338,8 +333,7 @@ def plot_prepared_arrays(arrays_dir: str | Path, n: int = 6, seed: int = config.
                          output_dir: str | Path | None = None) -> Plot:
     """Images and masks read back from the cached arrays (what training reads), with labels."""
     arrays = preprocessing.load_arrays(arrays_dir)
-    note = charts.synthetic_note(cells_synthetic=bool(arrays.meta.get("synthetic"))
-                                 or manifest_is_synthetic(arrays.manifest))
+    note = _note(arrays.manifest, bool(arrays.meta.get("synthetic")))
     rows = np.sort(np.random.default_rng(seed).choice(len(arrays.labels), size=min(n, len(arrays.labels)),
                                                       replace=False))
     images, titles = [], []
@@ -358,13 +352,10 @@ def plot_nucleus_targets(arrays_dir: str | Path, per_class: int = 6, seed: int =
                          output_dir: str | Path | None = None) -> Plot:
     """Cells of each class with the nucleus found from the stain's colour outlined (yellow): the U-Net's target
     with ``--mask-target nucleus``; the table holds every cell's nucleus share and N:C ratio."""
-    import cv2
-
     from modules.preprocessing.nucleus import find_nucleus, nucleus_measures
 
     arrays = preprocessing.load_arrays(arrays_dir)
-    note = charts.synthetic_note(cells_synthetic=bool(arrays.meta.get("synthetic"))
-                                 or manifest_is_synthetic(arrays.manifest))
+    note = _note(arrays.manifest, bool(arrays.meta.get("synthetic")))
     labels = np.asarray(arrays.labels).astype(int)
     rng = np.random.default_rng(seed)
     rows = [row for label in (1, 0) for row in np.sort(rng.choice(np.flatnonzero(labels == label),
@@ -395,8 +386,7 @@ def plot_nucleus_targets(arrays_dir: str | Path, per_class: int = 6, seed: int =
 
 # ----------------------------------------------------------------------------- model and training
 def model_blocks(model) -> pd.DataFrame:
-    """``block, layers, output_shape, parameters`` per block in layer order (``down0``, ``down0_pool``,
-    ``bottleneck``, ``up0``, ``head``, the outputs)."""
+    """``block, layers, output_shape, parameters`` per block (``down0``, ``down0_pool``, …, ``head``), in order."""
     rows: dict[str, dict] = {}
     for layer in model.layers:
         prefix, _, part = layer.name.partition("_")
@@ -416,8 +406,8 @@ def _draw_unet(ax, model, info: pd.DataFrame) -> None:
     depth, step = sum(1 for block in info.index if block.startswith("down") and block[4:].isdigit()), 1.6
     boxes: dict[str, matplotlib.text.Text] = {}
 
-    def box(name: str, x: float, y: float, colour: str, text: str | None = None) -> None:
-        text = text or f"{name}\n{info.loc[name, 'output_shape']}\n{info.loc[name, 'parameters']:,} params"
+    def box(name: str, x: float, y: float, colour: str, text: str | None = None, title: str = "") -> None:
+        text = text or f"{title or name}\n{info.loc[name, 'output_shape']}\n{info.loc[name, 'parameters']:,} params"
         boxes[name] = ax.text(x, y, text, ha="center", va="center", fontsize=7,
                               bbox={"boxstyle": "round", "fc": colour, "ec": "#555"})
 
@@ -433,8 +423,7 @@ def _draw_unet(ax, model, info: pd.DataFrame) -> None:
         + (", standardized" if "standardize" in info.index else ""))
     stem = ["stem"] if "stem" in info.index else []  # a strided convolution before the U-Net
     if stem:
-        box("stem", -2.4, -step, "#d6eaf8", f"stem: strided conv\n{info.loc['stem', 'output_shape']}\n"
-            f"{info.loc['stem', 'parameters']:,} params")
+        box("stem", -2.4, -step, "#d6eaf8", title="stem: strided conv")
     for level in range(depth):
         box(f"down{level}", 2 * level, -step * level, "#aed6f1")
         box(f"down{level}_pool", 2 * level + 1, -step * (level + 0.5), "#eaf2f8",
@@ -471,18 +460,12 @@ def _draw_unet(ax, model, info: pd.DataFrame) -> None:
 
 
 def plot_model_diagram(model, output_dir: str | Path | None = None, synthetic: bool = False) -> Plot:
-    """A block diagram of the network (ANNa as a U with its head, other models as a chain) and ``model_blocks``;
-    ``synthetic``: the model is trained on synthetic cells (the title says so)."""
+    """ANNa's block diagram (a U with its head) and ``model_blocks``; ``synthetic``: trained on synthetic cells."""
+    if model.name != "anna":
+        raise ValueError(f"plot_model_diagram draws ANNa (network.build_anna), not the model {model.name!r}")
     table, note = model_blocks(model), charts.synthetic_note(model_synthetic=synthetic)
-    info = table.set_index("block")
     fig, ax = plt.subplots(figsize=(12, 6.5), layout="constrained")
-    if model.name == "anna":
-        _draw_unet(ax, model, info)
-    else:
-        for x, name in enumerate(info.index):
-            ax.text(2 * x, 0, f"{name}\n{info.loc[name, 'output_shape']}", ha="center", va="center", fontsize=7,
-                    bbox={"boxstyle": "round", "fc": "#e5e7e9", "ec": "#555"})
-        ax.set(xlim=(-1.5, 2 * len(info) - 0.5), ylim=(-1, 1))
+    _draw_unet(ax, model, table.set_index("block"))
     ax.axis("off")
     ax.set_title(f"{model.name}: {int(model.count_params()):,} parameters; skip connections dashed{note}",
                  fontsize=10)

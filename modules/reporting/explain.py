@@ -19,9 +19,9 @@ def _output_tensor(model, output: str):
 
 
 def default_layer_name(model, output: str = OUTPUT_NAME) -> str:
-    """The last convolution feeding the output at its lowest resolution above 1x1 (ANNa's: the bottleneck's); the
-    decoder's full-resolution maps, which ANNa's head also reads, mostly encode the outline (they lit the background
-    on real cells)."""
+    """The last convolution feeding the output at its lowest resolution above 1x1 (ANNa's: the bottleneck's)."""
+    # Not the decoder's full-resolution maps, which ANNa's head also reads: they mostly encode the outline (they lit
+    # the background on real cells).
     import keras
 
     # A sub-model from the inputs to the output holds exactly the layers it depends on, in topological order.
@@ -32,8 +32,8 @@ def default_layer_name(model, output: str = OUTPUT_NAME) -> str:
     if not candidates:
         raise ValueError("the model has no 2-D convolution feeding its classification output; "
                          "pass layer_name= to grad_cam")
-    lowest = min(layer.output.shape[1] or 0 for layer in candidates)
-    return [layer for layer in candidates if (layer.output.shape[1] or 0) == lowest][-1].name
+    # The last of the lowest resolution: min keeps the first it meets.
+    return min(reversed(candidates), key=lambda layer: layer.output.shape[1] or 0).name
 
 
 def grad_cam(model, image: np.ndarray, layer_name: str | None = None, target: str = "leukemia",
@@ -47,12 +47,8 @@ def grad_cam(model, image: np.ndarray, layer_name: str | None = None, target: st
 
 def grad_cam_batch(model, images: np.ndarray, layer_name: str | None = None, target: str = "leukemia",
                    output: str = OUTPUT_NAME) -> np.ndarray:
-    """Grad-CAM heatmaps of (N,H,W,3) images in one gradient pass: (N,H,W) float32, each scaled to [0, 1].
-
-    ``target``: evidence for ``leukemia``, ``normal`` or the ``predicted`` class; a map is all zeros where no
-    region raises the score. The gradient is of the logit where the output layer exposes it, so a saturated
-    probability still gives a usable map.
-    """
+    """Grad-CAM heatmaps of (N,H,W,3) images in one gradient pass: (N,H,W) float32, each scaled to [0, 1];
+    ``target``: evidence for ``leukemia``, ``normal`` or the ``predicted`` class (all zeros where none)."""
     import keras
     import tensorflow as tf
 
@@ -64,28 +60,24 @@ def grad_cam_batch(model, images: np.ndarray, layer_name: str | None = None, tar
     layer = model.get_layer(layer_name or default_layer_name(model, output))
     out_tensor = _output_tensor(model, output)
     out_layer = out_tensor._keras_history[0]  # the layer that produced the output
-    activation = getattr(getattr(out_layer, "activation", None), "__name__", "")
-    score_kind, score_tensor = "probability", out_tensor
-    if type(out_layer).__name__ == "Dense" and activation == "sigmoid":
-        score_kind, score_tensor = "dense_input", out_layer.input
-    elif type(out_layer).__name__ == "Activation" and activation == "sigmoid":
-        score_kind, score_tensor = "logit", out_layer.input
-    grad_model = keras.Model(model.inputs, [layer.output, score_tensor, out_tensor])
+    # The gradient is of the logit where a sigmoid output layer exposes it (a Dense's input, an Activation's), so
+    # a saturated probability still gives a usable map.
+    sigmoid = getattr(getattr(out_layer, "activation", None), "__name__", "") == "sigmoid"
+    kind = type(out_layer).__name__ if sigmoid and type(out_layer).__name__ in ("Dense", "Activation") else ""
+    grad_model = keras.Model(model.inputs, [layer.output, out_layer.input if kind else out_tensor, out_tensor])
 
     batch = tf.convert_to_tensor(images.astype("float32"))
     with tf.GradientTape() as tape:
         features, score, probability = grad_model(batch, training=False)
         tape.watch(features)
-        if score_kind == "dense_input":
-            kernel = tf.cast(out_layer.kernel, score.dtype)
-            score = tf.matmul(score, kernel) + tf.cast(out_layer.bias, score.dtype)
+        if kind == "Dense":
+            score = tf.matmul(score, tf.cast(out_layer.kernel, score.dtype)) + tf.cast(out_layer.bias, score.dtype)
         score = tf.cast(tf.reshape(score, [-1]), tf.float32)
-        if score_kind == "probability":
+        if not kind:  # a probability: its logit
             score = tf.math.log(score + 1e-7) - tf.math.log(1.0 - score + 1e-7)
         called = 2.0 * tf.cast(tf.reshape(probability, [-1]) >= 0.5, tf.float32) - 1.0  # +1 leukemic, -1 normal
-        score = {"leukemia": score, "normal": -score, "predicted": score * called}[target]
         # Images are independent, so the gradient of the sum is each image's own gradient.
-        total = tf.reduce_sum(score)
+        total = tf.reduce_sum({"leukemia": score, "normal": -score, "predicted": score * called}[target])
     gradients = tape.gradient(total, features)
     if gradients is None:
         raise ValueError(f"layer {layer.name!r} does not feed the {output!r} output; pick another layer_name")

@@ -30,13 +30,10 @@ def _local_time(stamp: str) -> str:
         return str(stamp)
 
 
-def publish(source: str | Path, viz_dir: str | Path | None = None, group: str | None = None, heading: str = "",
-            synthetic: bool = False) -> Path:
+def publish(source: str | Path, viz_dir: str | Path, group: str, heading: str = "", synthetic: bool = False) -> Path:
     """Mirror the charts saved in ``source`` into ``viz_dir/<group>/`` (replaced in place) under ``heading``, marked
-    ``synthetic`` when they come from synthetic cells or a model trained on them; rewrite the index; returns the
-    group's folder."""
-    source, viz_dir = Path(source), Path(viz_dir or config.VIZ_DIR)
-    group = group or source.name
+    ``synthetic`` (synthetic cells or a model trained on them); rewrite the index; returns the group's folder."""
+    source, viz_dir = Path(source), Path(viz_dir)
     if not group or "/" in group or "\\" in group or group.startswith("."):
         raise GalleryError(f"gallery group {group!r} must be a plain folder name such as '1.EDA'")
     captions = {name: text for name, text in charts.chart_captions(source).items()
@@ -72,7 +69,7 @@ def evaluation_heading(metrics: dict, run_config: dict) -> str:
             + charts.synthetic_note(metrics.get("synthetic_model"), metrics.get("synthetic_data")))
 
 
-def publish_evaluation(folder: str | Path, viz_dir: str | Path | None, metrics: dict, run_config: dict) -> Path:
+def publish_evaluation(folder: str | Path, viz_dir: str | Path, metrics: dict, run_config: dict) -> Path:
     """Publish an evaluation folder as the group ``<run_id>__<dataset>_<split>``: re-evaluating replaces it."""
     patients = metrics.get("patients_filter")
     group = f"{metrics['run_id']}__{metrics['dataset']}_{metrics['split']}" + (
