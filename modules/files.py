@@ -100,11 +100,13 @@ def staged_folder(target: str | os.PathLike, replace: bool = True) -> Iterator[S
 
 
 def _move_into_place(folder: Path, target: Path) -> Path:
-    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=PARTIAL, dir=target.parent))
     if target.exists():  # rename cannot replace a folder that has files: move the old one aside first
+        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=PARTIAL, dir=target.parent))
         os.replace(target, old / target.name)
-    os.replace(folder, target)
-    shutil.rmtree(old, ignore_errors=True)
+        os.replace(folder, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(folder, target)
     return target
 
 

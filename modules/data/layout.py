@@ -118,9 +118,12 @@ def _warn_unexpected(folder: Path, belongs, what: str) -> None:
 
 
 def parse_cell_name(name: str) -> dict | None:
-    """``{"patient_id", "label"}`` of ``UID_<patient>_<image>_<cell>_<all|hem>.<ext>``, or None for other names."""
+    """``{"patient_id", "label"}`` of ``UID_<patient>_<image>_<cell>_<all|hem>.<ext>`` (patient id upper-cased,
+    label 1/0), or None when the name does not follow the pattern."""
     match = CELL_NAME.match(os.path.splitext(name)[0])
-    return match and {"patient_id": match["patient"].upper(), "label": config.CLASS_FOLDERS[match["cls"].lower()]}
+    if match is None:
+        return None
+    return {"patient_id": match["patient"].upper(), "label": config.CLASS_FOLDERS[match["cls"].lower()]}
 
 
 def _scan_class_folder(folder: Path, label: int, fold: int | None) -> list[dict]:

@@ -118,7 +118,9 @@ def _lookup(document: dict, key: str) -> tuple[bool, Any]:
 
 def _fits(value: Any, rule: Rule) -> bool:
     # bool is a subclass of int in Python: true is not a threshold of 1.
-    return (bool in rule.types or not isinstance(value, bool)) and isinstance(value, rule.types) and rule.check(value)
+    if isinstance(value, bool) and bool not in rule.types:
+        return False
+    return isinstance(value, rule.types) and rule.check(value)
 
 
 def validate(document: Any, schema: dict[str, Rule], file: str | Path, fix: str,

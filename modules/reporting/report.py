@@ -28,11 +28,13 @@ CellLoader = Callable[[str], tuple[np.ndarray, np.ndarray]]
 
 def write_evaluation_report(folder: str | Path, metrics: dict, predictions: pd.DataFrame, per_patient: pd.DataFrame,
                             model, load_cell: CellLoader, run_config: dict, seed: int = 0) -> tuple[Path, Path]:
-    """Draw every chart of an evaluation into ``folder`` (``seed`` samples the image charts' cells), write reports."""
+    """Draw every chart of an evaluation into ``folder`` (``seed`` samples the cells of the image charts), then
+    write the reports; returns (report.md, report.html)."""
     note = charts.synthetic_note(metrics.get("synthetic_model"), metrics.get("synthetic_data"))
     drawn = charts.metric_charts(predictions, metrics["threshold"], per_patient, note)
-    if (curves := charts.training_chart(Path(metrics["model"]).parent, run_config,
-                                        charts.synthetic_note(metrics.get("synthetic_model")))) is not None:
+    curves = charts.training_chart(Path(metrics["model"]).parent, run_config,
+                                   charts.synthetic_note(metrics.get("synthetic_model")))
+    if curves is not None:
         drawn["training_curves"] = curves
     drawn.update(image_charts(model, predictions, load_cell, note, seed=seed,
                               mask_target=(run_config.get("training") or {}).get("mask_target") or "cell"))
