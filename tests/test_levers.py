@@ -4,6 +4,7 @@ variants."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -124,6 +125,25 @@ def test_cv_variants_are_parsed_checked_and_named():
         cv.parse_variant("anna", "input_transform=od")
     with pytest.raises(cv.CrossValidationError, match="not listed in --models"):
         cv.run_cv("unused", "unused", models=("anna",), variants={"od": {"input_transform": "od"}})
+
+
+@pytest.mark.slow
+def test_a_refit_variant_retrains_on_the_inner_validation_too_and_keeps_its_threshold(synthetic_root, tmp_path):
+    out = tmp_path / "cv"
+    cv.run_cv(synthetic_root, out, folds=[0], models=("refit",), image_size=32, epochs=2, arrays_out=tmp_path / "a",
+              variants={"refit": {"refit": True, "base_filters": 4, "depth": 2}})
+    result = json.loads((out / "fold0_refit" / "result.json").read_text())
+    first = json.loads((Path(result["run_dir"]) / saving.CONFIG_FILENAME).read_text())
+    assert result["threshold"] == first["threshold"]  # chosen on the inner validation by the first network
+    assert result["train_seconds"] > first["training"]["wall_seconds"]  # the refit's epochs counted
+    # The held-out cells are scored by the refitted network, not the first one.
+    cells = pd.read_csv(out / "fold0_refit" / "heldout.csv")
+    from modules import preprocessing
+
+    arrays = preprocessing.load_arrays(first["data"]["arrays_dir"])
+    rows = arrays.manifest.reset_index(drop=True).index[arrays.manifest["name"].isin(cells["name"])]
+    p_first = saving.predict_outputs(saving.load_model(result["run_dir"]), arrays.images[rows])["p_leukemia"]
+    assert not np.allclose(np.sort(p_first), np.sort(cells["p_leukemia"].to_numpy()), atol=1e-4)
 
 
 @pytest.mark.slow
