@@ -55,6 +55,15 @@ def test_batch_equals_single_images(anna, cell):
         np.testing.assert_allclose(explain.grad_cam(anna, image), heatmap, atol=1e-5)
 
 
+def test_given_classes_explain_each_cell_by_its_own_call(anna, cell):
+    images = np.stack([cell, np.rot90(cell).copy()])
+    batch = explain.grad_cam_batch(anna, images, target=np.array([1, 0]))
+    np.testing.assert_allclose(batch[0], explain.grad_cam(anna, images[0], target="leukemia"), atol=1e-5)
+    np.testing.assert_allclose(batch[1], explain.grad_cam(anna, images[1], target="normal"), atol=1e-5)
+    with pytest.raises(ValueError, match="one 0 or 1 per image"):
+        explain.grad_cam_batch(anna, images, target=np.array([1, 2]))
+
+
 def test_legacy_model_and_bad_arguments(cell):
     legacy = model.build_legacy((32, 32, 3))
     assert explain.grad_cam(legacy, cell).shape == (32, 32)

@@ -45,18 +45,22 @@ def grad_cam(model, image: np.ndarray, layer_name: str | None = None, target: st
     return grad_cam_batch(model, image[None], layer_name=layer_name, target=target, output=output)[0]
 
 
-def grad_cam_batch(model, images: np.ndarray, layer_name: str | None = None, target: str = "leukemia",
+def grad_cam_batch(model, images: np.ndarray, layer_name: str | None = None, target: str | np.ndarray = "leukemia",
                    output: str = OUTPUT_NAME) -> np.ndarray:
     """Grad-CAM heatmaps of (N,H,W,3) images in one gradient pass: (N,H,W) float32, each scaled to [0, 1];
-    ``target``: evidence for ``leukemia``, ``normal`` or the ``predicted`` class (all zeros where none)."""
+    ``target``: evidence for ``leukemia``, ``normal``, the ``predicted`` class (p >= 0.5) or, per image, the class
+    given (an array of 1 leukemia / 0 normal, e.g. a run's calls at its threshold); all zeros where there is none."""
     import keras
     import tensorflow as tf
 
-    if target not in ("leukemia", "normal", "predicted"):
-        raise ValueError(f"target must be 'leukemia', 'normal' or 'predicted', not {target!r}")
     images = np.asarray(images)
     if images.ndim != 4:
         raise ValueError(f"grad_cam_batch takes (N,H,W,3) images, got shape {images.shape}")
+    given = None if isinstance(target, str) else np.asarray(target).astype(int).reshape(-1)
+    if given is None and target not in ("leukemia", "normal", "predicted"):
+        raise ValueError(f"target must be 'leukemia', 'normal', 'predicted' or one class per image, not {target!r}")
+    if given is not None and (len(given) != len(images) or not np.isin(given, (0, 1)).all()):
+        raise ValueError(f"target as classes needs one 0 or 1 per image ({len(images)}), got {target!r}")
     layer = model.get_layer(layer_name or default_layer_name(model, output))
     out_tensor = _output_tensor(model, output)
     out_layer = out_tensor._keras_history[0]  # the layer that produced the output
@@ -75,9 +79,11 @@ def grad_cam_batch(model, images: np.ndarray, layer_name: str | None = None, tar
         score = tf.cast(tf.reshape(score, [-1]), tf.float32)
         if not kind:  # a probability: its logit
             score = tf.math.log(score + 1e-7) - tf.math.log(1.0 - score + 1e-7)
-        called = 2.0 * tf.cast(tf.reshape(probability, [-1]) >= 0.5, tf.float32) - 1.0  # +1 leukemic, -1 normal
+        called = tf.cast(tf.reshape(probability, [-1]) >= 0.5, tf.float32) if given is None else given
+        sign = 2.0 * tf.cast(called, tf.float32) - 1.0  # +1 leukemic, -1 normal
         # Images are independent, so the gradient of the sum is each image's own gradient.
-        total = tf.reduce_sum({"leukemia": score, "normal": -score, "predicted": score * called}[target])
+        total = tf.reduce_sum(score * sign if given is not None or target == "predicted" else
+                              {"leukemia": score, "normal": -score}[target])
     gradients = tape.gradient(total, features)
     if gradients is None:
         raise ValueError(f"layer {layer.name!r} does not feed the {output!r} output; pick another layer_name")

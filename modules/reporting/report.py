@@ -100,21 +100,22 @@ def errors_chart(frame: pd.DataFrame, wrong: pd.Series, load_cell: CellLoader, n
 
 
 def gradcam_chart(model, cells: np.ndarray, sample: pd.DataFrame, ncols: int, note: str = "") -> Chart:
-    """Grad-CAM overlays with a colour bar; a cell whose map is empty says so."""
+    """Grad-CAM overlays of the evidence for the class each cell was called, with a colour bar; a cell whose map is
+    empty says so."""
     layer = explain.default_layer_name(model)
-    heat = explain.grad_cam_batch(model, cells, layer_name=layer, target="leukemia")
+    heat = explain.grad_cam_batch(model, cells, layer_name=layer, target=sample["prediction"].to_numpy())
     empty = heat.reshape(len(heat), -1).max(axis=1) <= 0
-    titles = [f"{row['group']}\n{_cell_title(row)}" + ("\nempty map: nothing raised P" if blank else "")
+    titles = [f"{row['group']}\n{_cell_title(row)}" + ("\nempty map: no region for its call" if blank else "")
               for (_, row), blank in zip(sample.iterrows(), empty)]
     fig = charts.plot_image_grid([explain.overlay_heatmap(cell, h) for cell, h in zip(cells, heat)], titles,
-                                 ncols=ncols, title=f"Grad-CAM for P(leukemia), layer {layer}{note}",
-                                 colorbar=("jet", "evidence for leukemia (1 = strongest in the cell)"))
-    table = sample[["group", "path", "name", "label", "p_leukemia"]].assign(
+                                 ncols=ncols, title=f"Grad-CAM for the class each cell was called, layer {layer}{note}",
+                                 colorbar=("jet", "evidence for the class called (1 = strongest in the cell)"))
+    table = sample[["group", "path", "name", "label", "p_leukemia", "prediction"]].assign(
         layer=layer, heat_mean=heat.mean(axis=(1, 2)), map_empty=empty)
-    return Chart(fig, table, f"Grad-CAM of the leukemia score at layer {layer}: warm regions raised P(leukemia). "
-                             "Random cells of each true class, correctly and wrongly classified; titles give the "
-                             "TRUE class and p. An empty map means nothing in that cell raised P(leukemia) at this "
-                             "layer (usual for cells called normal).")
+    return Chart(fig, table, f"Grad-CAM at layer {layer} of the score for the class each cell was called (after the "
+                             "arrow in its title): warm regions pushed the model towards that call. Random cells of "
+                             "each true class, correctly and wrongly classified; titles give the TRUE class and p. "
+                             "An empty map means no region of that cell pushed towards its call at this layer.")
 
 
 def mask_chart(cells: np.ndarray, reference: np.ndarray, predicted: np.ndarray, sample: pd.DataFrame,
