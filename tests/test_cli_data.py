@@ -91,3 +91,14 @@ def test_every_option_has_help(command):
             assert action.help, f"{command} {action.option_strings} has no help text"
     text = sub.format_help()
     assert "--out" in text
+
+
+@pytest.mark.parametrize("arguments, code", [([], 2), (["foo"], 2), (["train", "--help"], 0), (["cv", "--help"], 0)])
+def test_usage_errors_and_help_answer_without_importing_tensorflow(arguments, code):
+    # TensorFlow takes 10 s or more to import: a usage error or a help page must not wait for it.
+    probe = ("import sys, runpy; sys.argv = ['modules', *sys.argv[1:]]\n"
+             "try:\n    runpy.run_module('modules', run_name='__main__')\n"
+             "except SystemExit as exit:\n    print('tensorflow' in sys.modules, exit.code)")
+    result = subprocess.run([sys.executable, "-c", probe, *arguments], cwd=PROJECT_ROOT, capture_output=True,
+                            text=True, timeout=120)
+    assert result.stdout.split()[-2:] == ["False", str(code)], result.stdout + result.stderr
