@@ -1,8 +1,6 @@
-"""Command line over the package: ``python -m modules <command> …``.
-
-Plain argparse with defaults from ``config``. Each handler imports its stage only when it runs, so ``--help`` and
-usage errors answer without loading TensorFlow; a handler's docstring is its command's ``--help`` description.
-"""
+"""Command line over the package: ``python -m modules <command> …``, plain argparse with defaults from ``config``.
+Each handler imports its stage only when it runs, so ``--help`` and usage errors answer without loading TensorFlow;
+a handler's docstring is its command's ``--help`` description."""
 from __future__ import annotations
 
 import argparse
@@ -12,12 +10,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from modules import config
-from modules.notebooks import NotebookError, metrics_table  # standard library only, like this module
-
-
-class CommandError(Exception):
-    """A user-facing error: printed without a traceback, exit code 2."""
+from modules import config, notebooks  # notebooks: standard library only, like this module
 
 
 # ----------------------------------------------------------------------------- data
@@ -49,7 +42,7 @@ def _run_scan(args: argparse.Namespace) -> None:
     OUT/csv/<dataset>_manifest.csv (its path is the last line)."""
     import pandas as pd
 
-    from modules.data import layout
+    from modules.data import duplicates, layout
 
     table = _scan(args.data)
     print(f"{table.attrs['dataset']}: {len(table)} cells from {table.attrs['source']}")
@@ -60,14 +53,7 @@ def _run_scan(args: argparse.Namespace) -> None:
         patients = layout.summarize(table, "patient_id")
         patients = patients[patients["patient_id"] != ""]
         print(f"\npatients ({len(patients)}):\n" + patients.to_string(index=False))
-    _print_duplicates(table)
-    print(layout.write_manifest(table, Path(args.out) / config.CSV_SUBDIR / f"{table.attrs['dataset']}_manifest.csv"))
-
-
-def _print_duplicates(table) -> None:
-    """Byte-identical files (scan does not decode) and the subjects they link, which every split keeps together."""
-    from modules.data import duplicates
-
+    # Byte-identical files (scan does not decode) and the subjects they link, which every split keeps together.
     copies = duplicates.find_duplicates(table.assign(file_digest=duplicates.file_digests(table["path"].tolist())),
                                         "file_digest")
     print(f"\nidentical files: {len(copies)} cells are byte-identical copies ({copies['file_digest'].nunique()} "
@@ -79,6 +65,7 @@ def _print_duplicates(table) -> None:
         for row in groups.itertuples():
             print(f"  {row.group}: {row.shared_cells} identical cell(s)")
         duplicates.warn_groups(groups, table.attrs["source"], "each group is kept on one side of every split")
+    print(layout.write_manifest(table, Path(args.out) / config.CSV_SUBDIR / f"{table.attrs['dataset']}_manifest.csv"))
 
 
 def _run_prepare(args: argparse.Namespace) -> None:
@@ -106,17 +93,12 @@ def _run_train(args: argparse.Namespace) -> None:
     otherwise whole patients of each class held out. Writes OUT/models/<run_id>/ and prints it last."""
     from modules.modeling import training
 
-    val_patients = [p for p in (args.val_patients or "").split(",") if p.strip()] or None
-    # None = not given: train_model takes the default (config.ModelSettings / TrainSettings) or, with
-    # --resume, the run's own setting.
-    given = dict(
-        image_size=args.size, epochs=args.epochs, batch_size=args.batch_size, val_patients=val_patients,
-        val_fold=args.val_fold, seed=args.seed, output_dir=args.out, base_filters=args.base_filters, depth=args.depth,
-        segmentation=False if args.no_segmentation else None, policy=args.policy, resume=args.resume,
-        skip_bad=args.skip_bad or None, canvas=args.canvas, strategy=args.strategy, input_transform=args.input,
-        colour_augment=args.colour_augment, mask_target=args.mask_target, stem_stride=args.stem_stride,
-        subject_weighting=args.subject_weighting, threshold_rule=args.threshold_rule,
-        target_sensitivity=args.target_sensitivity)
+    # Each flag is train_model's keyword of the same name but for the few renamed here. None = not given:
+    # train_model takes the default (config.ModelSettings / TrainSettings) or, with --resume, the run's own setting.
+    given = {key: value for key, value in vars(args).items() if key not in ("command", "func", "data", "preset")}
+    given.update(image_size=given.pop("size"), output_dir=given.pop("out"), input_transform=given.pop("input"),
+                 segmentation=False if given.pop("no_segmentation") else None, skip_bad=args.skip_bad or None,
+                 val_patients=[p for p in (args.val_patients or "").split(",") if p.strip()] or None)
     # Flags given explicitly win over the preset's values.
     settings = {**config.PRESETS[args.preset], **{key: value for key, value in given.items() if value is not None}}
     run_dir = training.train_model(args.data, **settings)
@@ -136,7 +118,7 @@ def _run_evaluate(args: argparse.Namespace) -> None:
                                    output_dir=args.out, patients=args.patients, skip_bad=args.skip_bad,
                                    n_boot=args.bootstrap, seed=args.seed, publish=not args.no_viz)
     metrics = json.loads((folder / "metrics.json").read_text())
-    print(metrics_table(metrics).to_string())  # the notebooks' table: counts, threshold, figures, intervals
+    print(notebooks.metrics_table(metrics).to_string())  # the notebooks' table: counts, threshold, figures, intervals
     print(f"threshold {metrics['threshold_source']}"
           + (f"; 95 % intervals resample {metrics['ci_resampling']}" if metrics.get("ci") else ""))
     for item in metrics["skipped"]:
@@ -159,12 +141,11 @@ def _run_predict(args: argparse.Namespace) -> None:
           f"(normal); threshold {table.attrs['threshold']:.3f} ({table.attrs['threshold_source']})")
     for item in table.attrs["skipped"]:
         print(f"skipped {item['path']}: {item['error']}")
-    csv = args.csv
-    if csv is None and not table["testing"].any() and len(table) <= 50:
+    if args.csv is None and not table["testing"].any() and len(table) <= 50:
         print(table[["name", "p_leukemia", "label_name"]].to_string(index=False))
         return
-    if csv is None:  # many cells or a testing folder: keep them in a file rather than the terminal
-        csv = predict.default_predictions_path(args.model, args.images, args.out)
+    # Many cells or a testing folder: keep them in a file rather than the terminal.
+    csv = predict.default_predictions_path(args.model, args.images, args.out) if args.csv is None else args.csv
     predict.write_predictions(table, csv)
     if "submission" in table.attrs:
         print(f"C-NMC challenge submission (new_names, labels): {table.attrs['submission']}")
@@ -204,16 +185,12 @@ def _run_ensemble(args: argparse.Namespace) -> None:
 def _run_demo(args: argparse.Namespace) -> None:
     """Run notebooks 1.EDA, 2.Image_preprocessing, 3.ANNa and 4.Test in order with papermill, writing the executed
     notebooks to OUT/notebooks/<timestamp>/ and the charts to OUT/viz/."""
-    from modules import notebooks
-
     notebooks.demo(args.out, args.data, progress=not args.no_progress)
 
 
 def _run_notebooks(args: argparse.Namespace) -> None:
     """Execute the notebooks with papermill, setting names of their `parameters` cells: DATA_DIR, OUTPUT_DIR, EPOCHS,
     IMAGE_SIZE, BATCH_SIZE, SEED, MODEL_PATH, SAMPLE_LIMIT, BASE_FILTERS, DEPTH, SPLIT, THRESHOLD, SYNTHETIC_SCALE."""
-    from modules import notebooks
-
     parameters = {name: notebooks.parse_value(value) for name, value in args.parameters}
     notebooks.run_notebooks(args.data, parameters, args.out, notebooks=args.only, progress=not args.no_progress,
                             log_output=args.log_output)
@@ -223,7 +200,7 @@ def _run_notebooks(args: argparse.Namespace) -> None:
 #: Flags that several commands take alike.
 SHARED_FLAGS = {
     "--model": {"required": True, "help": "run folder (output/models/<run_id>) or its model.keras"},
-    "--out": {"default": None, "help": f"output root (default {config.OUTPUT_DIR})"},
+    "--out": {"help": f"output root (default {config.OUTPUT_DIR})"},
     "--threshold": {"default": "auto", "help": "'auto' (default): the threshold stored in the run, chosen on its "
                     "own patient-held-out validation cells, never on those scored; a number in [0,1] overrides it"},
     "--skip-bad": {"action": "store_true", "help": "list unreadable images and go on without them (default: stop)"},
@@ -241,7 +218,22 @@ def _command(subparsers, name: str, func: Callable, summary: str, *shared: str) 
     return parser
 
 
-def _add_data_commands(subparsers) -> None:
+def check_out(out: str | Path) -> None:
+    """Refuse ``--out`` before any work when it, or a folder above it, is a file (it is made when missing)."""
+    path = Path(out).expanduser()
+    for folder in (path, *path.parents):
+        if folder.exists():
+            if not folder.is_dir():
+                raise ValueError(f"--out {out}: {folder} is a file, not a folder; pass a folder (made if missing)")
+            return
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The top-level parser; each sub-parser carries ``func``, which imports its stage when run."""
+    parser = argparse.ArgumentParser(prog="python -m modules", description="ANNa: tell leukemic blasts (ALL) from "
+                                     "normal cells (HEM) in C-NMC 2019 images.")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    # data
     synth = _command(subparsers, "synth", _run_synth, "write a synthetic C-NMC_Leukemia dataset (Kaggle layout)")
     synth.add_argument("--out", type=Path, default=config.SYNTHETIC_DATA_DIR.parent,
                        help="folder that will hold C-NMC_Leukemia/ (default: %(default)s)")
@@ -251,14 +243,13 @@ def _add_data_commands(subparsers) -> None:
     scan = _command(subparsers, "scan", _run_scan, "list the images of a C-NMC dataset and count them")
     prepare = _command(subparsers, "prepare", _run_prepare, "crop, mask and resize the cells into cached .npy arrays",
                        "--skip-bad", "--no-progress")
-    for parser, what in ((scan, "the manifest goes to OUT/csv/"), (prepare, "arrays go to OUT/arrays/")):
-        parser.add_argument("--data", type=Path, required=True, help=DATA_HELP)
-        parser.add_argument("--out", type=Path, default=config.OUTPUT_DIR,
-                            help=f"output root; {what} (default: %(default)s)")
+    for command, what in ((scan, "the manifest goes to OUT/csv/"), (prepare, "arrays go to OUT/arrays/")):
+        command.add_argument("--data", type=Path, required=True, help=DATA_HELP)
+        command.add_argument("--out", type=Path, default=config.OUTPUT_DIR,
+                             help=f"output root; {what} (default: %(default)s)")
     prepare.add_argument("--size", type=int, default=config.DEFAULT_IMAGE_SIZE,
                          help="side of the square images in pixels (default: %(default)s)")
-    prepare.add_argument("--workers", type=int, default=None,
-                         help="parallel threads (default: one per core; one for a few images)")
+    prepare.add_argument("--workers", type=int, help="parallel threads (default: one per core; one for a few images)")
     prepare.add_argument("--margin", type=int, default=config.DEFAULT_MARGIN,
                          help="background pixels kept around each cell, in source pixels (default: %(default)s)")
     prepare.add_argument("--canvas", type=int, default=config.DEFAULT_CANVAS,
@@ -266,60 +257,50 @@ def _add_data_commands(subparsers) -> None:
                               "their relative size; 0 crops tightly (each cell fills the frame; its size is lost) "
                               "(default: %(default)s)")
 
-
-def _add_train_command(subparsers) -> None:
+    # modeling
     train = _command(subparsers, "train", _run_train,
                      "train ANNa on patient-disjoint splits; prints the run folder last", "--out", "--skip-bad")
-    train.add_argument("--data", help="C-NMC_Leukemia folder (or any folder inside it); prepared first "
-                                      "when its arrays are missing (optional with --resume)")
-    train.add_argument("--size", type=int, default=None,
-                       help=f"image side in pixels (default {config.DEFAULT_IMAGE_SIZE})")
-    train.add_argument("--epochs", type=int, default=None,
-                       help=f"maximum epochs; early stopping may end sooner (default {config.DEFAULT_EPOCHS})")
-    train.add_argument("--preset", default="cpu", choices=tuple(config.PRESETS), help="cpu: the defaults; gpu: "
-                       + ", ".join(f"{k} {v}" for k, v in config.PRESETS["gpu"].items()) + " (not measured)")
-    train.add_argument("--batch-size", type=int, default=None,
-                       help=f"cells per batch (default {config.TrainSettings.batch_size})")
+    # Every flag but --preset defaults to None, "not given": the preset's value, else the one its help names.
+    add, model, fit = train.add_argument, config.ModelSettings, config.TrainSettings
+    add("--data", help="C-NMC_Leukemia folder (or any folder inside it); prepared first when its arrays are missing "
+        "(optional with --resume)")
+    add("--size", type=int, help=f"image side in pixels (default {config.DEFAULT_IMAGE_SIZE})")
+    add("--epochs", type=int, help=f"maximum epochs; early stopping may end sooner (default {config.DEFAULT_EPOCHS})")
+    add("--preset", default="cpu", choices=tuple(config.PRESETS), help="cpu: the defaults; gpu: "
+        + ", ".join(f"{k} {v}" for k, v in config.PRESETS["gpu"].items()) + " (not measured)")
+    add("--batch-size", type=int, help=f"cells per batch (default {fit.batch_size})")
     group = train.add_mutually_exclusive_group()
     group.add_argument("--val-patients", help="comma-separated patient ids to validate on, e.g. 11,H10")
-    group.add_argument("--val-fold", type=int, default=None,
+    group.add_argument("--val-fold", type=int,
                        help="C-NMC fold to validate on (default: the last fold when there are several)")
-    train.add_argument("--seed", type=int, default=None, help=f"random seed (default {config.TrainSettings.seed})")
-    train.add_argument("--policy", default=None, choices=config.POLICIES, help="precision: auto = mixed_float16 "
-                       "on CUDA, mixed_bfloat16 on a CPU with AMX/AVX512-BF16, float32 otherwise")
-    train.add_argument("--strategy", default=None, choices=config.STRATEGIES,
-                       help="tf.distribute strategy: auto = multi-worker when TF_CONFIG names several workers, "
-                            "TPU on a TPU host, mirrored over several GPUs, one device otherwise (README, "
-                            "'More than one machine')")
-    train.add_argument("--base-filters", type=int, default=None,
-                       help=f"U-Net filters at the first level (default {config.ModelSettings.base_filters})")
-    train.add_argument("--depth", type=int, default=None,
-                       help=f"U-Net down-sampling steps (default {config.ModelSettings.depth})")
-    train.add_argument("--no-segmentation", action="store_true", help="train the classifier only, no cell_mask")
-    train.add_argument("--input", default=None, choices=config.INPUT_TRANSFORMS, help="what the network sees: RGB, "
-                       "optical density or each cell's colours standardized "
-                       f"(default {config.ModelSettings.input_transform})")
-    train.add_argument("--stem-stride", type=int, default=None, help="2: a strided convolution first, the U-Net "
-                       f"at half the image's side (default {config.ModelSettings.stem_stride})")
-    train.add_argument("--colour-augment", default=None, choices=config.COLOUR_AUGMENTS, help="colour jitter: RGB or "
-                       f"each stain's amount (default {config.TrainSettings.colour_augment})")
-    train.add_argument("--mask-target", default=None, choices=config.MASK_TARGETS, help="what the U-Net "
-                       f"segments (default {config.TrainSettings.mask_target})")
-    train.add_argument("--subject-weighting", default=None, action=argparse.BooleanOptionalAction,
-                       help=f"weigh subjects more evenly (default {config.TrainSettings.subject_weighting})")
-    train.add_argument("--threshold-rule", default=None, choices=config.THRESHOLD_RULES, help="how the "
-                       f"threshold is chosen on validation (default {config.TrainSettings.threshold_rule})")
-    train.add_argument("--target-sensitivity", type=float, default=None, help="share of validation blasts the "
-                       f"'sensitivity' rule calls leukemic (default {config.TrainSettings.target_sensitivity})")
-    train.add_argument("--canvas", type=int, default=None,
-                       help="smallest side of the square around each cell in source pixels, as for prepare; "
-                            f"0 crops tightly (default {config.DEFAULT_CANVAS}; the run's own on --resume)")
-    train.add_argument("--resume", default=None, metavar="RUN_DIR",
-                       help="continue an interrupted run from its last finished epoch, with its own settings "
-                            "(only --epochs may change)")
+    add("--seed", type=int, help=f"random seed (default {fit.seed})")
+    add("--policy", choices=config.POLICIES, help="precision: auto = mixed_float16 on CUDA, mixed_bfloat16 on a CPU "
+        "with AMX/AVX512-BF16, float32 otherwise")
+    add("--strategy", choices=config.STRATEGIES, help="tf.distribute strategy: auto = multi-worker when TF_CONFIG "
+        "names several workers, TPU on a TPU host, mirrored over several GPUs, one device otherwise (README, "
+        "'More than one machine')")
+    add("--base-filters", type=int, help=f"U-Net filters at the first level (default {model.base_filters})")
+    add("--depth", type=int, help=f"U-Net down-sampling steps (default {model.depth})")
+    add("--no-segmentation", action="store_true", help="train the classifier only, no cell_mask")
+    add("--input", choices=config.INPUT_TRANSFORMS, help="what the network sees: RGB, optical density or each cell's "
+        f"colours standardized (default {model.input_transform})")
+    add("--stem-stride", type=int, help="2: a strided convolution first, the U-Net at half the image's side "
+        f"(default {model.stem_stride})")
+    add("--colour-augment", choices=config.COLOUR_AUGMENTS,
+        help=f"colour jitter: RGB or each stain's amount (default {fit.colour_augment})")
+    add("--mask-target", choices=config.MASK_TARGETS, help=f"what the U-Net segments (default {fit.mask_target})")
+    add("--subject-weighting", action=argparse.BooleanOptionalAction,
+        help=f"weigh subjects more evenly (default {fit.subject_weighting})")
+    add("--threshold-rule", choices=config.THRESHOLD_RULES,
+        help=f"how the threshold is chosen on validation (default {fit.threshold_rule})")
+    add("--target-sensitivity", type=float, help="share of validation blasts the 'sensitivity' rule calls leukemic "
+        f"(default {fit.target_sensitivity})")
+    add("--canvas", type=int, help="smallest side of the square around each cell in source pixels, as for prepare; "
+        f"0 crops tightly (default {config.DEFAULT_CANVAS}; the run's own on --resume)")
+    add("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last finished epoch, with its own "
+        "settings (only --epochs may change)")
 
-
-def _add_evaluation_commands(subparsers) -> None:
+    # evaluation
     evaluate = _command(subparsers, "evaluate", _run_evaluate, "score a saved run on labeled cells: metrics, charts, "
                         "report", "--model", "--out", "--threshold", "--skip-bad")
     evaluate.add_argument("--data", required=True, metavar="DIR", help=DATA_HELP)
@@ -329,9 +310,8 @@ def _add_evaluation_commands(subparsers) -> None:
         "learned from, so the report says how many belong to the run's training and validation patients. "
         "'test-labeled': every labeled cell in DIR, for a labeled folder of OTHER patients; refused when any of its "
         "patients trained or validated the run (add --patients unseen to keep only the others)."))
-    evaluate.add_argument("--patients", default=None,
-                          help="'unseen': keep only patients the run neither trained nor validated on (e.g. the "
-                               "held-out patients of a cross-validation fold); or a comma list of patient ids")
+    evaluate.add_argument("--patients", help="'unseen': keep only patients the run neither trained nor validated on "
+                          "(e.g. the held-out patients of a cross-validation fold); or a comma list of patient ids")
     evaluate.add_argument("--bootstrap", type=int, default=1000, help="bootstrap replicates for the 95%% intervals")
     evaluate.add_argument("--seed", type=int, default=0, help="seed for the bootstrap and the image samples")
     evaluate.add_argument("--no-viz", action="store_true", help="do not copy the charts to OUT/viz")
@@ -339,10 +319,9 @@ def _add_evaluation_commands(subparsers) -> None:
     predict = _command(subparsers, "predict", _run_predict, "P(leukemia) and the label for any cell images",
                        "--model", "--out", "--threshold", "--skip-bad")
     predict.add_argument("images", nargs="+", metavar="IMAGE_OR_DIR", help="image files or folders")
-    predict.add_argument("--csv", default=None,
-                         help="write path, name, p_leukemia, prediction, label_name, testing, model_trained_on here; "
-                              "by default up to 50 cells are printed and more (or any testing cells) go to "
-                              "OUT/predictions/<run_id>__<dataset>[_N].csv")
+    predict.add_argument("--csv", help="write path, name, p_leukemia, prediction, label_name, testing, "
+                         "model_trained_on here; by default up to 50 cells are printed and more (or any testing "
+                         "cells) go to OUT/predictions/<run_id>__<dataset>[_N].csv")
 
     cv = _command(subparsers, "cv", _run_cv,
                   "patient-grouped cross-validation with subject-level figures (the README's table)")
@@ -350,12 +329,12 @@ def _add_evaluation_commands(subparsers) -> None:
                     help="a C-NMC training folder (default: %(default)s)")
     cv.add_argument("--out", type=Path, default=config.OUTPUT_DIR / "cv",
                     help="folder of the jobs and merged tables (default: %(default)s)")
-    cv.add_argument("--folds", default=None, help="comma-separated folds to run, e.g. 1 (default: all)")
+    cv.add_argument("--folds", help="comma-separated folds to run, e.g. 1 (default: all)")
     cv.add_argument("--models", default="anna,cell_area",
                     help="comma-separated: anna, cell_area (cell size alone), legacy (default: %(default)s)")
     cv.add_argument("--seed", type=int, default=config.DEFAULT_SEED, help="base seed; fold k uses seed + k")
     cv.add_argument("--size", type=int, default=config.DEFAULT_IMAGE_SIZE, help="ANNa image side in pixels")
-    cv.add_argument("--epochs", type=int, default=None, help="ANNa maximum epochs (default: the training default)")
+    cv.add_argument("--epochs", type=int, help="ANNa maximum epochs (default: the training default)")
     cv.add_argument("--policy", default="auto", choices=config.POLICIES, help="precision policy for training")
     cv.add_argument("--variant", nargs=2, action="append", metavar=("NAME", "KEY=VALUE,..."),
                     help="ANNa with settings changed, run as model NAME (list it in --models), e.g. "
@@ -364,45 +343,25 @@ def _add_evaluation_commands(subparsers) -> None:
     ensemble = _command(subparsers, "ensemble", _run_ensemble, "combine finished runs (e.g. a cross-validation's) "
                         "into one run folder that evaluate and predict take")
     ensemble.add_argument("runs", nargs="*", metavar="RUN_DIR", help="run folders to combine (two or more)")
-    ensemble.add_argument("--cv", type=Path, default=None, metavar="DIR",
+    ensemble.add_argument("--cv", type=Path, metavar="DIR",
                           help="take the runs of a cross-validation's anna jobs (python -m modules cv --out DIR)")
     ensemble.add_argument("--cv-model", default="anna", help="which model's jobs of --cv (default: %(default)s)")
-    ensemble.add_argument("--out", type=Path, default=None, help="the new run folder (default output/models/<id>)")
+    ensemble.add_argument("--out", type=Path, help="the new run folder (default output/models/<id>)")
 
-
-def _add_notebook_commands(subparsers) -> None:
+    # notebooks
     demo = _command(subparsers, "demo", _run_demo, "run the four notebooks headless with small parameters "
                     "(synthetic data unless input/C-NMC_Leukemia exists)", "--out", "--no-progress")
     run = _command(subparsers, "run-notebooks", _run_notebooks, "run the notebook series headless with any "
                    "parameters", "--out", "--no-progress")
-    for parser in (demo, run):
-        parser.add_argument("--data", default=None, help="C-NMC_Leukemia folder (default: input/C-NMC_Leukemia if "
-                            "present, else a synthetic set generated under OUT/synthetic)")
+    for command in (demo, run):
+        command.add_argument("--data", help="C-NMC_Leukemia folder (default: input/C-NMC_Leukemia if present, else a "
+                             "synthetic set generated under OUT/synthetic)")
     run.add_argument("-p", "--parameter", dest="parameters", nargs=2, action="append", default=[],
                      metavar=("NAME", "VALUE"), help="set a notebook parameter, e.g. -p EPOCHS 5 (repeatable)")
-    run.add_argument("--only", nargs="+", default=None, metavar="NOTEBOOK",
+    run.add_argument("--only", nargs="+", metavar="NOTEBOOK",
                      help="run only these notebooks, e.g. --only 4 (4.Test on the newest run)")
     run.add_argument("--log-output", action="store_true",
                      help="stream the notebooks' output (e.g. training epochs) to the terminal")
-
-
-def check_out(out: str | Path) -> None:
-    """Refuse ``--out`` before any work when it, or a folder above it, is a file (it is made when missing)."""
-    path = Path(out).expanduser()
-    for folder in (path, *path.parents):
-        if folder.exists():
-            if not folder.is_dir():
-                raise CommandError(f"--out {out}: {folder} is a file, not a folder; pass a folder (made if missing)")
-            return
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """The top-level parser; each sub-parser carries ``func``, which imports its stage when run."""
-    parser = argparse.ArgumentParser(prog="python -m modules", description="ANNa: tell leukemic blasts (ALL) from "
-                                     "normal cells (HEM) in C-NMC 2019 images.")
-    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for add_commands in (_add_data_commands, _add_train_command, _add_evaluation_commands, _add_notebook_commands):
-        add_commands(subparsers)
     return parser
 
 
@@ -413,12 +372,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if getattr(args, "out", None) is not None:
             check_out(args.out)
         return int(args.func(args) or 0)
-    except (CommandError, ValueError, FileNotFoundError, NotebookError) as error:
+    except (ValueError, FileNotFoundError, notebooks.NotebookError) as error:
         # Errors meant for users name the file and the fix; no traceback needed. A failed notebook exits 1.
         if os.environ.get("ANNA_DEBUG"):
             raise
         print(f"error: {error}", file=sys.stderr)
-        return 1 if isinstance(error, NotebookError) else 2
+        return 1 if isinstance(error, notebooks.NotebookError) else 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -264,33 +264,29 @@ def run_notebooks(data: str | os.PathLike | None, parameters: Mapping[str, objec
           flush=True)
     if synthetic.is_synthetic(params["DATA_DIR"]):
         print(synthetic.SYNTHETIC_BANNER, flush=True)
-    executed, started = [], time.perf_counter()
+    started = time.perf_counter()
     with _kernel_environment():
         for index, name in enumerate(selected, 1):
             out_path, tic = target / name, time.perf_counter()
             print(f"[{index}/{len(selected)}] {name} …", flush=True)
             try:
-                papermill.execute_notebook(
-                    str(config.NOTEBOOKS_DIR / name), str(out_path), parameters=params,
-                    kernel_name=KERNEL_NAME, progress_bar=progress, log_output=log_output,
-                    cwd=str(config.NOTEBOOKS_DIR), start_timeout=120)
+                papermill.execute_notebook(str(config.NOTEBOOKS_DIR / name), str(out_path), parameters=params,
+                                           kernel_name=KERNEL_NAME, progress_bar=progress, log_output=log_output,
+                                           cwd=str(config.NOTEBOOKS_DIR), start_timeout=120)
             except papermill.PapermillExecutionError as error:
                 raise NotebookError(f"{name} failed in cell {error.exec_count}: {error.ename}: {error.evalue}\n"
                                     f"see the executed notebook {out_path}") from error
             print(f"[{index}/{len(selected)}] {name} done in {time.perf_counter() - tic:.0f} s -> {out_path}",
                   flush=True)
-            executed.append(out_path)
-    print(f"{len(executed)} notebook(s) in {time.perf_counter() - started:.0f} s; charts: "
+    print(f"{len(selected)} notebook(s) in {time.perf_counter() - started:.0f} s; charts: "
           f"{output_dir / config.VIZ_SUBDIR / 'index.html'}", flush=True)
-    return executed
+    return [target / name for name in selected]
 
 
 def select_notebooks(notebooks: Sequence[str] | None = None) -> list[str]:
     """File names from ``NOTEBOOK_NAMES`` for names or prefixes (``"1"``, ``"4.Test"``), in series order."""
-    if not notebooks:
-        return list(NOTEBOOK_NAMES)
     chosen = []
-    for wanted in notebooks:
+    for wanted in notebooks or NOTEBOOK_NAMES:
         matches = [n for n in NOTEBOOK_NAMES if wanted in (n, n.removesuffix(".ipynb")) or n.startswith(f"{wanted}.")]
         if not matches:
             raise ValueError(f"no notebook {wanted!r}; choose from {', '.join(NOTEBOOK_NAMES)}")

@@ -3,7 +3,6 @@ and published as ``viz/<notebook>/``; titles say when the cells are synthetic.""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import cv2
@@ -13,7 +12,7 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 from matplotlib.patches import FancyArrowPatch, Rectangle
-from tqdm.auto import tqdm
+from tqdm.contrib.concurrent import thread_map
 
 from modules import config, preprocessing
 from modules.data import duplicates
@@ -145,8 +144,7 @@ def plot_validation_balance(manifest: pd.DataFrame, output_dir: str | Path | Non
     """Class balance (share of labeled cells) of each split, in pipeline order."""
     note, table = _note(manifest), count_cells(manifest[manifest["label"].notna()], ("split", "class"))
     table["share_of_cells"] = table["cells"] / table.groupby("split")["cells"].transform("sum")
-    shares = _by_split(table, "share_of_cells")
-    shares = shares[[c for c in ("all", "hem") if c in shares]]
+    shares = _by_split(table, "share_of_cells").filter(["all", "hem"])
     fig, ax = plt.subplots(figsize=(6.5, 3.4), layout="constrained")
     shares.plot.barh(ax=ax, stacked=True, color=[COLORS[c] for c in shares.columns])
     for container in ax.containers:
@@ -182,9 +180,8 @@ def measure_images(manifest: pd.DataFrame, limit: int | None = None, seed: int =
     """``STAT_COLUMNS`` of each image (decoded in threads; ``ImageError`` names a bad file), of ``limit`` images
     sampled by class share (0/None: all); the cell is preprocessing's ``cell_mask``."""
     rows = _sample(manifest, limit or 0, seed)
-    with ThreadPoolExecutor(max_workers=workers or preprocessing.default_workers()) as pool:
-        measured = list(tqdm(pool.map(_measure_one, rows["path"]), total=len(rows), desc="measuring images",
-                             disable=not progress))
+    measured = thread_map(_measure_one, rows["path"], max_workers=workers or preprocessing.default_workers(),
+                          desc="measuring images", disable=not progress)
     # Joined by position: the manifest's index may hold duplicate labels (a concat of scans).
     table = pd.concat([rows[["path", "name", "patient_id", "label", "split", "fold"]].reset_index(drop=True),
                        pd.DataFrame(measured)], axis=1)
@@ -245,8 +242,7 @@ def plot_subject_cell_areas(stats: pd.DataFrame, output_dir: str | Path | None =
                 hue_order=_present(labeled), palette=COLORS, dodge=False, ax=ax)
     ax.tick_params(axis="x", labelrotation=90, labelsize=7)
     sns.move_legend(ax, "upper left", fontsize=8)
-    ax.set(xlabel="subject", ylabel="median cell area (pixels at 450 px)",
-           title=f"Cell size per subject{note}")
+    ax.set(xlabel="subject", ylabel="median cell area (pixels at 450 px)", title=f"Cell size per subject{note}")
     return save_figure(fig, table, "subject_cell_areas", "Median cell area per subject, smallest first: healthy "
                        "subjects with large cells are the ones a size cue calls leukemic.", EDA_RUN, output_dir, note)
 
@@ -375,8 +371,7 @@ def plot_nucleus_targets(arrays_dir: str | Path, per_class: int = 6, seed: int =
         records.append({"row": int(row), "label": int(labels[row]), "nucleus_share": share,
                         "nucleus_cytoplasm_ratio": ratio, "fallback": found.fallback})
     table = pd.DataFrame(records).merge(arrays.manifest[["name", "patient_id"]].reset_index(names="row"), on="row")
-    fig = charts.plot_image_grid(images, titles, ncols=per_class,
-                                 row_labels=["all (leukemic)", "hem (normal)"],
+    fig = charts.plot_image_grid(images, titles, ncols=per_class, row_labels=["all (leukemic)", "hem (normal)"],
                                  title=f"The nucleus, found from the stain's colour (yellow outline){note}")
     return save_figure(fig, table, "nucleus_targets", "Cells of each class with the nucleus found from the stain's "
                        "colour (a purple score log R + log B - 2 log G against the cell's median, closed, "
@@ -429,13 +424,12 @@ def _draw_unet(ax, model, info: pd.DataFrame) -> None:
         box(f"down{level}_pool", 2 * level + 1, -step * (level + 0.5), "#eaf2f8",
             f"max-pool\n{info.loc[f'down{level}_pool', 'output_shape']}")
         box(f"up{level}", 4 * depth - 2 * level, -step * level, "#a9dfbf")
+        arrow(f"down{level}", f"up{level}", "#2874a6", "--")
     box("bottleneck", 2 * depth, -step * depth, "#f9e79f")
     chain = ["input", *stem, *[n for level in range(depth) for n in (f"down{level}", f"down{level}_pool")],
              "bottleneck", *[f"up{level}" for level in reversed(range(depth))]]
     for start, end in zip(chain, chain[1:]):
         arrow(start, end)
-    for level in range(depth):
-        arrow(f"down{level}", f"up{level}", "#2874a6", "--")
     if "cell_mask" in info.index:
         box("cell_mask", 4 * depth + 2.4, 0, "#d7bde2", None if "mask" not in info.index else  # stem: upsampled
             f"cell_mask\n{info.loc['cell_mask', 'output_shape']}\n1x1 conv, upsampled x2")
