@@ -151,14 +151,12 @@ def _refit(run_dir: Path, run: dict, arrays, train_rows: np.ndarray, heldout_row
     rates = pd.read_csv(run_dir / saving.HISTORY_FILENAME)["learning_rate"].to_numpy()[:epochs]
     labels = np.asarray(arrays.labels).astype(int)
     subject_ids = arrays.manifest["patient_id"].astype(str).to_numpy() if settings["subject_weighting"] else None
-    weights = inputs.cell_weights(labels, train_rows, settings["class_weighting"], subject_ids)
     keras.utils.set_random_seed(settings["seed"])
     with hardware.dtype_policy(hardware.select_policy(settings["policy"])):
         model = training.build_model(settings)
         training.compile_model(model, settings)
-        batches = inputs.make_dataset(arrays.images, arrays.masks, labels, train_rows, settings["batch_size"], True,
-                                      settings["seed"], weights, settings["segmentation"],
-                                      settings["colour_augment"] if settings["augment"] else False, range(epochs))
+        batches = training.cell_batches(arrays.images, arrays.masks, labels, train_rows, settings, True,
+                                        range(epochs), subject_ids)
         schedule = keras.callbacks.LearningRateScheduler(lambda epoch, _: float(rates[epoch]))
         model.fit(batches, epochs=epochs, steps_per_epoch=inputs.count_batches(len(train_rows), settings["batch_size"]),
                   callbacks=[schedule], verbose=2, shuffle=False)

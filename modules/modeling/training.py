@@ -363,6 +363,16 @@ def cells_key(manifest: pd.DataFrame, split: PatientSplit) -> int:
     return int(hashlib.sha256(text.encode()).hexdigest()[:6], 16)
 
 
+def cell_batches(images, masks, labels: np.ndarray, rows: np.ndarray, settings: dict, training: bool,
+                 epochs: range, subject_ids: np.ndarray | None = None) -> tf.data.Dataset:
+    """The batches of ``rows`` a run with ``settings`` trains (``training``: weighted by class and, with
+    ``subject_ids``, by subject, and augmented, over ``epochs``) or validates on (``inputs.make_dataset``)."""
+    weights = cell_weights(labels, rows, settings["class_weighting"], subject_ids if training else None)
+    augment = settings["colour_augment"] if settings["augment"] and training else False
+    return make_dataset(images, masks, labels, rows, settings["batch_size"], training, settings["seed"], weights,
+                        settings["segmentation"], augment, epochs)
+
+
 def sharded(dataset: tf.data.Dataset) -> tf.data.Dataset:
     """The dataset with each worker of a cluster reading its own part of every (global) batch: sharded by data, not
     files (the cells come from one memory-mapped array); every worker shuffles alike, so the parts never overlap."""
@@ -507,11 +517,8 @@ def train_model(data=None, *, resume: str | Path | None = None, output_dir: str 
         masks, nucleus_fallbacks = nucleus_masks(arrays.images, arrays.masks, progress=verbose > 0)
 
     def dataset(rows: np.ndarray, training: bool, first_epoch: int = 0) -> tf.data.Dataset:
-        weights = cell_weights(labels, rows, settings["class_weighting"], subject_ids if training else None)
-        augment = settings["colour_augment"] if settings["augment"] and training else False
-        return sharded(make_dataset(arrays.images, masks, labels, rows, settings["batch_size"], training,
-                                    settings["seed"], weights, settings["segmentation"], augment,
-                                    range(first_epoch, settings["epochs"])))
+        return sharded(cell_batches(arrays.images, masks, labels, rows, settings, training,
+                                    range(first_epoch, settings["epochs"]), subject_ids))
 
     with worker_run_dir(strategy, parent, tag, resume, cells_key(arrays.manifest, split)) as run_dir:
         run_config = describe_run(run_dir, settings, split, arrays, arrays_dir, source, policy, strategy, previous)

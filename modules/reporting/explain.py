@@ -56,7 +56,7 @@ def grad_cam_batch(model, images: np.ndarray, layer_name: str | None = None, tar
     images = np.asarray(images)
     if images.ndim != 4:
         raise ValueError(f"grad_cam_batch takes (N,H,W,3) images, got shape {images.shape}")
-    given = None if isinstance(target, str) else np.asarray(target).astype(int).reshape(-1)
+    given = None if isinstance(target, str) else np.asarray(target).reshape(-1)
     if given is None and target not in ("leukemia", "normal", "predicted"):
         raise ValueError(f"target must be 'leukemia', 'normal', 'predicted' or one class per image, not {target!r}")
     if given is not None and (len(given) != len(images) or not np.isin(given, (0, 1)).all()):
@@ -79,11 +79,15 @@ def grad_cam_batch(model, images: np.ndarray, layer_name: str | None = None, tar
         score = tf.cast(tf.reshape(score, [-1]), tf.float32)
         if not kind:  # a probability: its logit
             score = tf.math.log(score + 1e-7) - tf.math.log(1.0 - score + 1e-7)
-        called = tf.cast(tf.reshape(probability, [-1]) >= 0.5, tf.float32) if given is None else given
-        sign = 2.0 * tf.cast(called, tf.float32) - 1.0  # +1 leukemic, -1 normal
+        # +1: evidence for leukemia, -1: for normal, per image where the class is given or predicted.
+        if given is not None:
+            sign = 2.0 * tf.constant(given, tf.float32) - 1.0
+        elif target == "predicted":
+            sign = 2.0 * tf.cast(tf.reshape(probability, [-1]) >= 0.5, tf.float32) - 1.0
+        else:
+            sign = 1.0 if target == "leukemia" else -1.0
         # Images are independent, so the gradient of the sum is each image's own gradient.
-        total = tf.reduce_sum(score * sign if given is not None or target == "predicted" else
-                              {"leukemia": score, "normal": -score}[target])
+        total = tf.reduce_sum(score * sign)
     gradients = tape.gradient(total, features)
     if gradients is None:
         raise ValueError(f"layer {layer.name!r} does not feed the {output!r} output; pick another layer_name")
