@@ -30,10 +30,9 @@ from modules.metrics import choose_threshold, youden_threshold  # noqa: E402
 
 RULES = {
     "youden (cells)": lambda v: choose_threshold(v["label"], v["p_leukemia"], "youden"),
-    "youden (subjects weighted equally)": lambda v: choose_threshold(v["label"], v["p_leukemia"], "subject_youden",
-                                                                     v["patient_id"]),
+    "youden (subjects weighted equally)": lambda v: youden_threshold(v["label"], v["p_leukemia"], v["patient_id"]),
     **{f"sensitivity {target:.2f}": lambda v, target=target: choose_threshold(v["label"], v["p_leukemia"],
-                                                                               "sensitivity", None, target)
+                                                                               "sensitivity", target)
        for target in (0.85, 0.90, 0.95)},
     "0.5": lambda v: 0.5,
 }

@@ -282,15 +282,11 @@ def build_parser() -> argparse.ArgumentParser:
     add("--base-filters", type=int, help=f"U-Net filters at the first level (default {model.base_filters})")
     add("--depth", type=int, help=f"U-Net down-sampling steps (default {model.depth})")
     add("--no-segmentation", action="store_true", help="train the classifier only, no cell_mask")
-    add("--input", choices=config.INPUT_TRANSFORMS, help="what the network sees: RGB, optical density or each cell's "
-        f"colours standardized (default {model.input_transform})")
+    add("--input", choices=config.INPUT_TRANSFORMS, help="what the network sees: RGB or each cell's colours "
+        f"standardized (default {model.input_transform})")
     add("--stem-stride", type=int, help="2: a strided convolution first, the U-Net at half the image's side "
         f"(default {model.stem_stride})")
-    add("--colour-augment", choices=config.COLOUR_AUGMENTS,
-        help=f"colour jitter: RGB or each stain's amount (default {fit.colour_augment})")
     add("--mask-target", choices=config.MASK_TARGETS, help=f"what the U-Net segments (default {fit.mask_target})")
-    add("--subject-weighting", action=argparse.BooleanOptionalAction,
-        help=f"weigh subjects more evenly (default {fit.subject_weighting})")
     add("--threshold-rule", choices=config.THRESHOLD_RULES,
         help=f"how the threshold is chosen on validation (default {fit.threshold_rule})")
     add("--target-sensitivity", type=float, help="share of validation blasts the 'sensitivity' rule calls leukemic "
@@ -338,7 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
     cv.add_argument("--policy", default="auto", choices=config.POLICIES, help="precision policy for training")
     cv.add_argument("--variant", nargs=2, action="append", metavar=("NAME", "KEY=VALUE,..."),
                     help="ANNa with settings changed, run as model NAME (list it in --models), e.g. "
-                         "--variant stain colour_augment=stain,input_transform=od")
+                         "--variant s192 image_size=192,stem_stride=2")
     cv.add_argument("--merge-only", action="store_true", help="only merge the finished jobs in --out")
     ensemble = _command(subparsers, "ensemble", _run_ensemble, "combine finished runs (e.g. a cross-validation's) "
                         "into one run folder that evaluate and predict take")

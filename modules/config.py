@@ -61,10 +61,9 @@ STRATEGIES = ("auto", "default", "mirrored", "tpu", "multi-worker")
 EVALUATION_SPLITS = ("validation", "train", "test-labeled")
 #: What the network sees (``modeling.network``), how its training cells are augmented (``modeling.inputs``),
 #: what the U-Net learns and how the threshold is chosen (``modeling.training``).
-INPUT_TRANSFORMS = ("rgb", "od", "cell_standardized")
-COLOUR_AUGMENTS = ("rgb", "stain")
+INPUT_TRANSFORMS = ("rgb", "cell_standardized")
 MASK_TARGETS = ("cell", "nucleus")
-THRESHOLD_RULES = ("youden", "subject_youden", "sensitivity")
+THRESHOLD_RULES = ("youden", "sensitivity")
 
 
 @dataclass(frozen=True)
@@ -78,7 +77,7 @@ class ModelSettings:
     dropout: float = 0.1
     segmentation: bool = True  # the cell_mask output
     head_units: int = 64
-    #: "rgb" (scaled to [0, 1]), "od" (optical density) or "cell_standardized" (see modeling.network)
+    #: "rgb" (scaled to [0, 1]) or "cell_standardized" (each cell's colours standardized, see modeling.network)
     input_transform: str = "rgb"
     stem_stride: int = 1  # 2: a strided convolution first, the U-Net at half the image's side
 
@@ -99,15 +98,9 @@ class TrainSettings:
     val_fraction: float = 0.2  # share of each class's patients held out when there is one fold
     seed: int = 42
     augment: bool = True
-    #: The colour part of the augmentation: "rgb" jitters gain, contrast, saturation and hue; "stain" scales
-    #: and shifts each stain's amount (colour deconvolution, scikit-image's haematoxylin-eosin-DAB basis).
-    colour_augment: str = "rgb"
     class_weighting: bool = True
-    #: Weigh each training cell by 1/sqrt(cells of its subject) (both classes still weigh the same), so that a
-    #: subject with 400 cells does not outweigh ten with 20.
-    subject_weighting: bool = False
-    #: "youden": Youden's J over the validation cells; "subject_youden": each validation subject weighs the same;
-    #: "sensitivity": the highest threshold that calls ``target_sensitivity`` of the validation blasts leukemic.
+    #: "youden": Youden's J over the validation cells; "sensitivity": the highest threshold that calls
+    #: ``target_sensitivity`` of the validation blasts leukemic.
     threshold_rule: str = "youden"
     target_sensitivity: float = 0.9
     policy: str = "auto"  # see POLICIES

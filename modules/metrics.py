@@ -66,12 +66,12 @@ def sensitivity_threshold(labels, scores, target: float) -> float:
     return float(positives[max(1, int(np.ceil(target * positives.size - 1e-9))) - 1])
 
 
-def choose_threshold(labels, scores, rule: str, groups=None,
+def choose_threshold(labels, scores, rule: str,
                      target_sensitivity: float = config.TrainSettings.target_sensitivity) -> float:
-    """The threshold a rule of ``config.THRESHOLD_RULES`` picks on validation cells (``groups``: subject ids)."""
+    """The threshold a rule of ``config.THRESHOLD_RULES`` picks on validation cells."""
     if rule == "sensitivity":
         return sensitivity_threshold(labels, scores, target_sensitivity)
-    return youden_threshold(labels, scores, groups if rule == "subject_youden" else None)
+    return youden_threshold(labels, scores)
 
 
 def point_metrics(labels: np.ndarray, p: np.ndarray, threshold: float) -> dict:

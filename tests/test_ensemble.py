@@ -14,7 +14,7 @@ def second_run(synthetic_root, session_output):
     from modules.modeling.training import train_model
 
     return train_model(synthetic_root, image_size=32, epochs=1, batch_size=16, base_filters=4, depth=2,
-                       output_dir=session_output, seed=2, verbose=0, input_transform="od")
+                       output_dir=session_output, seed=2, verbose=0, input_transform="cell_standardized")
 
 
 def logit(p):

@@ -44,7 +44,7 @@ class CrossValidationError(ValueError):
 
 
 def parse_variant(name: str, assignments: str) -> tuple[str, dict]:
-    """``("stain", "input_transform=od,subject_weighting=true")`` -> the variant's name and its settings.
+    """``("s192", "image_size=192,stem_stride=2")`` -> the variant's name and its settings.
 
     Values are read as true/false, integers, decimals or text; keys are fields of ``config.ModelSettings``
     and ``config.TrainSettings`` other than the ones a cross-validation sets for every model.
@@ -54,7 +54,6 @@ def parse_variant(name: str, assignments: str) -> tuple[str, dict]:
     known = {f.name for cls in (config.ModelSettings, config.TrainSettings) for f in fields(cls)}
     known -= {"seed", "policy", "strategy", "epochs", "val_fraction"}
     known.add("canvas")  # a preprocessing setting: the variant's arrays are prepared with it
-    known.add("refit")  # refit on the inner validation's subjects too (``_refit``)
     if not name.isidentifier() or name in MODELS:
         raise CrossValidationError(f"variant name {name!r} must be a word other than {', '.join(MODELS)}")
     overrides = {}
@@ -111,7 +110,7 @@ def _train_and_score(model: str, fold: int, subjects: list[str], settings: dict,
     arrays = preprocessing.load_arrays(arrays_dir)
     overrides = {"epochs": 20, "batch_size": 32} if legacy else {
         k: settings[k] for k in ("epochs",) if settings.get(k)}
-    overrides.update({k: v for k, v in variant.items() if k not in ("image_size", "canvas", "refit")})
+    overrides.update({k: v for k, v in variant.items() if k not in ("image_size", "canvas")})
     inner = _inner_split(arrays, subjects, settings["seed"] + fold)
     run_dir = training.train_model(
         arrays_dir, image_size=size, seed=settings["seed"] + fold, exclude_patients=subjects,
@@ -124,43 +123,7 @@ def _train_and_score(model: str, fold: int, subjects: list[str], settings: dict,
     facts = {"run_dir": str(run_dir), "val_patients": run["val_patients"], "policy": run.get("policy"),
              "epochs": run["training"]["epochs_trained"], "best_epoch": run["training"]["best_epoch"],
              "train_seconds": run["training"].get("wall_seconds")}
-    if variant.get("refit"):
-        started = time.perf_counter()
-        train_rows = np.flatnonzero(~np.isin(patient_ids, subjects))
-        p_leukemia = _refit(run_dir, run, arrays, train_rows, rows)
-        facts["train_seconds"] = (facts["train_seconds"] or 0.0) + time.perf_counter() - started
     return arrays.manifest.iloc[rows], patient_ids[rows], p_leukemia, float(run["threshold"]), facts
-
-
-def _refit(run_dir: Path, run: dict, arrays, train_rows: np.ndarray, heldout_rows: np.ndarray) -> np.ndarray:
-    """Train the run's network afresh on ``train_rows`` (its training and inner-validation subjects) for the
-    epochs its inner validation chose, at the learning rate each of those epochs had; the held-out cells' scores.
-
-    More subjects to learn from (the inner validation's healthy ones above all) without weakening the epoch
-    choice. The threshold stays the one the first network's inner validation chose: the refitted one has no
-    cells it did not train on left to choose on.
-    """
-    import keras
-
-    from modules.modeling import hardware, inputs, network, saving, training
-
-    settings = {**training.default_settings(), **run["settings"]}
-    if settings["segmentation"] and settings["mask_target"] != "cell":
-        raise CrossValidationError("refit=true works with the cell mask target only")
-    epochs = int(run["training"]["best_epoch"])
-    rates = pd.read_csv(run_dir / saving.HISTORY_FILENAME)["learning_rate"].to_numpy()[:epochs]
-    labels = np.asarray(arrays.labels).astype(int)
-    subject_ids = arrays.manifest["patient_id"].astype(str).to_numpy() if settings["subject_weighting"] else None
-    keras.utils.set_random_seed(settings["seed"])
-    with hardware.dtype_policy(hardware.select_policy(settings["policy"])):
-        model = training.build_model(settings)
-        training.compile_model(model, settings)
-        batches = training.cell_batches(arrays.images, arrays.masks, labels, train_rows, settings, True,
-                                        range(epochs), subject_ids)
-        schedule = keras.callbacks.LearningRateScheduler(lambda epoch, _: float(rates[epoch]))
-        model.fit(batches, epochs=epochs, steps_per_epoch=inputs.count_batches(len(train_rows), settings["batch_size"]),
-                  callbacks=[schedule], verbose=2, shuffle=False)
-        return saving.predict_outputs(model, arrays.images[heldout_rows])[network.PROB_OUTPUT]
 
 
 def _cell_area(fold: int, subjects: list[str], settings: dict) -> tuple:
@@ -176,7 +139,6 @@ def _cell_area(fold: int, subjects: list[str], settings: dict) -> tuple:
     area = (np.asarray(arrays.masks) > 0).reshape(len(labels), -1).mean(axis=1)  # share of the square
     defaults = config.TrainSettings()
     threshold = choose_threshold(labels[split.val_index], area[split.val_index], defaults.threshold_rule,
-                                 np.asarray(arrays.manifest["patient_id"].astype(str))[split.val_index],
                                  defaults.target_sensitivity)
     patient_ids, rows = _heldout(arrays.manifest, subjects)
     facts = {"run_dir": "", "val_patients": split.val_patients, "policy": None, "epochs": 0, "best_epoch": 0,

@@ -7,7 +7,6 @@ so a resumed run trains on exactly what the uninterrupted one would have.
 from __future__ import annotations
 
 import numpy as np
-import skimage.color
 import tensorflow as tf
 
 from modules import config
@@ -20,20 +19,12 @@ def balanced_class_weights(labels: np.ndarray) -> dict[int, float]:
     return {c: float(len(labels) / (2 * counts[c])) for c in (0, 1)}
 
 
-def cell_weights(labels: np.ndarray, rows: np.ndarray, balance_classes: bool = True,
-                 subject_ids: np.ndarray | None = None) -> np.ndarray:
-    """Loss weight of every row of the arrays (0 outside ``rows``), mean 1 over ``rows``.
-
-    With ``subject_ids`` each cell weighs 1/sqrt(cells of its subject in ``rows``): subjects count more evenly
-    than by their cells, without a 9-cell subject's cells weighing 45 times a 400-cell one's. With
-    ``balance_classes`` both classes then weigh the same in total (``balanced_class_weights``).
-    """
+def cell_weights(labels: np.ndarray, rows: np.ndarray, balance_classes: bool = True) -> np.ndarray:
+    """Loss weight of every row of the arrays (0 outside ``rows``), mean 1 over ``rows``; with ``balance_classes``
+    both classes weigh the same in total (``balanced_class_weights``)."""
     rows = np.asarray(rows, dtype="int64")
     weights = np.zeros(len(labels), "float64")
     weights[rows] = 1.0
-    if subject_ids is not None:
-        _, inverse, counts = np.unique(np.asarray(subject_ids)[rows], return_inverse=True, return_counts=True)
-        weights[rows] = 1.0 / np.sqrt(counts[inverse])
     row_labels = np.asarray(labels).astype(int)[rows]
     if balance_classes:
         for label in (0, 1):
@@ -44,44 +35,21 @@ def cell_weights(labels: np.ndarray, rows: np.ndarray, balance_classes: bool = T
     return weights.astype("float32")
 
 
-#: Uniform numbers each training cell draws per epoch: three flips, then for the "rgb" colour jitter hue
-#: angle, saturation, contrast and gain, for the "stain" one each stain's scale and shift (separate
-#: streams: one never moves the other's draws).
-RGB_DRAWS, STAIN_DRAWS = 7, 6
-AUGMENT_DRAWS = RGB_DRAWS + STAIN_DRAWS
-#: Stain scale and shift ranges: C-NMC's subjects differ by about 8 % in mean haematoxylin amount (sd of the
-#: subjects' means on fold_0), so the scale covers about two such sd either way.
-STAIN_SCALE, STAIN_SHIFT = 0.2, 0.05
-_HED_FROM_RGB = skimage.color.hed_from_rgb.astype("float32")
-_RGB_FROM_HED = skimage.color.rgb_from_hed.astype("float32")
+#: Uniform numbers each training cell draws per epoch: three flips, then the colour jitter's hue angle, saturation,
+#: contrast and gain.
+AUGMENT_DRAWS = 7
 _RGB_TO_YIQ = np.array([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]], "float32")
 _YIQ_TO_RGB = np.linalg.inv(_RGB_TO_YIQ).astype("float32")
 
 
-def augment_stain(images: tf.Tensor, cell: tf.Tensor, draws: tf.Tensor) -> tf.Tensor:
-    """Scale and shift each stain's amount in each cell: colour deconvolution of the optical density.
-
-    Optical density ``-ln((I + 1) / 256)`` of the (B, S, S, 3) 0-255 ``images`` is split into haematoxylin,
-    eosin and DAB amounts with scikit-image's basis (``skimage.color.hed_from_rgb``), each amount ``a`` becomes
-    ``a * s + t`` (``s`` in 1 ± ``STAIN_SCALE``, ``t`` in ± ``STAIN_SHIFT``, per cell, from the (B, ``STAIN_DRAWS``)
-    uniform ``draws``) and the colour is recomposed inside ``cell`` (B, S, S, 1 bool), the background kept.
-    """
-    draws = tf.reshape(draws, [-1, 1, 1, STAIN_DRAWS])
-    scale = 1.0 + STAIN_SCALE * (2.0 * draws[..., :3] - 1.0)
-    shift = STAIN_SHIFT * (2.0 * draws[..., 3:] - 1.0)
-    amounts = tf.einsum("bhwc,cd->bhwd", -tf.math.log((images + 1.0) / 256.0), _HED_FROM_RGB)
-    density = tf.einsum("bhwd,dc->bhwc", amounts * scale + shift, _RGB_FROM_HED)
-    return tf.where(cell, tf.clip_by_value(256.0 * tf.exp(-density) - 1.0, 0.0, 255.0), images)
-
-
 def augment_batch(images: tf.Tensor, masks: tf.Tensor, draws: tf.Tensor,
-                  colour: bool | str = True) -> tuple[tf.Tensor, tf.Tensor]:
+                  colour: bool = True) -> tuple[tf.Tensor, tf.Tensor]:
     """Randomly flip and rotate (by 90°) each (B, S, S, 3) 0-255 image with its mask; jitter the cell's colour.
 
     ``draws`` (B, ``AUGMENT_DRAWS``) uniform numbers in [0, 1), one row per cell, decide its flips and jitter: the
     same draws give the same augmentation. The colour jitter mimics stain and lighting differences between
-    patients and touches only the cell (the black background stays): ``colour="rgb"`` (or True) gain, contrast,
-    saturation and a hue rotation in YIQ space, ``"stain"`` ``augment_stain``, False none.
+    patients and touches only the cell (the black background stays): gain, contrast, saturation and a hue rotation in
+    YIQ space (``colour=False``: none).
     """
     batch = tf.shape(images)[0]
 
@@ -98,8 +66,6 @@ def augment_batch(images: tf.Tensor, masks: tf.Tensor, draws: tf.Tensor,
         return images, masks
     # The cell's pixels from the image itself: the target mask may be the nucleus only.
     cell = cell_pixels(images)
-    if colour == "stain":
-        return augment_stain(images, cell, draws[:, RGB_DRAWS:RGB_DRAWS + STAIN_DRAWS]), masks
     angle, saturation = uniform(3, -0.15, 0.15), uniform(4, 0.8, 1.2)
     cos, sin, zeros, ones = saturation * tf.cos(angle), saturation * tf.sin(angle), tf.zeros([batch]), tf.ones([batch])
     # (B, 3, 3): Y kept, the chroma plane (I, Q) rotated by the angle and scaled by the saturation.
@@ -115,15 +81,15 @@ def augment_batch(images: tf.Tensor, masks: tf.Tensor, draws: tf.Tensor,
 
 def make_dataset(images: np.ndarray, masks: np.ndarray, labels: np.ndarray, indices: np.ndarray, batch_size: int,
                  training: bool, seed: int = config.DEFAULT_SEED, weights: np.ndarray | None = None,
-                 segmentation: bool = True, augment: bool | str = True, epochs: range = range(1)) -> tf.data.Dataset:
+                 segmentation: bool = True, augment: bool = True, epochs: range = range(1)) -> tf.data.Dataset:
     """Stream ``(image, targets, sample_weights)`` batches of the ``indices`` rows of the (memory-mapped) arrays.
 
     ``images`` (N, S, S, 3) uint8, ``masks`` (N, S, S) 0/1, ``labels`` (N,); ``batch_size`` is global (across
-    replicas). Class (and subject) weights (``cell_weights``; None: all ones) travel as per-cell sample weights on
+    replicas). Class weights (``cell_weights``; None: all ones) travel as per-cell sample weights on
     ``p_leukemia``: Keras' ``class_weight`` does not apply to models with dict outputs. ``segmentation`` adds the
     ``cell_mask`` target. A training dataset streams the batches of every epoch in ``epochs`` (from 0; a resumed
     run starts later) one after the other (fit it with ``steps_per_epoch=count_batches(len(indices), batch_size)``);
-    epoch ``e`` shuffles and augments (``augment``: True or a ``config.COLOUR_AUGMENTS`` jitter) with stateless
+    epoch ``e`` shuffles and augments (``augment``) with stateless
     draws seeded by ``(seed, e)``, the same in every process.
     """
     size = int(images.shape[1])
@@ -138,7 +104,7 @@ def make_dataset(images: np.ndarray, masks: np.ndarray, labels: np.ndarray, indi
         image = tf.cast(tf.ensure_shape(image, [None, size, size, 3]), tf.float32)
         mask = tf.cast(tf.ensure_shape(mask, [None, size, size]), tf.float32)[..., None]
         if training and augment:
-            image, mask = augment_batch(image, mask, draws, colour=augment)
+            image, mask = augment_batch(image, mask, draws)
         weight = tf.ensure_shape(weight, [None])
         targets = {PROB_OUTPUT: tf.cast(tf.ensure_shape(label, [None]), tf.float32)[:, None]}
         sample_weights = {PROB_OUTPUT: weight}
@@ -154,8 +120,8 @@ def make_dataset(images: np.ndarray, masks: np.ndarray, labels: np.ndarray, indi
         # dataset was iterated before (a resumed run's dataset starts at its next epoch).
         key = tf.stack([tf.constant(seed, tf.int64), epoch])
         order = tf.random.experimental.stateless_shuffle(rows, seed=key)
-        draws = tf.concat([tf.random.stateless_uniform([len(rows), n], seed=tf.random.experimental.stateless_fold_in(
-            key, stream)) for stream, n in ((1, RGB_DRAWS), (2, STAIN_DRAWS))], axis=1)
+        draws = tf.random.stateless_uniform([len(rows), AUGMENT_DRAWS],
+                                            seed=tf.random.experimental.stateless_fold_in(key, 1))
         return tf.data.Dataset.from_tensor_slices((order, draws)).batch(batch_size)
 
     if training:

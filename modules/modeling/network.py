@@ -1,7 +1,7 @@
 """The ANNa network: a U-Net that segments the cell with a head that classifies it. It takes uint8-valued RGB (rescaled
 inside) and returns a dict of float32 ``p_leukemia`` (N, 1) and, with segmentation, ``cell_mask`` (N, S, S, 1).
 
-Built-in layers plus registered ones (``OpticalDensity``, ``CellStandardization``, ``CentredLogit``), so a ``.keras``
+Built-in layers plus registered ones (``CellStandardization``, ``CentredLogit``), so a ``.keras``
 file loads in safe mode."""
 from __future__ import annotations
 
@@ -20,29 +20,6 @@ _MODEL = config.ModelSettings()
 def cell_pixels(images, background_threshold: int = config.BACKGROUND_THRESHOLD):
     """(B, S, S, 1) bool: the pixels of the cell, those with a channel above the black background's level."""
     return keras.ops.max(images, axis=-1, keepdims=True) > background_threshold
-
-
-@keras.saving.register_keras_serializable(package="anna")
-class OpticalDensity(layers.Layer):
-    """Beer–Lambert optical density ``-ln((I + 1) / 256)`` of each channel inside the cell, 0 on its background.
-
-    Stain amounts add up in optical density (a patient's stronger stain scales it), where in RGB they
-    multiply; the black background (every channel at most ``background_threshold``) would be the
-    densest pixel of all, so it is set to 0, as clear glass.
-    """
-
-    def __init__(self, background_threshold: int = config.BACKGROUND_THRESHOLD, **kwargs):
-        super().__init__(**kwargs)
-        self.background_threshold = int(background_threshold)
-
-    def call(self, inputs):
-        x = keras.ops.cast(inputs, self.compute_dtype)
-        cell = cell_pixels(x, self.background_threshold)
-        density = -keras.ops.log((x + 1.0) / 256.0)
-        return keras.ops.where(cell, density, keras.ops.zeros_like(density))
-
-    def get_config(self) -> dict:
-        return {**super().get_config(), "background_threshold": self.background_threshold}
 
 
 @keras.saving.register_keras_serializable(package="anna")
@@ -112,9 +89,9 @@ def build_anna(input_shape: tuple[int, int, int] = (_MODEL.image_size, _MODEL.im
     """An uncompiled U-Net named ``anna`` whose head reads globally pooled features of every level.
 
     Global pooling keeps the head free of pixel positions. ``batch_norm="instance"`` normalizes each image
-    alone, as at prediction time. ``input_transform="od"`` feeds the convolutions optical density
-    (``OpticalDensity``) instead of RGB scaled to [0, 1], ``"cell_standardized"`` each cell's colours
-    standardized over its pixels (``CellStandardization``), so that a subject's stain strength counts less.
+    alone, as at prediction time. ``input_transform="cell_standardized"`` feeds the convolutions each cell's
+    colours standardized over its pixels (``CellStandardization``) instead of RGB scaled to [0, 1], so that a
+    subject's stain strength counts less.
     ``stem_stride=2`` puts one strided convolution before the U-Net, which then works at half the input's side: a larger
     image for about the cost of a smaller one (the mask is upsampled back to the input's side).
     Raises ValueError unless the image size is divisible by ``stem_stride * 2**depth`` and the transform is known.
@@ -125,9 +102,7 @@ def build_anna(input_shape: tuple[int, int, int] = (_MODEL.image_size, _MODEL.im
     if input_transform not in config.INPUT_TRANSFORMS:
         raise ValueError(f"unknown input transform {input_transform!r}; use one of {config.INPUT_TRANSFORMS}")
     inputs = keras.Input(shape=input_shape, name="image")
-    if input_transform == "od":
-        x = OpticalDensity(name="optical_density")(inputs)
-    elif input_transform == "cell_standardized":
+    if input_transform == "cell_standardized":
         x = CellStandardization(name="cell_standardization")(inputs)
     else:
         x = layers.Rescaling(1.0 / 255, name="rescale")(inputs)

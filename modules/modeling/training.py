@@ -64,9 +64,8 @@ def default_settings() -> dict:
 
 
 def _normalize(settings: dict) -> dict:
-    for key, choices in (("architecture", network.ARCHITECTURES), ("colour_augment", config.COLOUR_AUGMENTS),
-                         ("threshold_rule", config.THRESHOLD_RULES), ("input_transform", config.INPUT_TRANSFORMS),
-                         ("mask_target", config.MASK_TARGETS)):
+    for key, choices in (("architecture", network.ARCHITECTURES), ("threshold_rule", config.THRESHOLD_RULES),
+                         ("input_transform", config.INPUT_TRANSFORMS), ("mask_target", config.MASK_TARGETS)):
         if settings[key] not in choices:
             raise ValueError(f"unknown {key} {settings[key]!r}; use one of {', '.join(choices)}")
     for key in ("image_size", "epochs", "batch_size", "seed", "base_filters", "depth", "canvas", "stem_stride"):
@@ -80,8 +79,7 @@ def _normalize(settings: dict) -> dict:
     if settings["architecture"] == "legacy":
         # The older project: no augmentation, no class weights, no segmentation target,
         # early stopping on validation loss with patience 2, threshold 0.5.
-        settings.update(segmentation=False, augment=False, class_weighting=False, subject_weighting=False,
-                        patience=2, lr_patience=1)
+        settings.update(segmentation=False, augment=False, class_weighting=False, patience=2, lr_patience=1)
     return settings
 
 
@@ -364,11 +362,11 @@ def cells_key(manifest: pd.DataFrame, split: PatientSplit) -> int:
 
 
 def cell_batches(images, masks, labels: np.ndarray, rows: np.ndarray, settings: dict, training: bool,
-                 epochs: range, subject_ids: np.ndarray | None = None) -> tf.data.Dataset:
-    """The batches of ``rows`` a run with ``settings`` trains (``training``: weighted by class and, with
-    ``subject_ids``, by subject, and augmented, over ``epochs``) or validates on (``inputs.make_dataset``)."""
-    weights = cell_weights(labels, rows, settings["class_weighting"], subject_ids if training else None)
-    augment = settings["colour_augment"] if settings["augment"] and training else False
+                 epochs: range) -> tf.data.Dataset:
+    """The batches of ``rows`` a run with ``settings`` trains (``training``: weighted by class and augmented, over
+    ``epochs``) or validates on (``inputs.make_dataset``)."""
+    weights = cell_weights(labels, rows, settings["class_weighting"])
+    augment = settings["augment"] and training
     return make_dataset(images, masks, labels, rows, settings["batch_size"], training, settings["seed"], weights,
                         settings["segmentation"], augment, epochs)
 
@@ -402,8 +400,8 @@ def describe_run(run_dir: Path, settings: dict, split: PatientSplit, arrays, arr
     labels = np.asarray(arrays.labels).astype(int)
     builder = {"builder": f"build_{settings['architecture']}", "input_shape": [size, size, 3]}
     segmentation, weighted = settings["segmentation"], settings["class_weighting"]
-    training = {**{key: settings[key] for key in ("epochs", "batch_size", "learning_rate", "augment", "colour_augment",
-                                                  "subject_weighting", "patience", "lr_patience")},
+    training = {**{key: settings[key] for key in ("epochs", "batch_size", "learning_rate", "augment", "patience",
+                                                  "lr_patience")},
                 "optimizer": "adam", "monitor": monitor_of(settings)[0],
                 "mask_target": settings["mask_target"] if segmentation else None,
                 "class_weights": balanced_class_weights(labels[split.train_index]) if weighted else None,
@@ -415,7 +413,6 @@ def describe_run(run_dir: Path, settings: dict, split: PatientSplit, arrays, arr
         **{key: meta.get(key) for key in ("margin", "background_threshold", "canvas")}, "threshold": None,
         "threshold_method": "fixed 0.5 (legacy)" if legacy else {
             "youden": "youden_j_on_validation (p >= threshold)",
-            "subject_youden": "youden_j_on_validation_subjects_weighted_equally (p >= threshold)",
             "sensitivity": f"sensitivity_{settings['target_sensitivity']:g}_on_validation (p >= threshold)",
         }[settings["threshold_rule"]],
         "val_patients": split.val_patients, "train_patients": split.train_patients,
@@ -450,8 +447,7 @@ def finish_run(run_dir: Path, run_config: dict, model: keras.Model, arrays, spli
                      run_dir / saving.VAL_PREDICTIONS_FILENAME)
     settings = run_config["settings"]
     threshold = 0.5 if run_config["architecture"] == "legacy" else choose_threshold(
-        labels, p_val, settings["threshold_rule"], manifest["patient_id"].astype(str).to_numpy(),
-        settings["target_sensitivity"])
+        labels, p_val, settings["threshold_rule"], settings["target_sensitivity"])
     figures = point_metrics(labels, p_val, threshold)
     # The threshold and the best epoch were both chosen on these cells, so the thresholded figures are
     # optimistic; patients the run never saw are measured by `evaluate`.
@@ -509,7 +505,6 @@ def train_model(data=None, *, resume: str | Path | None = None, output_dir: str 
     parent = Path(settings["runs_dir"] or Path(output_dir or config.OUTPUT_DIR) / config.MODELS_SUBDIR)
     tag = settings["run_tag"] or f"{settings['architecture']}-s{settings['image_size']}"
 
-    subject_ids = arrays.manifest["patient_id"].astype(str).to_numpy() if settings["subject_weighting"] else None
     masks, nucleus_fallbacks = arrays.masks, None
     if settings["segmentation"] and settings["mask_target"] == "nucleus":
         from modules.preprocessing.nucleus import nucleus_masks
@@ -518,7 +513,7 @@ def train_model(data=None, *, resume: str | Path | None = None, output_dir: str 
 
     def dataset(rows: np.ndarray, training: bool, first_epoch: int = 0) -> tf.data.Dataset:
         return sharded(cell_batches(arrays.images, masks, labels, rows, settings, training,
-                                    range(first_epoch, settings["epochs"]), subject_ids))
+                                    range(first_epoch, settings["epochs"])))
 
     with worker_run_dir(strategy, parent, tag, resume, cells_key(arrays.manifest, split)) as run_dir:
         run_config = describe_run(run_dir, settings, split, arrays, arrays_dir, source, policy, strategy, previous)
