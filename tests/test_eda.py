@@ -121,8 +121,12 @@ def test_patients_are_listed_in_numeric_order():
 def test_model_diagram_draws_pools_between_blocks_and_every_level_into_the_head(tmp_path):
     from modules.modeling import network
 
-    model = network.build_anna((32, 32, 3), depth=2, base_filters=4, stem_stride=1)
+    def image_box(figure) -> str:
+        return next(text.get_text() for text in figure.axes[0].texts if text.get_text().startswith("image"))
+
+    model = network.build_anna((32, 32, 3), depth=2, base_filters=4, stem_stride=1, input_transform="rgb")
     fig, blocks = eda.plot_model_diagram(model, output_dir=tmp_path, synthetic=True)
+    assert image_box(fig).endswith("rescaled")
     order = blocks["block"].tolist()
     assert order.index("down0") < order.index("down0_pool") < order.index("down1") < order.index("down1_pool")
     shapes = blocks.set_index("block")["output_shape"]
@@ -139,6 +143,8 @@ def test_model_diagram_draws_pools_between_blocks_and_every_level_into_the_head(
     shapes = blocks.set_index("block")["output_shape"]
     assert shapes["stem"] == "16x16x4" and shapes["down0"] == "16x16x4" and shapes["cell_mask"] == "32x32x1"
     assert any(text.get_text().startswith("stem: strided conv") for text in fig.axes[0].texts)
+    standardized = network.build_anna((32, 32, 3), depth=2, base_filters=4, input_transform="cell_standardized")
+    assert image_box(eda.plot_model_diagram(standardized, output_dir=tmp_path)[0]).endswith("standardized per cell")
 
 
 @pytest.mark.shared_data

@@ -414,8 +414,9 @@ def _draw_unet(ax, model, info: pd.DataFrame) -> None:
                                      patchA=texts[0] and texts[0].get_bbox_patch(),
                                      patchB=texts[1] and texts[1].get_bbox_patch()))
 
-    box("input", -2.4, 0, "#e5e7e9", f"image\n{info.loc['image', 'output_shape']}\nrescaled"
-        + (", standardized" if "standardize" in info.index else ""))
+    standardized = any(layer.name == "cell_standardization" for layer in model.layers)
+    box("input", -2.4, 0, "#e5e7e9", f"image\n{info.loc['image', 'output_shape']}\n"
+        + ("standardized per cell" if standardized else "rescaled"))
     stem = ["stem"] if "stem" in info.index else []  # a strided convolution before the U-Net
     if stem:
         box("stem", -2.4, -step, "#d6eaf8", title="stem: strided conv")
